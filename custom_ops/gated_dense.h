@@ -1,0 +1,78 @@
+// The contract of the LrcGatedDense op, shared by the CPU and GPU kernels.
+//
+// The estimate z_hat = (x·U)·V + b is two thin dense GEMMs, r·(d + n) multiply-adds a row; the
+// Python wrapper (lrc_keras/ops.py) computes it with TensorFlow's own matmul, which is tuned
+// for every ISA, and hands it to this op, which does the part no library does: computing only
+// the selected units.
+//
+// Layout (row-major, float32; the Keras layer stores its weights this way):
+//   x        [batch, input_dim]
+//   kernel   [units, input_dim]   unit j's weights W_j are one contiguous row
+//   bias     [units]
+//   z_hat    [batch, units]       the estimate, bias included
+//   y        [batch, units]
+// For every row i and unit j:
+//   y[i, j] = relu(x_i · W_j + bias_j)  if UnitIsComputed(z_hat[i, j], margin)
+//           = 0                         otherwise, and x_i · W_j is never computed.
+//   active_fraction = (number of computed (i, j)) / (batch * units), 0 when empty.
+#ifndef LRC_KERAS_CUSTOM_OPS_GATED_DENSE_H_
+#define LRC_KERAS_CUSTOM_OPS_GATED_DENSE_H_
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LRC_HOST_DEVICE __host__ __device__
+#else
+#define LRC_HOST_DEVICE
+#endif
+
+namespace tensorflow {
+class OpKernelContext;
+}
+namespace Eigen {
+struct ThreadPoolDevice;
+struct GpuDevice;
+}  // namespace Eigen
+
+namespace lrc {
+
+struct GatedDenseArgs {
+  int64_t batch;
+  int64_t input_dim;
+  int64_t units;
+  const float* x;
+  const float* kernel;
+  const float* bias;
+  const float* z_hat;
+  float margin;
+  float* y;
+  float* active_fraction;  // one float, in the device's memory
+};
+
+// NaN estimates count as computed, so that NaN inputs reach the output.
+LRC_HOST_DEVICE inline bool UnitIsComputed(float z_hat, float margin) {
+  return !(z_hat <= -margin);
+}
+
+// relu that keeps NaN (a plain max(z, 0) would turn it into 0 or not, by compiler).
+LRC_HOST_DEVICE inline float ReluKeepNan(float z) { return z > 0.f || z != z ? z : 0.f; }
+
+// Specialised for Eigen::ThreadPoolDevice in gated_dense_cpu.cc and Eigen::GpuDevice in
+// gated_dense_gpu.cu.cc. Shapes are validated by the OpKernel before the call.
+template <typename Device>
+struct GatedDenseFunctor {
+  void operator()(tensorflow::OpKernelContext* ctx, const GatedDenseArgs& args);
+};
+
+template <>
+void GatedDenseFunctor<Eigen::ThreadPoolDevice>::operator()(tensorflow::OpKernelContext* ctx,
+                                                             const GatedDenseArgs& args);
+#if GOOGLE_CUDA
+template <>
+void GatedDenseFunctor<Eigen::GpuDevice>::operator()(tensorflow::OpKernelContext* ctx,
+                                                      const GatedDenseArgs& args);
+#endif
+
+}  // namespace lrc
+
+#endif  // LRC_KERAS_CUSTOM_OPS_GATED_DENSE_H_

@@ -1,0 +1,124 @@
+"""The mask and gated-compute stages: the compiled op, its gradient, and the pure-TF reference.
+
+`gated_dense(x, kernel, bias, estimator_u, estimator_v, margin)` returns, for 2-D x,
+    y[i, j] = relu(x_i·W_j + b_j)  where  ẑ[i, j] > -margin  (or ẑ[i, j] is NaN),  else exactly 0,
+with ẑ = (x·U)·V + b and the weight layout of `lrc_keras.estimators`. The compiled op
+(custom_ops/, built by setup.py) never computes the dot product of a skipped unit; the
+reference computes z densely and is what the op is tested against.
+
+A NaN estimate counts as "compute" so that NaN inputs surface as NaN outputs instead of
+being silently gated to 0.
+"""
+
+import json
+import os
+import warnings
+
+import tensorflow as tf
+
+from lrc_keras.estimators import estimate
+
+LIBRARY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lrc_ops.so")
+BUILD_INFO_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lrc_ops.json")
+REBUILD_HINT = (
+    'rebuild it against the running TensorFlow with `pip install --force-reinstall --no-deps '
+    '--no-build-isolation .` from the lrc-keras source tree'
+)
+
+
+def _load_library():
+    """The loaded op library, or None after one warning that says why and how to rebuild."""
+
+    def unavailable(reason):
+        warnings.warn(
+            f"lrc_keras: compiled ops unavailable ({reason}); using the pure-TensorFlow path, "
+            f"which gives the same numbers without the speed-up. To fix, {REBUILD_HINT}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+    if not os.path.exists(LIBRARY_FILE):
+        return unavailable(f"{LIBRARY_FILE} was not built")
+    try:
+        with open(BUILD_INFO_FILE) as f:
+            built_for = json.load(f)["tensorflow_version"]
+    except (OSError, ValueError, KeyError) as error:
+        return unavailable(f"cannot read the build record {BUILD_INFO_FILE}: {error}")
+    if built_for != tf.__version__:
+        return unavailable(
+            f"built against TensorFlow {built_for}, but TensorFlow {tf.__version__} is running"
+        )
+    try:
+        return tf.load_op_library(LIBRARY_FILE)
+    except (tf.errors.OpError, OSError) as error:
+        return unavailable(f"loading {LIBRARY_FILE} failed: {error}")
+
+
+_library = _load_library()
+
+
+def is_compiled():
+    """True when the compiled gated-dense op is loaded and used for float32 inference."""
+    return _library is not None
+
+
+def library_path():
+    """Path of the loaded op library, or None when the pure-TF path is in use."""
+    return LIBRARY_FILE if _library is not None else None
+
+
+def gate_mask(z_hat, margin):
+    """Units to compute: ẑ > -margin, and NaN estimates (so NaN propagates)."""
+    return tf.logical_not(z_hat <= -margin)
+
+
+def masked_relu(z, mask):
+    """relu(z) where mask, exactly 0 elsewhere (also where z is NaN or inf)."""
+    return tf.where(mask, tf.nn.relu(z), tf.zeros_like(z))
+
+
+def dense_preactivation(x, kernel, bias):
+    """z = x·W + b with the kernel stored as (units, input_dim)."""
+    z = tf.matmul(x, kernel, transpose_b=True)
+    return z if bias is None else z + bias
+
+
+def gated_dense_reference(x, kernel, bias, estimator_u, estimator_v, margin):
+    """The op's contract in plain TensorFlow (z computed densely)."""
+    mask = gate_mask(estimate(x, estimator_u, estimator_v, bias), margin)
+    return masked_relu(dense_preactivation(x, kernel, bias), mask)
+
+
+def gated_dense(x, kernel, bias, estimator_u, estimator_v, margin):
+    """The gated layer's inference: the compiled op for float32 when loaded, else the reference."""
+    return gated_dense_with_density(x, kernel, bias, estimator_u, estimator_v, margin)[0]
+
+
+def gated_dense_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
+    """`(y, active_fraction)`: gated_dense and the fraction of (row, unit) pairs computed."""
+    if _library is None or x.dtype != tf.float32:
+        mask = gate_mask(estimate(x, estimator_u, estimator_v, bias), margin)
+        y = masked_relu(dense_preactivation(x, kernel, bias), mask)
+        return y, tf.reduce_mean(tf.cast(mask, tf.float32))
+    if bias is None:
+        bias = tf.zeros([tf.shape(kernel)[0]], x.dtype)
+    # The estimate is two thin GEMMs: TensorFlow's matmul does them best on every ISA.
+    z_hat = estimate(x, estimator_u, estimator_v, bias)
+    return _library.lrc_gated_dense(x, kernel, bias, z_hat, tf.convert_to_tensor(margin, x.dtype))
+
+
+if _library is not None:
+
+    @tf.RegisterGradient("LrcGatedDense")
+    def _gated_dense_grad(op, grad, _):
+        """Through computed, positive units only; the mask (U, V, margin) is a constant."""
+        x, kernel = op.inputs[0], op.inputs[1]
+        grad_z = tf.where(op.outputs[0] > 0, grad, tf.zeros_like(grad))
+        return (
+            tf.matmul(grad_z, kernel),
+            tf.matmul(grad_z, x, transpose_a=True),
+            tf.reduce_sum(grad_z, axis=0),
+            None,
+            None,
+        )

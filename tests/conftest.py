@@ -1,0 +1,40 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+# Two logical CPUs for the MirroredStrategy test; must happen before TF initialises devices.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+
+
+def numpy_gated_dense(x, kernel, bias, estimator_u, estimator_v, margin):
+    """float64 reference: (y, mask, z_hat, z) in the layer's stored layout."""
+    x, kernel, bias = (np.asarray(a, np.float64) for a in (x, kernel, bias))
+    z_hat = (x @ np.asarray(estimator_u, np.float64)) @ np.asarray(estimator_v, np.float64).T + bias
+    z = x @ kernel.T + bias
+    mask = ~(z_hat <= -margin)
+    return np.where(mask, np.maximum(z, 0.0), 0.0), mask, z_hat, z
+
+
+def away_from_boundary(z_hat, margin, tolerance=1e-3):
+    """Entries whose gate decision cannot flip with float32 rounding."""
+    return np.abs(z_hat + margin) > tolerance
+
+
+def random_weights(rng, input_dim, units, rank, scale=1.0):
+    kernel = (rng.standard_normal((units, input_dim)) / np.sqrt(input_dim)).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(units)).astype(np.float32)
+    estimator_u = (scale * rng.standard_normal((input_dim, rank))).astype(np.float32)
+    estimator_v = (rng.standard_normal((units, rank)) / np.sqrt(input_dim)).astype(np.float32)
+    return kernel, bias, estimator_u, estimator_v
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

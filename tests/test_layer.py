@@ -1,0 +1,326 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import away_from_boundary, numpy_gated_dense
+
+from lrc_keras import LowRankGatedDense, set_audit
+from lrc_keras.callbacks import SVDRefit
+from lrc_keras.metrics import gate_statistics
+
+
+def built_layer(rng, input_dim=24, units=32, rank=4, **kwargs):
+    layer = LowRankGatedDense(units, rank=rank, **kwargs)
+    layer.build((None, input_dim))
+    layer.kernel.assign(rng.standard_normal((units, input_dim)).astype("float32") / np.sqrt(input_dim))
+    if layer.bias is not None:
+        layer.bias.assign(0.1 * rng.standard_normal(units).astype("float32"))
+    layer.refit()
+    return layer
+
+
+def weights_of(layer):
+    bias = layer.bias.numpy() if layer.bias is not None else np.zeros(layer.units, "float32")
+    return layer.kernel.numpy(), bias, layer.estimator_u.numpy(), layer.estimator_v.numpy()
+
+
+@pytest.mark.parametrize("rank", [3, 24])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("margin", [0.0, 0.3])
+def test_output_matches_numpy_mask_semantics(rng, rank, training, margin):
+    layer = built_layer(rng, rank=rank, margin=margin)
+    x = rng.standard_normal((40, 24)).astype("float32")
+    expected, mask, z_hat, _ = numpy_gated_dense(x, *weights_of(layer), margin)
+    y = layer(x, training=training).numpy()
+    keep = away_from_boundary(z_hat, margin)
+    np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    assert np.all(y[keep & ~mask] == 0.0), "skipped units must output exactly 0"
+    assert 0.05 < mask.mean() < 0.95, "the test needs both computed and skipped units"
+
+
+def test_full_rank_is_exactly_dense(rng):
+    dense = keras.layers.Dense(16, activation="relu")
+    x = rng.standard_normal((64, 16)).astype("float32")
+    expected = dense(x).numpy()
+    gated = LowRankGatedDense.from_dense(dense, rank=16)
+    _, _, z_hat, z = numpy_gated_dense(x, *weights_of(gated), 0.0)
+    # At full rank ẑ = z up to rounding, so every positive unit is computed.
+    assert np.all((z_hat > 0) == (z > 0)) or np.max(np.abs(z[(z_hat > 0) != (z > 0)])) < 1e-4
+    np.testing.assert_allclose(gated(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_truncated_svd_is_optimal(rng):
+    layer = built_layer(rng, input_dim=30, units=20, rank=5)
+    w = layer.kernel.numpy().T.astype(np.float64)
+    approximation = layer.estimator_u.numpy() @ layer.estimator_v.numpy().T
+    singular_values = np.linalg.svd(w, compute_uv=False)
+    error = np.linalg.norm(w - approximation)
+    np.testing.assert_allclose(error, np.sqrt(np.sum(singular_values[5:] ** 2)), rtol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(w - approximation, 2), singular_values[5], rtol=1e-4)
+
+
+def test_gradients_flow_only_through_computed_units(rng):
+    layer = built_layer(rng, rank=3)
+    x = tf.constant(rng.standard_normal((10, 24)).astype("float32"))
+    upstream = rng.standard_normal((10, 32)).astype("float32")
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(layer(x, training=True) * upstream)
+    grad_kernel, grad_bias, grad_x = tape.gradient(loss, [layer.kernel, layer.bias, x])
+    _, mask, _, z = numpy_gated_dense(x.numpy(), *weights_of(layer), 0.0)
+    grad_z = np.where(mask & (z > 0), upstream, 0.0)
+    np.testing.assert_allclose(grad_kernel.numpy(), grad_z.T @ x.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grad_bias.numpy(), grad_z.sum(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grad_x.numpy(), grad_z @ layer.kernel.numpy(), rtol=1e-4, atol=1e-5)
+    assert np.any(mask == False) and np.any(~mask & (z > 0)), "need false negatives to test"  # noqa: E712
+
+
+def test_svd_estimator_variables_are_not_trainable(rng):
+    layer = built_layer(rng)
+    assert {v.name for v in layer.trainable_variables} == {"kernel", "bias"}
+    joint = built_layer(rng, estimator="joint")
+    assert {v.name for v in joint.trainable_variables} == {"kernel", "bias", "estimator_u", "estimator_v"}
+
+
+def small_classifier(rng, estimator="svd", refit_every=200, **kwargs):
+    model = keras.Sequential(
+        [
+            keras.Input((20,)),
+            LowRankGatedDense(48, rank=4, estimator=estimator, refit_every=refit_every, **kwargs),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.compile(
+        keras.optimizers.SGD(0.05),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x = rng.standard_normal((96, 20)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
+    return model, x, y
+
+
+def test_refit_runs_every_n_steps_inside_fit(rng):
+    model, x, y = small_classifier(rng, refit_every=3)
+    layer = model.layers[0]
+    snapshots = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            snapshots.append((layer.estimator_u.numpy().copy(), layer.kernel.numpy().copy()))
+
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[Record()])
+    assert len(snapshots) == 6 and int(layer.training_steps.numpy()) == 6
+    changed = [not np.array_equal(a[0], b[0]) for a, b in zip(snapshots, snapshots[1:])]
+    # Steps 3 and 6 refit: U changes between the snapshots after steps 2→3 and 5→6 only.
+    assert changed == [False, True, False, False, True]
+    # The refit at step 6 used the kernel as it was before step 6's update.
+    kernel_before_step_6 = snapshots[4][1]
+    expected_u = _svd_u(kernel_before_step_6, 4)
+    np.testing.assert_allclose(
+        np.abs(snapshots[5][0]), np.abs(expected_u), rtol=1e-3, atol=1e-4
+    )
+
+
+def _svd_u(kernel, rank):
+    _, s, vt = np.linalg.svd(kernel.astype(np.float64), full_matrices=False)
+    return vt[:rank].T * np.sqrt(s[:rank])
+
+
+def test_refit_never_when_refit_every_is_none(rng):
+    model, x, y = small_classifier(rng, refit_every=None)
+    before = model.layers[0].estimator_u.numpy().copy()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    np.testing.assert_array_equal(model.layers[0].estimator_u.numpy(), before)
+
+
+def test_svd_refit_callback(rng):
+    model, x, y = small_classifier(rng, refit_every=None)
+    layer = model.layers[0]
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[SVDRefit(every_n_steps=4)])
+    np.testing.assert_allclose(
+        np.abs(layer.estimator_u.numpy()), np.abs(_svd_u(layer.kernel.numpy(), 4)), rtol=1e-3, atol=1e-4
+    )
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SVDRefit(every_n_steps=0)
+
+
+def test_training_metrics_match_numpy(rng):
+    model, x, y = small_classifier(rng, refit_every=None)
+    layer = model.layers[0]
+    # One full batch with SGD(0): the mask and z seen in training are those of the weights now.
+    model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    _, mask, _, z = numpy_gated_dense(x, *weights_of(layer), 0.0)
+    history = model.fit(x, y, batch_size=96, epochs=1, verbose=0).history
+    positive = z > 0
+    expected = gate_statistics(
+        float(np.sum(mask & positive)), float(np.sum(mask & ~positive)),
+        float(np.sum(~mask & positive)), float(np.sum(~mask & ~positive)),
+    )
+    for key, value in expected.items():
+        np.testing.assert_allclose(history[f"{layer.name}_{key}"][0], value, rtol=1e-5, err_msg=key)
+    assert expected["recall"] < 1.0 and expected["precision"] < 1.0
+
+
+def test_audit_measures_gate_in_evaluate(rng):
+    model, x, y = small_classifier(rng)
+    layer = model.layers[0]
+    set_audit(model, True)
+    logs = model.evaluate(x, y, verbose=0, return_dict=True)
+    _, mask, _, _ = numpy_gated_dense(x, *weights_of(layer), 0.0)
+    np.testing.assert_allclose(logs[f"{layer.name}_predicted_density"], mask.mean(), rtol=1e-5)
+    set_audit(model, False)
+    assert layer.audit is False
+
+
+def test_joint_estimator_loss_improves_recall(rng):
+    tf.random.set_seed(0)
+    model, x, y = small_classifier(rng, estimator="joint", estimator_loss_weight=1.0)
+    layer = model.layers[0]
+    # Freeze the network so that only the estimator learns; start from a poor estimator.
+    layer.kernel.trainable = False
+    layer.bias.trainable = False
+    model.layers[1].trainable = False
+    layer.estimator_u.assign(0.1 * rng.standard_normal(layer.estimator_u.shape).astype("float32"))
+    model.compile(keras.optimizers.Adam(0.02), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    def recall():
+        _, mask, _, z = numpy_gated_dense(x, *weights_of(layer), 0.0)
+        return np.sum(mask & (z > 0)) / np.sum(z > 0)
+
+    kernel_before, recall_before = layer.kernel.numpy().copy(), recall()
+    model.fit(x, y, batch_size=32, epochs=15, verbose=0)
+    assert recall() > recall_before + 0.1, (recall_before, recall())
+    np.testing.assert_array_equal(layer.kernel.numpy(), kernel_before)
+    assert len(model.losses) == 1
+
+
+def test_joint_loss_does_not_pull_kernel_or_bias(rng):
+    layer = built_layer(rng, estimator="joint", estimator_loss_weight=1.0)
+    x = tf.constant(rng.standard_normal((8, 24)).astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        layer(x, training=True)
+        auxiliary = tf.add_n(layer.losses)
+    grads = tape.gradient(auxiliary, [layer.kernel, layer.bias, x, layer.estimator_u, layer.estimator_v])
+    assert grads[0] is None and grads[1] is None and grads[2] is None
+    assert float(tf.reduce_sum(tf.abs(grads[3]))) > 0 and float(tf.reduce_sum(tf.abs(grads[4]))) > 0
+
+
+def test_from_dense_copies_weights_and_fits_svd(rng):
+    dense = keras.layers.Dense(12, activation="relu", name="hidden")
+    x = rng.standard_normal((5, 9)).astype("float32")
+    dense(x)
+    gated = LowRankGatedDense.from_dense(dense, rank=3, margin=0.1)
+    assert gated.name == "hidden" and gated.margin == 0.1
+    np.testing.assert_array_equal(gated.kernel.numpy(), dense.kernel.numpy().T)
+    np.testing.assert_array_equal(gated.bias.numpy(), dense.bias.numpy())
+    np.testing.assert_allclose(np.abs(gated.estimator_u.numpy()), np.abs(_svd_u(gated.kernel.numpy(), 3)), rtol=1e-3, atol=1e-5)
+    weights = gated.get_weights()
+    assert [w.shape for w in weights] == [(12, 9), (12,), (9, 3), (12, 3), ()]
+
+
+def test_from_dense_rejects_what_it_cannot_copy():
+    with pytest.raises(ValueError, match="ReLU activation.*'tanh_layer'.*tanh"):
+        LowRankGatedDense.from_dense(keras.layers.Dense(4, activation="tanh", name="tanh_layer"), rank=2)
+    with pytest.raises(ValueError, match="not built"):
+        LowRankGatedDense.from_dense(keras.layers.Dense(4, activation="relu"), rank=2)
+    with pytest.raises(ValueError, match="keras.layers.Dense"):
+        LowRankGatedDense.from_dense(keras.layers.ReLU(), rank=2)
+
+
+def test_save_and_load_round_trip(rng, tmp_path):
+    model, x, y = small_classifier(rng, estimator="joint", margin=0.2)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    model.layers[0].estimator_v.assign(model.layers[0].estimator_v * 1.5)  # not an SVD any more
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    for original, restored in zip(model.layers[0].get_weights(), loaded.layers[0].get_weights()):
+        np.testing.assert_array_equal(original, restored)
+    assert loaded.layers[0].get_config() == model.layers[0].get_config()
+
+
+def test_config_round_trip():
+    layer = LowRankGatedDense(
+        7, rank=2, estimator="joint", refit_every=None, margin=0.5, use_bias=False,
+        kernel_regularizer=keras.regularizers.L2(1e-3), activity_regularizer=keras.regularizers.L1(1e-4),
+    )
+    clone = LowRankGatedDense.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+def test_activity_regularizer_adds_l1_loss(rng):
+    layer = built_layer(rng, activity_regularizer=keras.regularizers.L1(0.01))
+    x = rng.standard_normal((6, 24)).astype("float32")
+    y = layer(x, training=True)
+    np.testing.assert_allclose(float(tf.add_n(layer.losses)), 0.01 * np.abs(y.numpy()).sum() / 6, rtol=1e-4)
+
+
+def test_rank_3_inputs_act_on_last_axis(rng):
+    layer = built_layer(rng)
+    x = rng.standard_normal((3, 5, 24)).astype("float32")
+    y = layer(x).numpy()
+    assert y.shape == (3, 5, 32)
+    flat = layer(x.reshape(15, 24)).numpy()
+    np.testing.assert_array_equal(y.reshape(15, 32), flat)
+
+
+def test_use_bias_false(rng):
+    layer = built_layer(rng, use_bias=False)
+    x = rng.standard_normal((20, 24)).astype("float32")
+    expected, _, z_hat, _ = numpy_gated_dense(x, *weights_of(layer), 0.0)
+    keep = away_from_boundary(z_hat, 0.0)
+    np.testing.assert_allclose(layer(x).numpy()[keep], expected[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_nan_inputs_give_nan_outputs(rng):
+    layer = built_layer(rng)
+    x = rng.standard_normal((2, 24)).astype("float32")
+    x[1, 3] = np.nan
+    for training in (False, True):
+        y = layer(x, training=training).numpy()
+        assert np.all(np.isnan(y[1])) and not np.any(np.isnan(y[0]))
+
+
+def test_fit_under_mirrored_strategy(rng):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model, x, y = small_classifier(rng, refit_every=2)
+    layer = model.layers[0]
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert int(layer.training_steps.numpy()) == 6
+    # The last refit happened at step 6, before its update: U is the SVD of a recent kernel.
+    u_now, u_fresh = layer.estimator_u.numpy(), _svd_u(layer.kernel.numpy(), 4)
+    assert np.linalg.norm(np.abs(u_now) - np.abs(u_fresh)) < 0.05 * np.linalg.norm(u_fresh)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"units": 0, "rank": 1}, "units must be a positive integer, got units=0"),
+        ({"units": 4, "rank": 0}, "rank must be a positive integer, got rank=0"),
+        ({"units": 4, "rank": 2.5}, "rank must be a positive integer, got rank=2.5"),
+        ({"units": 4, "rank": 2, "estimator": "pca"}, "estimator must be one of .*'pca'"),
+        ({"units": 4, "rank": 2, "refit_every": 0}, "refit_every must be a positive integer"),
+        ({"units": 4, "rank": 2, "margin": float("nan")}, "margin must be a finite number"),
+        ({"units": 4, "rank": 2, "estimator_loss_weight": -1}, "estimator_loss_weight must be >= 0"),
+        ({"units": 4, "rank": 2, "activation": "tanh"}, "ReLU layer.*activation='tanh'"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LowRankGatedDense(**kwargs)
+
+
+def test_bad_build_and_call_inputs():
+    layer = LowRankGatedDense(8, rank=6)
+    with pytest.raises(ValueError, match=r"rank=6 exceeds min\(input_dim, units\) = min\(5, 8\) = 5"):
+        layer.build((None, 5))
+    assert not layer.built and not layer.weights, "nothing may be half-built"
+    with pytest.raises(ValueError, match="last dimension of the input must be known"):
+        LowRankGatedDense(8, rank=2).build((None, None))
+    with pytest.raises(TypeError, match="must be floating point, got dtype int32"):
+        LowRankGatedDense(8, rank=2)(np.ones((2, 5), "int32"))
