@@ -1,0 +1,197 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import away_from_boundary, numpy_gated_dense, random_weights
+
+from lrc_keras import LowRankGatedDense, ops
+
+
+def test_compiled_op_is_loaded():
+    # pip install . compiles the op; a silent fallback to the pure path would hide a broken build.
+    assert ops.is_compiled(), "the compiled op did not load (see the RuntimeWarning at import)"
+    assert os.path.isfile(ops.library_path())
+
+
+def run_both(x, kernel, bias, estimator_u, estimator_v, margin):
+    compiled, fraction = ops.gated_dense_with_density(x, kernel, bias, estimator_u, estimator_v, margin)
+    reference = ops.gated_dense_reference(x, kernel, bias, estimator_u, estimator_v, margin)
+    return compiled.numpy(), float(fraction), reference.numpy()
+
+
+@pytest.mark.parametrize("batch", [0, 1, 2, 33])
+@pytest.mark.parametrize(
+    "input_dim, units, rank", [(1, 7, 1), (37, 1, 1), (19, 23, 5), (40, 24, 24), (131, 70, 9)]
+)
+@pytest.mark.parametrize("margin", [-0.5, 0.0, 0.4])
+def test_op_matches_numpy_and_reference(rng, batch, input_dim, units, rank, margin):
+    rank = min(rank, input_dim, units)
+    weights = random_weights(rng, input_dim, units, rank)
+    x = rng.standard_normal((batch, input_dim)).astype(np.float32)
+    compiled, fraction, reference = run_both(x, *weights, margin)
+    expected, mask, z_hat, _ = numpy_gated_dense(x, *weights, margin)
+    assert compiled.shape == (batch, units)
+    keep = away_from_boundary(z_hat, margin)
+    np.testing.assert_allclose(compiled[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(compiled[keep], reference[keep], rtol=1e-5, atol=1e-5)
+    assert np.all(compiled[~mask & keep] == 0.0)
+    if batch:
+        # Boundary entries may flip with rounding; the fraction is within their count.
+        assert abs(fraction - mask.mean()) <= np.mean(~keep) + 1e-6
+    else:
+        assert fraction == 0.0
+
+
+@pytest.mark.parametrize("margin, expected_fraction", [(-1e30, 0.0), (1e30, 1.0)])
+def test_all_or_no_units_masked(rng, margin, expected_fraction):
+    weights = random_weights(rng, 50, 60, 4)
+    x = rng.standard_normal((9, 50)).astype(np.float32)
+    compiled, fraction, _ = run_both(x, *weights, margin)
+    assert fraction == expected_fraction
+    dense = np.maximum(x.astype(np.float64) @ weights[0].T.astype(np.float64) + weights[1], 0)
+    np.testing.assert_allclose(compiled, dense * expected_fraction, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_inference_uses_op_for_3d_inputs(rng):
+    layer = LowRankGatedDense(30, rank=4)
+    x = rng.standard_normal((2, 3, 20)).astype(np.float32)
+    y = layer(x).numpy()
+    weights = (layer.kernel.numpy(), layer.bias.numpy(), layer.estimator_u.numpy(), layer.estimator_v.numpy())
+    expected, _, z_hat, _ = numpy_gated_dense(x.reshape(6, 20), *weights, 0.0)
+    keep = away_from_boundary(z_hat, 0.0)
+    np.testing.assert_allclose(y.reshape(6, 30)[keep], expected[keep], rtol=1e-5, atol=1e-5)
+
+
+def compiled_op(x, kernel, bias, z_hat, margin):
+    return ops._library.lrc_gated_dense(x, kernel, bias, z_hat, margin)
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        (((4, 5), (6, 5), (6,), (4, 6), ()), None),
+        (((4, 5, 1), (6, 5), (6,), (4, 6), ()), "must be rank 2|expects x"),
+        (((4, 5), (6, 7), (6,), (4, 6), ()), r"5 and 7|x \[4,5\], kernel \[6,7\]"),
+        (((4, 5), (6, 5), (3,), (4, 6), ()), r"6 and 3|bias \[3\]"),
+        (((4, 5), (6, 5), (6,), (4, 2), ()), r"6 and 2|z_hat \[4,2\]"),
+        (((4, 5), (6, 5), (6,), (3, 6), ()), r"4 and 3|z_hat \[3,6\]"),
+        (((4, 5), (6, 5), (6,), (4, 6), (1,)), "must be rank 0|scalar margin"),
+    ],
+)
+def test_op_rejects_bad_shapes(shapes, message):
+    arrays = [np.zeros(shape, np.float32) for shape in shapes]
+    if message is None:
+        assert compiled_op(*arrays)[0].shape == (4, 6)
+        return
+    # Eagerly the shape function speaks first; in a graph with unknown shapes, the kernel does.
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        compiled_op(*arrays)
+    unknown = tf.function(
+        compiled_op, input_signature=[tf.TensorSpec(None, tf.float32)] * 5
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        unknown(*arrays)
+
+
+def test_op_rejects_bad_dtype():
+    arrays = [np.zeros(s, np.float32) for s in ((4, 5), (6, 5), (6,), (4, 6), ())]
+    arrays[0] = tf.constant(arrays[0], tf.float64)
+    with pytest.raises((tf.errors.InvalidArgumentError, TypeError), match="float|double"):
+        compiled_op(*arrays)
+
+
+def test_deterministic_and_thread_safe(rng):
+    weights = random_weights(rng, 300, 400, 10)
+    inputs = [rng.standard_normal((17, 300)).astype(np.float32) for _ in range(4)]
+    expected = [ops.gated_dense(x, *weights, 0.0).numpy() for x in inputs]
+    function = tf.function(lambda x: ops.gated_dense(x, *weights, 0.0))
+    failures = []
+
+    def worker(index):
+        for _ in range(25):
+            result = function(inputs[index]).numpy()
+            if not np.array_equal(result, expected[index]):
+                failures.append(index)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
+def test_a_row_does_not_depend_on_its_batch(rng):
+    weights = random_weights(rng, 77, 50, 6)
+    x = rng.standard_normal((13, 77)).astype(np.float32)
+    whole = ops.gated_dense(x, *weights, 0.0).numpy()
+    for i in (0, 5, 12):
+        np.testing.assert_array_equal(ops.gated_dense(x[i : i + 1], *weights, 0.0).numpy()[0], whole[i])
+
+
+def test_gradient_matches_finite_differences(rng):
+    kernel, bias, estimator_u, estimator_v = random_weights(rng, 6, 5, 2)
+    x = rng.standard_normal((3, 6)).astype(np.float64)
+
+    def through_op(x, kernel, bias):
+        return ops.gated_dense(
+            tf.cast(x, tf.float32), tf.cast(kernel, tf.float32), tf.cast(bias, tf.float32),
+            estimator_u, estimator_v, 0.0,
+        )
+
+    theoretical, numerical = tf.test.compute_gradient(
+        through_op, [x, kernel.astype(np.float64), bias.astype(np.float64)], delta=1e-3
+    )
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, atol=2e-2)
+    # And against the closed form: only computed, positive units pass gradient.
+    _, mask, _, z = numpy_gated_dense(x, kernel, bias, estimator_u, estimator_v, 0.0)
+    xt = tf.constant(x, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        total = tf.reduce_sum(ops.gated_dense(xt, kernel, bias, estimator_u, estimator_v, 0.0))
+    np.testing.assert_allclose(
+        tape.gradient(total, xt).numpy(), np.where(mask & (z > 0), 1.0, 0.0) @ kernel, rtol=1e-5, atol=1e-6
+    )
+
+
+def copied_package(tmp_path, tensorflow_version):
+    package = os.path.dirname(ops.__file__)
+    copy = tmp_path / "lrc_keras"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "_lrc_ops.json", "w") as f:
+        json.dump({"tensorflow_version": tensorflow_version}, f)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "version, expect_warning",
+    [("0.0.1", "built against TensorFlow 0.0.1, but TensorFlow"), (tf.__version__, None)],
+)
+def test_version_mismatch_warns_once_and_falls_back(tmp_path, version, expect_warning):
+    root = copied_package(tmp_path, version)
+    script = (
+        "import warnings; warnings.simplefilter('always')\n"
+        "import numpy as np, lrc_keras, lrc_keras.ops as ops\n"
+        "import importlib; importlib.import_module('lrc_keras.layers')\n"
+        "y = lrc_keras.LowRankGatedDense(4, rank=2)(np.ones((2, 3), 'float32'))\n"
+        "print('COMPILED', ops.is_compiled(), ops.library_path(), y.shape)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr
+    if expect_warning:
+        assert result.stderr.count("compiled ops unavailable") == 1
+        assert expect_warning in result.stderr and "--no-build-isolation" in result.stderr
+        assert "COMPILED False None (2, 4)" in result.stdout
+    else:
+        assert "compiled ops unavailable" not in result.stderr
+        assert "COMPILED True" in result.stdout
