@@ -6,6 +6,7 @@ import numbers
 import keras
 import tensorflow as tf
 
+from lrc_keras import dispatch
 from lrc_keras import estimators
 from lrc_keras import ops
 from lrc_keras.metrics import GateStatistics
@@ -37,8 +38,14 @@ class LowRankGatedDense(keras.layers.Layer):
     contiguous), `estimator_u` is `(input_dim, rank)` and `estimator_v` is
     `(units, rank)` (each unit's estimator column contiguous), so that
     `ẑ = (x·estimator_u)·estimator_vᵀ + bias`. `get_weights()` returns
-    `[kernel, bias, estimator_u, estimator_v, training_steps]` in that layout
-    (no bias when `use_bias=False`).
+    `[kernel, bias, estimator_u, estimator_v, training_steps, observed_density]`
+    in that layout (no bias when `use_bias=False`).
+
+    Inference path: `layer.inference_path` is `"auto"` (default), `"gated"`
+    or `"dense"`. `"auto"` runs the gated op unless TF's dense GEMM followed by
+    the mask is faster for this shape, batch size and the density last
+    observed (`observed_density`), as measured once per shape by
+    `lrc_keras.dispatch`. Both paths give the same numbers.
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -157,6 +164,7 @@ class LowRankGatedDense(keras.layers.Layer):
         self.estimator_positive_weight = float(estimator_positive_weight)
         self.gate_statistics = GateStatistics(prefix=f"{self.name}_")
         self.audit = False
+        self.inference_path = "auto"
         # Custom ops have no XLA kernel.
         self.supports_jit = False
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
@@ -214,6 +222,13 @@ class LowRankGatedDense(keras.layers.Layer):
             trainable=False,
             aggregation="only_first_replica",
         )
+        self.observed_density = self.add_weight(
+            name="observed_density",
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
         self.refit()
 
@@ -228,9 +243,7 @@ class LowRankGatedDense(keras.layers.Layer):
         elif self.audit:
             y = self._dense_then_gate(x, training=False)
         else:
-            y = ops.gated_dense(
-                x, self.kernel, self.bias, self.estimator_u, self.estimator_v, self.margin
-            )
+            y = self._fastest_inference(x)
         if inputs.shape.rank != 2:
             y = tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0))
         return y
@@ -315,6 +328,40 @@ class LowRankGatedDense(keras.layers.Layer):
         self.estimator_u.assign(estimator_u)
         self.estimator_v.assign(estimator_v)
 
+    def _fastest_inference(self, x):
+        """The gated op, or TF's dense GEMM then the mask where the cost model says it is faster.
+
+        The choice compares the density observed at the previous call (or in training)
+        with the crossover density measured for this shape and batch (`lrc_keras.dispatch`).
+        """
+        args = (x, self.kernel, self.bias, self.estimator_u, self.estimator_v, self.margin)
+        path = self.inference_path
+        if path == "auto" and (not ops.is_compiled() or x.dtype != tf.float32):
+            path = "gated"  # only the pure path exists: nothing to choose
+        if path == "auto":
+            crossovers = dispatch.crossover_densities(x.shape[-1], self.units, self.rank)
+            batch = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+            crossover = dispatch.crossover_for_batch(crossovers, batch)
+            if isinstance(crossover, float) and not 0.0 < crossover < 1.0:
+                path = "gated" if crossover >= 1.0 else "dense"
+        if path == "gated":
+            y, density = ops.gated_dense_with_density(*args)
+        elif path == "dense":
+            y, density = ops.dense_then_mask_with_density(*args)
+        elif path == "auto":
+            y, density = tf.cond(
+                self.observed_density <= crossover,
+                lambda: ops.gated_dense_with_density(*args),
+                lambda: ops.dense_then_mask_with_density(*args),
+            )
+        else:
+            raise ValueError(
+                f"{self.name}: inference_path must be 'auto', 'gated' or 'dense', got {path!r}"
+            )
+        # Outside tf.cond: under a distribution strategy the assignment synchronises replicas.
+        self.observed_density.assign(density)
+        return y
+
     def _dense_then_gate(self, x, training):
         """Dense z, the estimator's mask and the gate metrics; the joint loss when training."""
         bias = None if self.bias is None else tf.stop_gradient(self.bias)
@@ -323,6 +370,7 @@ class LowRankGatedDense(keras.layers.Layer):
         mask = tf.stop_gradient(ops.gate_mask(z_hat, self.margin))
         z = ops.dense_preactivation(x, self.kernel, self.bias)
         self.gate_statistics.update_state(mask, tf.stop_gradient(z) > 0)
+        self.observed_density.assign(tf.reduce_mean(tf.cast(mask, tf.float32)))
         if training and self.estimator == "joint" and self.estimator_loss_weight > 0:
             self.add_loss(
                 self.estimator_loss_weight

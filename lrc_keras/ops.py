@@ -86,8 +86,14 @@ def dense_preactivation(x, kernel, bias):
 
 def gated_dense_reference(x, kernel, bias, estimator_u, estimator_v, margin):
     """The op's contract in plain TensorFlow (z computed densely)."""
+    return dense_then_mask_with_density(x, kernel, bias, estimator_u, estimator_v, margin)[0]
+
+
+def dense_then_mask_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
+    """`(y, active_fraction)` computed densely by TensorFlow's GEMM, then masked."""
     mask = gate_mask(estimate(x, estimator_u, estimator_v, bias), margin)
-    return masked_relu(dense_preactivation(x, kernel, bias), mask)
+    y = masked_relu(dense_preactivation(x, kernel, bias), mask)
+    return y, tf.reduce_mean(tf.cast(mask, tf.float32))
 
 
 def gated_dense(x, kernel, bias, estimator_u, estimator_v, margin):
@@ -98,14 +104,15 @@ def gated_dense(x, kernel, bias, estimator_u, estimator_v, margin):
 def gated_dense_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
     """`(y, active_fraction)`: gated_dense and the fraction of (row, unit) pairs computed."""
     if _library is None or x.dtype != tf.float32:
-        mask = gate_mask(estimate(x, estimator_u, estimator_v, bias), margin)
-        y = masked_relu(dense_preactivation(x, kernel, bias), mask)
-        return y, tf.reduce_mean(tf.cast(mask, tf.float32))
+        return dense_then_mask_with_density(x, kernel, bias, estimator_u, estimator_v, margin)
     if bias is None:
         bias = tf.zeros([tf.shape(kernel)[0]], x.dtype)
     # The estimate is two thin GEMMs: TensorFlow's matmul does them best on every ISA.
     z_hat = estimate(x, estimator_u, estimator_v, bias)
-    return _library.lrc_gated_dense(x, kernel, bias, z_hat, tf.convert_to_tensor(margin, x.dtype))
+    y, active_fraction = _library.lrc_gated_dense(
+        x, kernel, bias, z_hat, tf.convert_to_tensor(margin, x.dtype)
+    )
+    return y, active_fraction
 
 
 if _library is not None:

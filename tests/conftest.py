@@ -1,6 +1,10 @@
 import os
 
+import tempfile
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The dispatch cost model measured by the tests stays out of the user's cache.
+os.environ["LRC_CACHE_DIR"] = tempfile.mkdtemp(prefix="lrc_keras_test_cache_")
 
 import numpy as np
 import pytest

@@ -218,7 +218,7 @@ def test_from_dense_copies_weights_and_fits_svd(rng):
     np.testing.assert_array_equal(gated.bias.numpy(), dense.bias.numpy())
     np.testing.assert_allclose(np.abs(gated.estimator_u.numpy()), np.abs(_svd_u(gated.kernel.numpy(), 3)), rtol=1e-3, atol=1e-5)
     weights = gated.get_weights()
-    assert [w.shape for w in weights] == [(12, 9), (12,), (9, 3), (12, 3), ()]
+    assert [w.shape for w in weights] == [(12, 9), (12,), (9, 3), (12, 3), (), ()]
 
 
 def test_from_dense_rejects_what_it_cannot_copy():

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import away_from_boundary, numpy_gated_dense
+
+from lrc_keras import LowRankGatedDense, dispatch
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16, 40, 256, 1000])
+def test_crossover_interpolates_in_log_batch(batch):
+    crossovers = {1: 2.0, 16: 0.5, 256: 0.1}
+    expected = np.interp(np.log2(batch), [0, 4, 8], [2.0, 0.5, 0.1])
+    assert dispatch.crossover_for_batch(crossovers, batch) == pytest.approx(expected)
+    as_tensor = dispatch.crossover_for_batch(crossovers, tf.constant(batch))
+    assert float(as_tensor) == pytest.approx(expected, rel=1e-5)
+
+
+def test_crossovers_are_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path))
+    first = dispatch.crossover_densities(12, 10, 2)
+    assert set(first) == set(dispatch.MEASURED_BATCHES)
+    assert (tmp_path / "cost_model.json").exists()
+    assert dispatch.crossover_densities(12, 10, 2) is first
+
+
+@pytest.mark.parametrize("path", ["auto", "gated", "dense"])
+def test_every_inference_path_gives_the_same_numbers(rng, path):
+    layer = LowRankGatedDense(40, rank=5)
+    layer.build((None, 30))
+    layer.inference_path = path
+    x = rng.standard_normal((64, 30)).astype(np.float32)
+    function = tf.function(lambda x: layer(x))  # unknown batch: the runtime choice
+    function = function.get_concrete_function(tf.TensorSpec([None, 30], tf.float32))
+    y = function(tf.constant(x)).numpy()
+    weights = (layer.kernel.numpy(), layer.bias.numpy(), layer.estimator_u.numpy(), layer.estimator_v.numpy())
+    expected, mask, z_hat, _ = numpy_gated_dense(x, *weights, 0.0)
+    keep = away_from_boundary(z_hat, 0.0)
+    np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    assert float(layer.observed_density.numpy()) == pytest.approx(mask.mean(), abs=np.mean(~keep) + 1e-6)
+
+
+def test_bad_inference_path(rng):
+    layer = LowRankGatedDense(4, rank=2)
+    layer.build((None, 3))
+    layer.inference_path = "sparse"
+    with pytest.raises(ValueError, match="inference_path must be .*'sparse'"):
+        layer(np.ones((2, 3), np.float32))
