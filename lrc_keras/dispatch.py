@@ -2,8 +2,9 @@
 
 The gated op's time grows with the density ρ of computed units; the dense path's does not.
 For a layer shape (d, n, r) and a few batch sizes, `crossover_densities` times both once on
-this machine (gated at ρ = 0 and ρ = 1, which brackets the linear cost a + b·ρ, and the dense
-path) and caches the density below which gated wins in
+this machine (gated at several densities, set exactly through the margin, since its time is
+not linear in ρ: sparse selections fill the 4-row blocks less well) and caches the density
+below which gated wins in
 `$LRC_CACHE_DIR/cost_model.json` (default ~/.cache/lrc_keras). The layer compares the density
 it last observed against that crossover for the batch at hand.
 """
@@ -17,8 +18,10 @@ import numpy as np
 import tensorflow as tf
 
 from lrc_keras import ops
+from lrc_keras.estimators import estimate
 
 MEASURED_BATCHES = (1, 16, 256)
+MEASURED_DENSITIES = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)
 _REPEATS = 7
 _CALLS_PER_REPEAT = 5
 _measured = {}
@@ -62,31 +65,80 @@ def _measure(input_dim, units, rank):
     bias = tf.zeros([units])
     estimator_u = tf.constant(rng.standard_normal((input_dim, rank), np.float32))
     estimator_v = tf.constant(rng.standard_normal((units, rank), np.float32) / float(np.sqrt(input_dim)))
-    densities = {}
+    crossovers = {}
     for batch in MEASURED_BATCHES:
         x = tf.constant(rng.standard_normal((batch, input_dim), np.float32))
+        z_hat = estimate(x, estimator_u, estimator_v, bias).numpy()
         paths = {
-            "none": tf.function(lambda x: ops.gated_dense(x, kernel, bias, estimator_u, estimator_v, -3e38)),
-            "all": tf.function(lambda x: ops.gated_dense(x, kernel, bias, estimator_u, estimator_v, 3e38)),
-            "dense": tf.function(lambda x: ops.gated_dense_reference(x, kernel, bias, estimator_u, estimator_v, 0.0)),
+            "dense": lambda x: ops.dense_then_mask_with_density(
+                x, kernel, bias, estimator_u, estimator_v, 0.0
+            )[0]
         }
+        for density in MEASURED_DENSITIES:
+            margin = margin_for_density(z_hat, density)
+            paths[density] = (
+                lambda margin: lambda x: ops.gated_dense(x, kernel, bias, estimator_u, estimator_v, margin)
+            )(margin)
         times = median_times(paths, x)
-        slope = max(times["all"] - times["none"], 1e-9)
-        densities[str(batch)] = float((times["dense"] - times["none"]) / slope)
-    return densities
+        crossovers[str(batch)] = crossover(
+            MEASURED_DENSITIES, [times[d] for d in MEASURED_DENSITIES], times["dense"]
+        )
+    return crossovers
+
+
+def margin_for_density(z_hat, density):
+    """The margin at which a fraction `density` of the estimates z_hat select their unit."""
+    if density <= 0:
+        return -float("inf")
+    if density >= 1:
+        return float("inf")
+    return -float(np.quantile(z_hat, 1.0 - density))
+
+
+def crossover(densities, gated_times, dense_time):
+    """The density where the measured gated times, linearly interpolated, first exceed dense_time.
+
+    Past the last measured density the last segment's slope is extended (a crossover above 1
+    means gated wins at every density).
+    """
+    points = list(zip(densities, gated_times))
+    if gated_times[0] >= dense_time:
+        return 0.0
+    for (d0, t0), (d1, t1) in zip(points, points[1:]):
+        if t1 >= dense_time:
+            return float(d0 + (d1 - d0) * (dense_time - t0) / (t1 - t0))
+    (d0, t0), (d1, t1) = points[-2], points[-1]
+    slope = max((t1 - t0) / (d1 - d0), 1e-12)
+    return float(d1 + (dense_time - t1) / slope)
+
+
+def repeated(function, calls):
+    """A tf.function running `function` `calls` times in one graph, each call on the last's input.
+
+    Timing it measures the layer, not Python's per-call dispatch of a tf.function.
+    """
+
+    @tf.function
+    def run(x):
+        def body(step, x, total):
+            y = function(x)
+            return step + 1, x + 0.0 * y[:, :1], total + y[0, 0]
+
+        return tf.while_loop(lambda step, x, total: step < calls, body, (0, x, 0.0))[2]
+
+    return run
 
 
 def median_times(functions, x, repeats=_REPEATS, calls=_CALLS_PER_REPEAT):
     """Median seconds per call of each function, timed interleaved after a warm-up."""
-    for function in functions.values():
+    looped = {name: repeated(function, calls) for name, function in functions.items()}
+    for function in looped.values():
         function(x)
     samples = {name: [] for name in functions}
     for _ in range(repeats):
-        for name, function in functions.items():
+        for name, function in looped.items():
             start = time.perf_counter()
-            for _ in range(calls):
-                result = function(x)
-            np.asarray(result)
+            function(x).numpy()
             samples[name].append((time.perf_counter() - start) / calls)
     return {name: float(np.median(values)) for name, values in samples.items()}
 

@@ -15,6 +15,20 @@ def test_crossover_interpolates_in_log_batch(batch):
     assert float(as_tensor) == pytest.approx(expected, rel=1e-5)
 
 
+def test_crossover_of_measured_curve():
+    densities, times = (0.0, 0.1, 0.5, 1.0), (1.0, 2.0, 4.0, 5.0)
+    assert dispatch.crossover(densities, times, 3.0) == pytest.approx(0.3)
+    assert dispatch.crossover(densities, times, 0.5) == 0.0
+    assert dispatch.crossover(densities, times, 7.0) == pytest.approx(1.2)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.2, 0.5, 1.0])
+def test_margin_for_density_selects_that_fraction(rng, density):
+    z_hat = rng.standard_normal((10, 100))
+    margin = dispatch.margin_for_density(z_hat, density)
+    assert np.mean(z_hat > -margin) == pytest.approx(density, abs=0.011)
+
+
 def test_crossovers_are_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path))
     first = dispatch.crossover_densities(12, 10, 2)

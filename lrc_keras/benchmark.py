@@ -1,0 +1,131 @@
+"""python -m lrc_keras.benchmark: gated inference against keras.layers.Dense with the same weights.
+
+For each layer shape, batch size and predicted density ρ (set exactly through the margin), it
+times Dense and LowRankGatedDense inference inside tf.function (many calls per graph, the two
+interleaved, median of repeats), and prints and saves the ratio next to the cost model's limit
+d·n / (r·(d + n) + ρ·d·n). With --npz (MNIST digits), it also trains a 784-1000-1000-10 gated
+network with an L1 activity penalty and benchmarks its two hidden layers on their real inputs.
+"""
+
+import argparse
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from lrc_keras import LowRankGatedDense, ops
+from lrc_keras.dispatch import margin_for_density, median_times
+from lrc_keras.estimators import estimate
+
+SHAPES = ((784, 1000, 20), (1000, 1000, 20), (3072, 4000, 50))
+BATCHES = (1, 16, 256)
+DENSITIES = (0.05, 0.1, 0.25, 0.5)
+
+
+def cost_model_speedup(input_dim, units, rank, density):
+    return input_dim * units / (rank * (input_dim + units) + density * input_dim * units)
+
+
+def time_pair(dense, gated, x, repeats, calls):
+    gated(x)  # the first call records the observed density that the dispatch reads
+    times = median_times({"dense": dense, "gated": gated}, tf.constant(x), repeats, calls)
+    return times["dense"], times["gated"]
+
+
+def benchmark_layer(dense, gated, x, density, label, repeats, calls):
+    """One table row: density None keeps the layer's own margin (a trained layer)."""
+    if density is not None:
+        z_hat = estimate(x, gated.estimator_u, gated.estimator_v, gated.bias).numpy()
+        gated.margin = margin_for_density(z_hat, density)
+    dense_time, gated_time = time_pair(dense, gated, x, repeats, calls)
+    observed = float(gated.observed_density.numpy())
+    input_dim, units = gated.kernel.shape[1], gated.units
+    return {
+        "layer": label,
+        "batch": int(x.shape[0]),
+        "density": round(observed, 4),
+        "dense_us": dense_time * 1e6,
+        "gated_us": gated_time * 1e6,
+        "speedup": dense_time / gated_time,
+        "cost_model_limit": cost_model_speedup(input_dim, units, gated.rank, observed),
+    }
+
+
+def synthetic_rows(rng, repeats, calls):
+    rows = []
+    for input_dim, units, rank in SHAPES:
+        dense = keras.layers.Dense(units, activation="relu")
+        dense.build((None, input_dim))
+        gated = LowRankGatedDense.from_dense(dense, rank)
+        for batch in BATCHES:
+            x = rng.standard_normal((batch, input_dim)).astype(np.float32)
+            for density in DENSITIES:
+                label = f"{input_dim}->{units} r={rank}"
+                rows.append(benchmark_layer(dense, gated, x, density, label, repeats, calls))
+                print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def trained_rows(npz, rng, repeats, calls, l1=1e-4, epochs=5):
+    data = np.load(npz)
+    x = data["x"].reshape(len(data["x"]), -1).astype(np.float32) / 255.0
+    model = keras.Sequential(
+        [keras.Input((784,))]
+        + [LowRankGatedDense(1000, rank=20, activity_regularizer=keras.regularizers.L1(l1)) for _ in range(2)]
+        + [keras.layers.Dense(10)]
+    )
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, data["y"], batch_size=128, epochs=epochs, verbose=0)
+    rows = []
+    inputs = x
+    for layer in model.layers[:2]:
+        dense = keras.layers.Dense(layer.units, activation="relu")
+        dense.build((None, inputs.shape[1]))
+        dense.set_weights([layer.kernel.numpy().T, layer.bias.numpy()])
+        for batch in BATCHES:
+            batch_x = inputs[rng.choice(len(inputs), batch, replace=False)]
+            label = f"trained {inputs.shape[1]}->{layer.units} r={layer.rank} (L1 {l1})"
+            rows.append(benchmark_layer(dense, layer, batch_x, None, label, repeats, calls))
+            print(format_row(rows[-1]), flush=True)
+        inputs = layer(inputs).numpy()
+    return rows
+
+
+def format_row(row):
+    return (
+        f"| {row['layer']} | {row['batch']} | {row['density']:.3f} | {row['dense_us']:.0f} | "
+        f"{row['gated_us']:.0f} | {row['speedup']:.2f}x | {row['cost_model_limit']:.2f}x |"
+    )
+
+
+HEADER = (
+    "| layer | batch | predicted density | Dense µs | gated µs | speedup | cost-model limit |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    default_npz = os.path.join("..", "shared", "data", "mnist_dev_4k.npz")
+    parser.add_argument("--npz", default=default_npz if os.path.exists(default_npz) else None,
+                        help="MNIST arrays (x uint8 [N, 28, 28], y [N]) for the trained-layer rows")
+    parser.add_argument("--out", default="benchmark.json", help="where to save the table as JSON")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--calls", type=int, default=20, help="calls per timed graph")
+    args = parser.parse_args(argv)
+    if not ops.is_compiled():
+        parser.error("the compiled op is not loaded; the benchmark would only time the pure-TF path")
+    rng = np.random.default_rng(0)
+    print(HEADER)
+    rows = synthetic_rows(rng, args.repeats, args.calls)
+    if args.npz:
+        rows += trained_rows(args.npz, rng, args.repeats, args.calls)
+    with open(args.out, "w") as f:
+        json.dump({"tensorflow": tf.__version__, "cpus": os.cpu_count(), "rows": rows}, f, indent=1)
+    print(f"saved {args.out}; lowest speedup {min(r['speedup'] for r in rows):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
