@@ -19,7 +19,7 @@ def test_crossover_of_measured_curve():
     densities, times = (0.0, 0.1, 0.5, 1.0), (1.0, 2.0, 4.0, 5.0)
     assert dispatch.crossover(densities, times, 3.0) == pytest.approx(0.3)
     assert dispatch.crossover(densities, times, 0.5) == 0.0
-    assert dispatch.crossover(densities, times, 7.0) == pytest.approx(1.2)
+    assert dispatch.crossover(densities, times, 7.0) == pytest.approx(2.0)  # slope 2 past 1.0
 
 
 @pytest.mark.parametrize("density", [0.0, 0.2, 0.5, 1.0])
