@@ -1,20 +1,24 @@
 // The contract of the LrcGatedDense op, shared by the CPU and GPU kernels.
 //
 // The estimate z_hat = (x·U)·V + b is two thin dense GEMMs, r·(d + n) multiply-adds a row; the
-// Python wrapper (lrc_keras/ops.py) computes it with TensorFlow's own matmul, which is tuned
-// for every ISA, and hands it to this op, which does the part no library does: computing only
-// the selected units.
+// Python wrapper (lrc_keras/ops.py) computes the product p = (x·U)·V with TensorFlow's own
+// matmul, which is tuned for every ISA, and hands it to the ops below, which add the bias.
 //
-// Layout (row-major, float32; the Keras layer stores its weights this way):
+// LrcGatedDense: the part no library does, computing only the selected units.
 //   x        [batch, input_dim]
 //   kernel   [units, input_dim]   unit j's weights W_j are one contiguous row
 //   bias     [units]
-//   z_hat    [batch, units]       the estimate, bias included
+//   product  [batch, units]       (x·U)·V, without the bias
 //   y        [batch, units]
-// For every row i and unit j:
+// For every row i and unit j, with z_hat[i, j] = product[i, j] + bias_j:
 //   y[i, j] = relu(x_i · W_j + bias_j)  if UnitIsComputed(z_hat[i, j], margin)
 //           = 0                         otherwise, and x_i · W_j is never computed.
 //   active_fraction = (number of computed (i, j)) / (batch * units), 0 when empty.
+//
+// LrcMaskedRelu: the same y from a dense x·W (for batches where a GEMM is faster), in one pass.
+//   z        [batch, units]       x·W, without the bias
+//   product, bias, margin, y, active_fraction as above.
+// All arrays are row-major float32.
 #ifndef LRC_KERAS_CUSTOM_OPS_GATED_DENSE_H_
 #define LRC_KERAS_CUSTOM_OPS_GATED_DENSE_H_
 
@@ -43,7 +47,7 @@ struct GatedDenseArgs {
   const float* x;
   const float* kernel;
   const float* bias;
-  const float* z_hat;
+  const float* product;
   float margin;
   float* y;
   float* active_fraction;  // one float, in the device's memory
@@ -57,6 +61,17 @@ LRC_HOST_DEVICE inline bool UnitIsComputed(float z_hat, float margin) {
 // relu that keeps NaN (a plain max(z, 0) would turn it into 0 or not, by compiler).
 LRC_HOST_DEVICE inline float ReluKeepNan(float z) { return z > 0.f || z != z ? z : 0.f; }
 
+struct MaskedReluArgs {
+  int64_t batch;
+  int64_t units;
+  const float* z;
+  const float* product;
+  const float* bias;
+  float margin;
+  float* y;
+  float* active_fraction;  // one float, in the device's memory
+};
+
 // Specialised for Eigen::ThreadPoolDevice in gated_dense_cpu.cc and Eigen::GpuDevice in
 // gated_dense_gpu.cu.cc. Shapes are validated by the OpKernel before the call.
 template <typename Device>
@@ -64,13 +79,24 @@ struct GatedDenseFunctor {
   void operator()(tensorflow::OpKernelContext* ctx, const GatedDenseArgs& args);
 };
 
+template <typename Device>
+struct MaskedReluFunctor {
+  void operator()(tensorflow::OpKernelContext* ctx, const MaskedReluArgs& args);
+};
+
 template <>
 void GatedDenseFunctor<Eigen::ThreadPoolDevice>::operator()(tensorflow::OpKernelContext* ctx,
                                                              const GatedDenseArgs& args);
+template <>
+void MaskedReluFunctor<Eigen::ThreadPoolDevice>::operator()(tensorflow::OpKernelContext* ctx,
+                                                             const MaskedReluArgs& args);
 #if GOOGLE_CUDA
 template <>
 void GatedDenseFunctor<Eigen::GpuDevice>::operator()(tensorflow::OpKernelContext* ctx,
                                                       const GatedDenseArgs& args);
+template <>
+void MaskedReluFunctor<Eigen::GpuDevice>::operator()(tensorflow::OpKernelContext* ctx,
+                                                      const MaskedReluArgs& args);
 #endif
 
 }  // namespace lrc

@@ -1,7 +1,9 @@
-// LrcGatedDense: op registration, shape function, and the OpKernel that validates its inputs
-// and hands them to the device's GatedDenseFunctor (see gated_dense.h for the contract).
+// LrcGatedDense and LrcMaskedRelu: op registration, shape functions, and the OpKernels that
+// validate their inputs and hand them to the device's functors (gated_dense.h is the contract).
 #define EIGEN_USE_THREADS
 #include "gated_dense.h"
+
+#include <string>
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -18,36 +20,65 @@ using ::tensorflow::shape_inference::DimensionHandle;
 using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
 
+namespace {
+
+// Both ops end with a bias [units], a [batch, units] estimate product and a scalar margin,
+// and return y [batch, units] and a scalar.
+absl::Status GatedOutputShapes(InferenceContext* c, DimensionHandle batch, DimensionHandle units,
+                               int bias_index) {
+  ShapeHandle bias, product, margin;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(bias_index), 1, &bias));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(bias_index + 1), 2, &product));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(bias_index + 2), 0, &margin));
+  TF_RETURN_IF_ERROR(c->Merge(units, c->Dim(bias, 0), &units));
+  TF_RETURN_IF_ERROR(c->Merge(units, c->Dim(product, 1), &units));
+  TF_RETURN_IF_ERROR(c->Merge(batch, c->Dim(product, 0), &batch));
+  c->set_output(0, c->Matrix(batch, units));
+  c->set_output(1, c->Scalar());
+  return absl::OkStatus();
+}
+
+std::string Shapes(OpKernelContext* ctx, std::initializer_list<const char*> names) {
+  std::string text = " (";
+  int index = 0;
+  for (const char* name : names) {
+    absl::StrAppend(&text, index ? ", " : "", name, " ", ctx->input(index).shape().DebugString());
+    ++index;
+  }
+  return text + ")";
+}
+
+}  // namespace
+
 REGISTER_OP("LrcGatedDense")
     .Input("x: float")
     .Input("kernel: float")
     .Input("bias: float")
-    .Input("z_hat: float")
+    .Input("product: float")
     .Input("margin: float")
     .Output("y: float")
     .Output("active_fraction: float")
     .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle x, kernel, bias, z_hat, margin;
+      ShapeHandle x, kernel;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &kernel));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &bias));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 2, &z_hat));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 0, &margin));
-      DimensionHandle input_dim, units, batch;
+      DimensionHandle input_dim;
       TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 1), c->Dim(kernel, 1), &input_dim));
-      TF_RETURN_IF_ERROR(c->Merge(c->Dim(kernel, 0), c->Dim(bias, 0), &units));
-      TF_RETURN_IF_ERROR(c->Merge(units, c->Dim(z_hat, 1), &units));
-      TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 0), c->Dim(z_hat, 0), &batch));
-      c->set_output(0, c->Matrix(batch, units));
-      c->set_output(1, c->Scalar());
-      return absl::OkStatus();
+      return GatedOutputShapes(c, c->Dim(x, 0), c->Dim(kernel, 0), 2);
     });
 
-namespace {
-
-std::string ShapeString(const Tensor& t) { return t.shape().DebugString(); }
-
-}  // namespace
+REGISTER_OP("LrcMaskedRelu")
+    .Input("z: float")
+    .Input("bias: float")
+    .Input("product: float")
+    .Input("margin: float")
+    .Output("y: float")
+    .Output("active_fraction: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle z;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &z));
+      return GatedOutputShapes(c, c->Dim(z, 0), c->Dim(z, 1), 1);
+    });
 
 template <typename Device>
 class GatedDenseOp : public OpKernel {
@@ -58,30 +89,27 @@ class GatedDenseOp : public OpKernel {
     const Tensor& x = ctx->input(0);
     const Tensor& kernel = ctx->input(1);
     const Tensor& bias = ctx->input(2);
-    const Tensor& z_hat = ctx->input(3);
+    const Tensor& product = ctx->input(3);
     const Tensor& margin = ctx->input(4);
-    const std::string shapes = absl::StrCat(
-        " (x ", ShapeString(x), ", kernel ", ShapeString(kernel), ", bias ", ShapeString(bias),
-        ", z_hat ", ShapeString(z_hat), ", margin ", ShapeString(margin), ")");
     OP_REQUIRES(ctx,
-                x.dims() == 2 && kernel.dims() == 2 && bias.dims() == 1 && z_hat.dims() == 2 &&
+                x.dims() == 2 && kernel.dims() == 2 && bias.dims() == 1 && product.dims() == 2 &&
                     margin.dims() == 0,
                 absl::InvalidArgumentError(absl::StrCat(
                     "LrcGatedDense expects x [batch, input_dim], kernel [units, input_dim], "
-                    "bias [units], z_hat [batch, units] and a scalar margin; got",
-                    shapes)));
+                    "bias [units], product [batch, units] and a scalar margin; got",
+                    Shapes(ctx, {"x", "kernel", "bias", "product", "margin"}))));
     GatedDenseArgs args;
     args.batch = x.dim_size(0);
     args.input_dim = x.dim_size(1);
     args.units = kernel.dim_size(0);
     OP_REQUIRES(ctx,
                 kernel.dim_size(1) == args.input_dim && bias.dim_size(0) == args.units &&
-                    z_hat.dim_size(0) == args.batch && z_hat.dim_size(1) == args.units,
+                    product.dim_size(0) == args.batch && product.dim_size(1) == args.units,
                 absl::InvalidArgumentError(absl::StrCat(
                     "LrcGatedDense: mismatched dimensions: input_dim must agree between x[1] and "
-                    "kernel[1], units between kernel[0], bias[0] and z_hat[1], batch between "
-                    "x[0] and z_hat[0]; got",
-                    shapes)));
+                    "kernel[1], units between kernel[0], bias[0] and product[1], batch between "
+                    "x[0] and product[0]; got",
+                    Shapes(ctx, {"x", "kernel", "bias", "product", "margin"}))));
     Tensor* y = nullptr;
     Tensor* active_fraction = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({args.batch, args.units}), &y));
@@ -89,22 +117,60 @@ class GatedDenseOp : public OpKernel {
     args.x = x.flat<float>().data();
     args.kernel = kernel.flat<float>().data();
     args.bias = bias.flat<float>().data();
-    args.z_hat = z_hat.flat<float>().data();
-    // The margin is a host scalar on every device (HostMemory below).
-    args.margin = margin.scalar<float>()();
+    args.product = product.flat<float>().data();
+    args.margin = margin.scalar<float>()();  // host memory on every device
     args.y = y->flat<float>().data();
     args.active_fraction = active_fraction->flat<float>().data();
     GatedDenseFunctor<Device>()(ctx, args);
   }
 };
 
+template <typename Device>
+class MaskedReluOp : public OpKernel {
+ public:
+  explicit MaskedReluOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& z = ctx->input(0);
+    const Tensor& bias = ctx->input(1);
+    const Tensor& product = ctx->input(2);
+    const Tensor& margin = ctx->input(3);
+    OP_REQUIRES(ctx,
+                z.dims() == 2 && bias.dims() == 1 && product.shape() == z.shape() &&
+                    bias.dim_size(0) == z.dim_size(1) && margin.dims() == 0,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "LrcMaskedRelu expects z [batch, units], bias [units], product of z's "
+                    "shape and a scalar margin; got",
+                    Shapes(ctx, {"z", "bias", "product", "margin"}))));
+    MaskedReluArgs args;
+    args.batch = z.dim_size(0);
+    args.units = z.dim_size(1);
+    Tensor* y = nullptr;
+    Tensor* active_fraction = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, z.shape(), &y));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({}), &active_fraction));
+    args.z = z.flat<float>().data();
+    args.bias = bias.flat<float>().data();
+    args.product = product.flat<float>().data();
+    args.margin = margin.scalar<float>()();
+    args.y = y->flat<float>().data();
+    args.active_fraction = active_fraction->flat<float>().data();
+    MaskedReluFunctor<Device>()(ctx, args);
+  }
+};
+
 REGISTER_KERNEL_BUILDER(Name("LrcGatedDense").Device(::tensorflow::DEVICE_CPU),
                         GatedDenseOp<Eigen::ThreadPoolDevice>);
+REGISTER_KERNEL_BUILDER(Name("LrcMaskedRelu").Device(::tensorflow::DEVICE_CPU),
+                        MaskedReluOp<Eigen::ThreadPoolDevice>);
 
 #if GOOGLE_CUDA
 REGISTER_KERNEL_BUILDER(
     Name("LrcGatedDense").Device(::tensorflow::DEVICE_GPU).HostMemory("margin"),
     GatedDenseOp<Eigen::GpuDevice>);
+REGISTER_KERNEL_BUILDER(
+    Name("LrcMaskedRelu").Device(::tensorflow::DEVICE_GPU).HostMemory("margin"),
+    MaskedReluOp<Eigen::GpuDevice>);
 #endif
 
 }  // namespace lrc

@@ -70,7 +70,7 @@ def _measure(input_dim, units, rank):
         x = tf.constant(rng.standard_normal((batch, input_dim), np.float32))
         z_hat = estimate(x, estimator_u, estimator_v, bias).numpy()
         paths = {
-            "dense": lambda x: ops.dense_then_mask_with_density(
+            "dense": lambda x: ops.gemm_then_mask_with_density(
                 x, kernel, bias, estimator_u, estimator_v, 0.0
             )[0]
         }

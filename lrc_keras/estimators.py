@@ -25,9 +25,14 @@ def truncated_svd_factors(kernel, rank):
     return right[:, :rank] * root, left[:, :rank] * root, s
 
 
+def low_rank_product(x, estimator_u, estimator_v):
+    """(x·U)·V for 2-D x: two thin GEMMs, r·(d + n) multiply-adds per row."""
+    return tf.matmul(tf.matmul(x, estimator_u), estimator_v, transpose_b=True)
+
+
 def estimate(x, estimator_u, estimator_v, bias):
-    """ẑ = (x·U)·V + b for 2-D x: two thin GEMMs, r·(d + n) multiply-adds per row."""
-    z_hat = tf.matmul(tf.matmul(x, estimator_u), estimator_v, transpose_b=True)
+    """ẑ = (x·U)·V + b for 2-D x."""
+    z_hat = low_rank_product(x, estimator_u, estimator_v)
     return z_hat if bias is None else z_hat + bias
 
 

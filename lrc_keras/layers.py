@@ -347,12 +347,12 @@ class LowRankGatedDense(keras.layers.Layer):
         if path == "gated":
             y, density = ops.gated_dense_with_density(*args)
         elif path == "dense":
-            y, density = ops.dense_then_mask_with_density(*args)
+            y, density = ops.gemm_then_mask_with_density(*args)
         elif path == "auto":
             y, density = tf.cond(
                 self.observed_density <= crossover,
                 lambda: ops.gated_dense_with_density(*args),
-                lambda: ops.dense_then_mask_with_density(*args),
+                lambda: ops.gemm_then_mask_with_density(*args),
             )
         else:
             raise ValueError(

@@ -17,6 +17,7 @@ import warnings
 import tensorflow as tf
 
 from lrc_keras.estimators import estimate
+from lrc_keras.estimators import low_rank_product
 
 LIBRARY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lrc_ops.so")
 BUILD_INFO_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lrc_ops.json")
@@ -105,23 +106,45 @@ def gated_dense_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
     """`(y, active_fraction)`: gated_dense and the fraction of (row, unit) pairs computed."""
     if _library is None or x.dtype != tf.float32:
         return dense_then_mask_with_density(x, kernel, bias, estimator_u, estimator_v, margin)
-    if bias is None:
-        bias = tf.zeros([tf.shape(kernel)[0]], x.dtype)
     # The estimate is two thin GEMMs: TensorFlow's matmul does them best on every ISA.
-    z_hat = estimate(x, estimator_u, estimator_v, bias)
+    product = low_rank_product(x, estimator_u, estimator_v)
     y, active_fraction = _library.lrc_gated_dense(
-        x, kernel, bias, z_hat, tf.convert_to_tensor(margin, x.dtype)
+        x, kernel, _bias_or_zeros(bias, kernel, x.dtype), product, _margin(margin, x.dtype)
     )
     return y, active_fraction
 
 
+def gemm_then_mask_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
+    """`(y, active_fraction)` from TF's dense GEMM and one fused masking pass (compiled)."""
+    if _library is None or x.dtype != tf.float32:
+        return dense_then_mask_with_density(x, kernel, bias, estimator_u, estimator_v, margin)
+    y, active_fraction = _library.lrc_masked_relu(
+        tf.matmul(x, kernel, transpose_b=True),
+        _bias_or_zeros(bias, kernel, x.dtype),
+        low_rank_product(x, estimator_u, estimator_v),
+        _margin(margin, x.dtype),
+    )
+    return y, active_fraction
+
+
+def _bias_or_zeros(bias, kernel, dtype):
+    return tf.zeros([tf.shape(kernel)[0]], dtype) if bias is None else bias
+
+
+def _margin(margin, dtype):
+    return tf.convert_to_tensor(margin, dtype)
+
+
 if _library is not None:
+
+    def _through_computed_units(op, grad):
+        """dL/dz: the gradient of the units that were computed and positive; the mask is a constant."""
+        return tf.where(op.outputs[0] > 0, grad, tf.zeros_like(grad))
 
     @tf.RegisterGradient("LrcGatedDense")
     def _gated_dense_grad(op, grad, _):
-        """Through computed, positive units only; the mask (U, V, margin) is a constant."""
         x, kernel = op.inputs[0], op.inputs[1]
-        grad_z = tf.where(op.outputs[0] > 0, grad, tf.zeros_like(grad))
+        grad_z = _through_computed_units(op, grad)
         return (
             tf.matmul(grad_z, kernel),
             tf.matmul(grad_z, x, transpose_a=True),
@@ -129,3 +152,8 @@ if _library is not None:
             None,
             None,
         )
+
+    @tf.RegisterGradient("LrcMaskedRelu")
+    def _masked_relu_grad(op, grad, _):
+        grad_z = _through_computed_units(op, grad)
+        return grad_z, tf.reduce_sum(grad_z, axis=0), None, None

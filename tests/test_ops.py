@@ -19,22 +19,29 @@ def test_compiled_op_is_loaded():
     assert os.path.isfile(ops.library_path())
 
 
-def run_both(x, kernel, bias, estimator_u, estimator_v, margin):
-    compiled, fraction = ops.gated_dense_with_density(x, kernel, bias, estimator_u, estimator_v, margin)
+COMPILED_PATHS = {
+    "gated": ops.gated_dense_with_density,  # LrcGatedDense
+    "gemm": ops.gemm_then_mask_with_density,  # TF's GEMM, then LrcMaskedRelu
+}
+
+
+def run_both(x, kernel, bias, estimator_u, estimator_v, margin, path="gated"):
+    compiled, fraction = COMPILED_PATHS[path](x, kernel, bias, estimator_u, estimator_v, margin)
     reference = ops.gated_dense_reference(x, kernel, bias, estimator_u, estimator_v, margin)
     return compiled.numpy(), float(fraction), reference.numpy()
 
 
+@pytest.mark.parametrize("path", sorted(COMPILED_PATHS))
 @pytest.mark.parametrize("batch", [0, 1, 2, 33])
 @pytest.mark.parametrize(
     "input_dim, units, rank", [(1, 7, 1), (37, 1, 1), (19, 23, 5), (40, 24, 24), (131, 70, 9)]
 )
 @pytest.mark.parametrize("margin", [-0.5, 0.0, 0.4])
-def test_op_matches_numpy_and_reference(rng, batch, input_dim, units, rank, margin):
+def test_op_matches_numpy_and_reference(rng, path, batch, input_dim, units, rank, margin):
     rank = min(rank, input_dim, units)
     weights = random_weights(rng, input_dim, units, rank)
     x = rng.standard_normal((batch, input_dim)).astype(np.float32)
-    compiled, fraction, reference = run_both(x, *weights, margin)
+    compiled, fraction, reference = run_both(x, *weights, margin, path)
     expected, mask, z_hat, _ = numpy_gated_dense(x, *weights, margin)
     assert compiled.shape == (batch, units)
     keep = away_from_boundary(z_hat, margin)
@@ -48,11 +55,12 @@ def test_op_matches_numpy_and_reference(rng, batch, input_dim, units, rank, marg
         assert fraction == 0.0
 
 
-@pytest.mark.parametrize("margin, expected_fraction", [(-1e30, 0.0), (1e30, 1.0)])
-def test_all_or_no_units_masked(rng, margin, expected_fraction):
+@pytest.mark.parametrize("path", sorted(COMPILED_PATHS))
+@pytest.mark.parametrize("margin, expected_fraction", [(-np.inf, 0.0), (np.inf, 1.0)])
+def test_all_or_no_units_masked(rng, path, margin, expected_fraction):
     weights = random_weights(rng, 50, 60, 4)
     x = rng.standard_normal((9, 50)).astype(np.float32)
-    compiled, fraction, _ = run_both(x, *weights, margin)
+    compiled, fraction, _ = run_both(x, *weights, margin, path)
     assert fraction == expected_fraction
     dense = np.maximum(x.astype(np.float64) @ weights[0].T.astype(np.float64) + weights[1], 0)
     np.testing.assert_allclose(compiled, dense * expected_fraction, rtol=1e-5, atol=1e-5)
@@ -68,8 +76,8 @@ def test_layer_inference_uses_op_for_3d_inputs(rng):
     np.testing.assert_allclose(y.reshape(6, 30)[keep], expected[keep], rtol=1e-5, atol=1e-5)
 
 
-def compiled_op(x, kernel, bias, z_hat, margin):
-    return ops._library.lrc_gated_dense(x, kernel, bias, z_hat, margin)
+def compiled_op(x, kernel, bias, product, margin):
+    return ops._library.lrc_gated_dense(x, kernel, bias, product, margin)
 
 
 @pytest.mark.parametrize(
@@ -79,8 +87,8 @@ def compiled_op(x, kernel, bias, z_hat, margin):
         (((4, 5, 1), (6, 5), (6,), (4, 6), ()), "must be rank 2|expects x"),
         (((4, 5), (6, 7), (6,), (4, 6), ()), r"5 and 7|x \[4,5\], kernel \[6,7\]"),
         (((4, 5), (6, 5), (3,), (4, 6), ()), r"6 and 3|bias \[3\]"),
-        (((4, 5), (6, 5), (6,), (4, 2), ()), r"6 and 2|z_hat \[4,2\]"),
-        (((4, 5), (6, 5), (6,), (3, 6), ()), r"4 and 3|z_hat \[3,6\]"),
+        (((4, 5), (6, 5), (6,), (4, 2), ()), r"6 and 2|product \[4,2\]"),
+        (((4, 5), (6, 5), (6,), (3, 6), ()), r"4 and 3|product \[3,6\]"),
         (((4, 5), (6, 5), (6,), (4, 6), (1,)), "must be rank 0|scalar margin"),
     ],
 )
@@ -94,6 +102,30 @@ def test_op_rejects_bad_shapes(shapes, message):
         compiled_op(*arrays)
     unknown = tf.function(
         compiled_op, input_signature=[tf.TensorSpec(None, tf.float32)] * 5
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        unknown(*arrays)
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        (((4, 6), (6,), (4, 6), ()), None),
+        (((4, 6, 1), (6,), (4, 6), ()), "must be rank 2|expects z"),
+        (((4, 6), (5,), (4, 6), ()), r"6 and 5|bias \[5\]"),
+        (((4, 6), (6,), (4, 7), ()), r"6 and 7|product \[4,7\]"),
+        (((4, 6), (6,), (4, 6), (2,)), "must be rank 0|scalar margin"),
+    ],
+)
+def test_masked_relu_op_rejects_bad_shapes(shapes, message):
+    arrays = [np.zeros(shape, np.float32) for shape in shapes]
+    if message is None:
+        assert ops._library.lrc_masked_relu(*arrays)[0].shape == (4, 6)
+        return
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        ops._library.lrc_masked_relu(*arrays)
+    unknown = tf.function(
+        ops._library.lrc_masked_relu, input_signature=[tf.TensorSpec(None, tf.float32)] * 4
     )
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         unknown(*arrays)
@@ -135,15 +167,16 @@ def test_a_row_does_not_depend_on_its_batch(rng):
         np.testing.assert_array_equal(ops.gated_dense(x[i : i + 1], *weights, 0.0).numpy()[0], whole[i])
 
 
-def test_gradient_matches_finite_differences(rng):
+@pytest.mark.parametrize("path", sorted(COMPILED_PATHS))
+def test_gradient_matches_finite_differences(rng, path):
     kernel, bias, estimator_u, estimator_v = random_weights(rng, 6, 5, 2)
     x = rng.standard_normal((3, 6)).astype(np.float64)
 
     def through_op(x, kernel, bias):
-        return ops.gated_dense(
+        return COMPILED_PATHS[path](
             tf.cast(x, tf.float32), tf.cast(kernel, tf.float32), tf.cast(bias, tf.float32),
             estimator_u, estimator_v, 0.0,
-        )
+        )[0]
 
     theoretical, numerical = tf.test.compute_gradient(
         through_op, [x, kernel.astype(np.float64), bias.astype(np.float64)], delta=1e-3
@@ -155,7 +188,7 @@ def test_gradient_matches_finite_differences(rng):
     xt = tf.constant(x, tf.float32)
     with tf.GradientTape() as tape:
         tape.watch(xt)
-        total = tf.reduce_sum(ops.gated_dense(xt, kernel, bias, estimator_u, estimator_v, 0.0))
+        total = tf.reduce_sum(COMPILED_PATHS[path](xt, kernel, bias, estimator_u, estimator_v, 0.0)[0])
     np.testing.assert_allclose(
         tape.gradient(total, xt).numpy(), np.where(mask & (z > 0), 1.0, 0.0) @ kernel, rtol=1e-5, atol=1e-6
     )
