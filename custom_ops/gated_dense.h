@@ -15,8 +15,9 @@
 //           = 0                         otherwise, and x_i · W_j is never computed.
 //   active_fraction = (number of computed (i, j)) / (batch * units), 0 when empty.
 //
-// LrcMaskedRelu: the same y from a dense x·W (for batches where a GEMM is faster), in one pass.
-//   z        [batch, units]       x·W, without the bias
+// LrcMaskedRelu: the same y from a dense GEMM (for batches where that is faster), in one pass.
+//   z_t      [units, batch]       (x·W)^T = kernel·x^T without the bias: the GEMM form that keeps
+//                                 the stored kernel an untransposed operand, which TF runs fastest
 //   product, bias, margin, y, active_fraction as above.
 // All arrays are row-major float32.
 #ifndef LRC_KERAS_CUSTOM_OPS_GATED_DENSE_H_
@@ -64,7 +65,7 @@ LRC_HOST_DEVICE inline float ReluKeepNan(float z) { return z > 0.f || z != z ? z
 struct MaskedReluArgs {
   int64_t batch;
   int64_t units;
-  const float* z;
+  const float* z_t;
   const float* product;
   const float* bias;
   float margin;

@@ -19,6 +19,7 @@ namespace lrc {
 namespace {
 
 constexpr int kRowBlock = 4;
+constexpr int64_t kTile = 16;
 
 using DotRowsFn = void (*)(const float* w, const float* const* rows, int64_t n, float* out);
 
@@ -156,14 +157,20 @@ void MaskedReluFunctor<Eigen::ThreadPoolDevice>::operator()(tensorflow::OpKernel
   if (a.batch == 0 || a.units == 0) return;
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
   std::atomic<int64_t> computed{0};
-  workers->ParallelFor(a.batch, 4 * a.units, [&](int64_t begin, int64_t end) {
+  // Rows in tiles of kTile so that the transposed reads of z_t stay within a few cache lines.
+  const int64_t tiles = (a.batch + kTile - 1) / kTile;
+  workers->ParallelFor(tiles, 4 * kTile * a.units, [&](int64_t first_tile, int64_t end_tile) {
     int64_t count = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t j = 0; j < a.units; ++j) {
-        const int64_t k = i * a.units + j;
-        const bool selected = UnitIsComputed(a.product[k] + a.bias[j], a.margin);
-        a.y[k] = selected ? ReluKeepNan(a.z[k] + a.bias[j]) : 0.f;
-        count += selected;
+    const int64_t row_end = std::min(end_tile * kTile, a.batch);
+    for (int64_t j0 = 0; j0 < a.units; j0 += kTile) {
+      const int64_t unit_end = std::min(j0 + kTile, a.units);
+      for (int64_t i = first_tile * kTile; i < row_end; ++i) {
+        for (int64_t j = j0; j < unit_end; ++j) {
+          const int64_t k = i * a.units + j;
+          const bool selected = UnitIsComputed(a.product[k] + a.bias[j], a.margin);
+          a.y[k] = selected ? ReluKeepNan(a.z_t[j * a.batch + i] + a.bias[j]) : 0.f;
+          count += selected;
+        }
       }
     }
     computed += count;

@@ -110,11 +110,12 @@ def test_op_rejects_bad_shapes(shapes, message):
 @pytest.mark.parametrize(
     "shapes, message",
     [
-        (((4, 6), (6,), (4, 6), ()), None),
-        (((4, 6, 1), (6,), (4, 6), ()), "must be rank 2|expects z"),
-        (((4, 6), (5,), (4, 6), ()), r"6 and 5|bias \[5\]"),
-        (((4, 6), (6,), (4, 7), ()), r"6 and 7|product \[4,7\]"),
-        (((4, 6), (6,), (4, 6), (2,)), "must be rank 0|scalar margin"),
+        (((6, 4), (6,), (4, 6), ()), None),
+        (((6, 4, 1), (6,), (4, 6), ()), "must be rank 2|expects z_t"),
+        (((6, 4), (5,), (4, 6), ()), r"6 and 5|bias \[5\]"),
+        (((6, 4), (6,), (4, 7), ()), r"6 and 7|product \[4,7\]"),
+        (((6, 4), (6,), (3, 6), ()), r"4 and 3|product \[3,6\]"),
+        (((6, 4), (6,), (4, 6), (2,)), "must be rank 0|scalar margin"),
     ],
 )
 def test_masked_relu_op_rejects_bad_shapes(shapes, message):
