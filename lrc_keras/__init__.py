@@ -1,8 +1,9 @@
 """lrc-keras: low-rank conditional computation for ReLU networks in Keras 3."""
 
-from lrc_keras.layers import LowRankGatedDense
-from lrc_keras.audit import set_audit
 from lrc_keras import callbacks
 from lrc_keras import ops
+from lrc_keras.audit import measure_gates
+from lrc_keras.audit import set_audit
+from lrc_keras.layers import LowRankGatedDense
 
-__all__ = ["LowRankGatedDense", "set_audit", "callbacks", "ops"]
+__all__ = ["LowRankGatedDense", "callbacks", "measure_gates", "ops", "set_audit"]

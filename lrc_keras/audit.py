@@ -1,6 +1,25 @@
-"""Measuring the gate in inference, where z is otherwise never computed."""
+"""Measuring the gate where z is otherwise never computed: evaluate/predict, and on demand."""
 
-from lrc_keras.callbacks import gated_layers
+import contextlib
+
+import numpy as np
+import tensorflow as tf
+
+from lrc_keras import ops
+from lrc_keras.estimators import estimate
+from lrc_keras.layers import LowRankGatedDense
+from lrc_keras.metrics import confusion_counts
+from lrc_keras.metrics import cost_model_speedup
+from lrc_keras.metrics import gate_statistics
+
+
+def gated_layers(model):
+    """Every LowRankGatedDense in `model`, nested models included, in order."""
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, LowRankGatedDense)
+    ]
 
 
 def set_audit(model, enabled=True):
@@ -14,3 +33,55 @@ def set_audit(model, enabled=True):
         layer.audit = bool(enabled)
     model.test_function = None
     model.predict_function = None
+
+
+@contextlib.contextmanager
+def _captured_inputs(layers):
+    """Record the 2-D input each layer sees during an eager inference call."""
+    for layer in layers:
+        layer.captured_inputs = []
+    try:
+        yield {layer.name: layer.captured_inputs for layer in layers}
+    finally:
+        for layer in layers:
+            layer.captured_inputs = None
+
+
+def measure_gates(model, x):
+    """Per gated layer, the gate's statistics on inputs `x` against the dense truth.
+
+    Returns a list of dicts, one per LowRankGatedDense in model order, with the
+    GATE_STATISTICS rates, `cost_model_speedup` (at the measured predicted
+    density), `estimate_error` (ẑ - z, flattened), `singular_values` of the
+    kernel and `energy_captured` (the share of Σσ² in the first `rank`).
+    """
+    layers = gated_layers(model)
+    if not layers:
+        raise ValueError(f"model {model.name!r} has no LowRankGatedDense layer to measure")
+    with _captured_inputs(layers) as captured:
+        model(x, training=False)
+    reports = []
+    for layer in layers:
+        if not captured[layer.name]:
+            raise ValueError(f"layer {layer.name!r} was not called when running {model.name!r} on x")
+        inputs = tf.concat(captured[layer.name], axis=0)
+        z_hat = estimate(inputs, layer.estimator_u, layer.estimator_v, layer.bias)
+        z = ops.dense_preactivation(inputs, layer.kernel, layer.bias)
+        mask = ops.gate_mask(z_hat, layer.margin)
+        counts = [float(c) for c in confusion_counts(mask, z > 0)]
+        report = {"layer": layer.name, **gate_statistics(*counts)}
+        singular_values = np.linalg.svd(layer.kernel.numpy().astype(np.float64), compute_uv=False)
+        energy = singular_values**2
+        report.update(
+            input_dim=int(inputs.shape[-1]),
+            units=layer.units,
+            rank=layer.rank,
+            cost_model_speedup=cost_model_speedup(
+                int(inputs.shape[-1]), layer.units, layer.rank, report["predicted_density"]
+            ),
+            estimate_error=(z_hat - z).numpy().ravel(),
+            singular_values=singular_values,
+            energy_captured=float(energy[: layer.rank].sum() / max(energy.sum(), 1e-30)),
+        )
+        reports.append(report)
+    return reports

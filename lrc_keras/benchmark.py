@@ -18,14 +18,11 @@ import tensorflow as tf
 from lrc_keras import LowRankGatedDense, ops
 from lrc_keras.dispatch import margin_for_density, median_times
 from lrc_keras.estimators import estimate
+from lrc_keras.metrics import cost_model_speedup
 
 SHAPES = ((784, 1000, 20), (1000, 1000, 20), (3072, 4000, 50))
 BATCHES = (1, 16, 256)
 DENSITIES = (0.05, 0.1, 0.25, 0.5)
-
-
-def cost_model_speedup(input_dim, units, rank, density):
-    return input_dim * units / (rank * (input_dim + units) + density * input_dim * units)
 
 
 def time_pair(dense, gated, x, repeats, calls):
@@ -68,7 +65,7 @@ def synthetic_rows(rng, repeats, calls):
     return rows
 
 
-def trained_rows(npz, rng, repeats, calls, l1=1e-4, epochs=5):
+def trained_rows(npz, rng, repeats, calls, l1=3e-4, epochs=5):
     data = np.load(npz)
     x = data["x"].reshape(len(data["x"]), -1).astype(np.float32) / 255.0
     model = keras.Sequential(

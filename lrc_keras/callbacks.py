@@ -1,13 +1,14 @@
 """Callbacks: SVDRefit (refit the estimators from Python) and GateSummaries (TensorBoard)."""
 
+import os
+
 import keras
+import numpy as np
+import tensorflow as tf
 
-from lrc_keras.layers import LowRankGatedDense
-
-
-def gated_layers(model):
-    """Every LowRankGatedDense in `model`, nested models included, in order."""
-    return [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, LowRankGatedDense)]
+from lrc_keras.audit import gated_layers
+from lrc_keras.audit import measure_gates
+from lrc_keras.metrics import GATE_STATISTICS
 
 
 class SVDRefit(keras.callbacks.Callback):
@@ -23,11 +24,7 @@ class SVDRefit(keras.callbacks.Callback):
 
     def __init__(self, every_n_steps=None, on_epoch_end=True):
         super().__init__()
-        if every_n_steps is not None and (
-            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
-        ):
-            raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = _check_every_n_steps(every_n_steps)
         self.refit_on_epoch_end = on_epoch_end
         self.batches_seen = 0
 
@@ -43,3 +40,61 @@ class SVDRefit(keras.callbacks.Callback):
     def _refit(self):
         for layer in gated_layers(self.model):
             layer.refit()
+
+
+class GateSummaries(keras.callbacks.Callback):
+    """TensorBoard summaries of how well each gated layer's estimator predicts activation signs.
+
+    On a fixed validation batch, for every LowRankGatedDense, it writes scalars
+    `<layer>/sign_accuracy`, `recall`, `precision`, `false_negative_rate`,
+    `predicted_density`, `true_density`, `cost_model_speedup` and
+    `energy_captured` (share of the kernel's Σσ² in the first `rank` singular
+    values), and histograms `<layer>/estimate_error` (ẑ - z) and
+    `<layer>/kernel_singular_values`, to `log_dir/gates`, at the optimizer's
+    step. Use it beside `keras.callbacks.TensorBoard(log_dir)`.
+
+    Args:
+        log_dir: The TensorBoard log directory.
+        validation_data: Inputs `x`, or a tuple `(x, y)`; the first
+            `max_rows` rows form the fixed batch.
+        every_n_steps: Positive integer or None: also write every n batches
+            (always at the end of each epoch).
+        max_rows: Size of the fixed validation batch.
+    """
+
+    def __init__(self, log_dir, validation_data, every_n_steps=None, max_rows=1024):
+        super().__init__()
+        x = validation_data[0] if isinstance(validation_data, tuple) else validation_data
+        self.x = np.asarray(x)[:max_rows]
+        if not len(self.x):
+            raise ValueError("GateSummaries needs a non-empty validation batch")
+        self.every_n_steps = _check_every_n_steps(every_n_steps)
+        self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "gates"))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_n_steps and (batch + 1) % self.every_n_steps == 0:
+            self.write()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.write()
+
+    def on_train_end(self, logs=None):
+        self.writer.flush()
+
+    def write(self):
+        step = int(self.model.optimizer.iterations.numpy())
+        with self.writer.as_default(step=step):
+            for report in measure_gates(self.model, self.x):
+                name = report["layer"]
+                for key in GATE_STATISTICS + ("cost_model_speedup", "energy_captured"):
+                    tf.summary.scalar(f"{name}/{key}", report[key])
+                tf.summary.histogram(f"{name}/estimate_error", report["estimate_error"])
+                tf.summary.histogram(f"{name}/kernel_singular_values", report["singular_values"])
+
+
+def _check_every_n_steps(every_n_steps):
+    if every_n_steps is not None and (
+        isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
+    ):
+        raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
+    return every_n_steps

@@ -118,6 +118,8 @@ def repeated(function, calls):
     Timing it measures the layer, not Python's per-call dispatch of a tf.function.
     """
 
+    function = tf.autograph.experimental.do_not_convert(function)
+
     @tf.function
     def run(x):
         def body(step, x, total):

@@ -165,6 +165,7 @@ class LowRankGatedDense(keras.layers.Layer):
         self.gate_statistics = GateStatistics(prefix=f"{self.name}_")
         self.audit = False
         self.inference_path = "auto"
+        self.captured_inputs = None  # a list while lrc_keras.audit.measure_gates records inputs
         # Custom ops have no XLA kernel.
         self.supports_jit = False
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
@@ -236,6 +237,8 @@ class LowRankGatedDense(keras.layers.Layer):
         if not inputs.dtype.is_floating:
             raise TypeError(f"{self.name}: inputs must be floating point, got dtype {inputs.dtype.name}")
         x = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]]) if inputs.shape.rank != 2 else inputs
+        if self.captured_inputs is not None:
+            self.captured_inputs.append(x)
         if training:
             if self.estimator == "svd" and self.refit_every is not None:
                 self._refit_on_schedule()
