@@ -45,7 +45,8 @@ class LowRankGatedDense(keras.layers.Layer):
     or `"dense"`. `"auto"` runs the gated op unless TF's dense GEMM followed by
     the mask is faster for this shape, batch size and the density last
     observed (`observed_density`), as measured once per shape by
-    `lrc_keras.dispatch`. Both paths give the same numbers.
+    `lrc_keras.dispatch`. Both paths give the same numbers up to float
+    rounding (the same mask; z summed in a different order).
 
     Args:
         units: Positive integer, dimensionality of the output space.

@@ -83,8 +83,13 @@ class GateStatistics(keras.metrics.Metric):
             variable.assign_add(count)
 
     def result(self):
-        rates = gate_statistics(*(tf.convert_to_tensor(v) for v in self.counts))
-        return {self.prefix + key: tf.cast(value, tf.float32) for key, value in rates.items()}
+        """The rates; NaN where nothing was measured (e.g. validation without an audit)."""
+        counts = [tf.convert_to_tensor(v) for v in self.counts]
+        measured = tf.add_n(counts) > 0
+        return {
+            self.prefix + key: tf.where(measured, tf.cast(value, tf.float32), float("nan"))
+            for key, value in gate_statistics(*counts).items()
+        }
 
     def get_config(self):
         return {"prefix": self.prefix, "name": self.name}

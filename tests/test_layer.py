@@ -163,6 +163,12 @@ def test_training_metrics_match_numpy(rng):
     assert expected["recall"] < 1.0 and expected["precision"] < 1.0
 
 
+def test_unmeasured_gate_metrics_are_nan(rng):
+    model, x, y = small_classifier(rng)
+    logs = model.evaluate(x, y, verbose=0, return_dict=True)  # inference never sees z
+    assert np.isnan(logs[f"{model.layers[0].name}_recall"])
+
+
 def test_audit_measures_gate_in_evaluate(rng):
     model, x, y = small_classifier(rng)
     layer = model.layers[0]
@@ -265,7 +271,8 @@ def test_rank_3_inputs_act_on_last_axis(rng):
     y = layer(x).numpy()
     assert y.shape == (3, 5, 32)
     flat = layer(x.reshape(15, 24)).numpy()
-    np.testing.assert_array_equal(y.reshape(15, 32), flat)
+    # The dispatch may pick the other compiled path on the second call: equal up to rounding.
+    np.testing.assert_allclose(y.reshape(15, 32), flat, rtol=1e-6, atol=1e-6)
 
 
 def test_use_bias_false(rng):
