@@ -16,8 +16,7 @@
 //   active_fraction = (number of computed (i, j)) / (batch * units), 0 when empty.
 //
 // LrcMaskedRelu: the same y from a dense GEMM (for batches where that is faster), in one pass.
-//   z_t      [units, batch]       (x·W)^T = kernel·x^T without the bias: the GEMM form that keeps
-//                                 the stored kernel an untransposed operand, which TF runs fastest
+//   z        [batch, units]       x·W, without the bias
 //   product, bias, margin, y, active_fraction as above.
 // All arrays are row-major float32.
 #ifndef LRC_KERAS_CUSTOM_OPS_GATED_DENSE_H_
@@ -65,7 +64,7 @@ LRC_HOST_DEVICE inline float ReluKeepNan(float z) { return z > 0.f || z != z ? z
 struct MaskedReluArgs {
   int64_t batch;
   int64_t units;
-  const float* z_t;
+  const float* z;
   const float* product;
   const float* bias;
   float margin;

@@ -1,5 +1,5 @@
-// CPU GatedDenseFunctor: TensorFlow's worker threads, AVX2/FMA chosen at run time, and several
-// batch rows blocked against each weight row so that one load of W_j serves them all.
+// CPU functors: TensorFlow's worker threads, AVX-512 / AVX2+FMA / baseline chosen at run time,
+// and several batch rows blocked against each weight row so that one load of W_j serves them all.
 //
 // Work is split over units: for unit j, the rows whose estimate selects it are gathered and
 // x_i·W_j is computed for them only, kRowBlock rows at a time.
@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "gated_dense.h"
@@ -19,103 +21,128 @@ namespace lrc {
 namespace {
 
 constexpr int kRowBlock = 4;
-constexpr int64_t kTile = 16;
 
-using DotRowsFn = void (*)(const float* w, const float* const* rows, int64_t n, float* out);
+using DotRowsFn = void (*)(const float* w, const float* const* rows, int64_t n,
+                           const float* ahead, float* out);
 
-// out[r] = w · rows[r] for r < R: two 8-float accumulators per row, so 2R independent FMA chains.
-template <int R>
-__attribute__((target("avx2,fma"))) void DotRowsAvx2(const float* w, const float* const* rows,
-                                                     int64_t n, float* out) {
-  __m256 even[R], odd[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {
-    const __m256 w0 = _mm256_loadu_ps(w + k);
-    const __m256 w1 = _mm256_loadu_ps(w + k + 8);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      even[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(rows[r] + k), even[r]);
-      odd[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(rows[r] + k + 8), odd[r]);
-    }
-  }
-  if (k + 8 <= n) {
-    const __m256 w0 = _mm256_loadu_ps(w + k);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) even[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(rows[r] + k), even[r]);
-    k += 8;
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const __m256 sum8 = _mm256_add_ps(even[r], odd[r]);
-    __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
-    sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
-    sum4 = _mm_add_ss(sum4, _mm_movehdup_ps(sum4));
-    float total = _mm_cvtss_f32(sum4);
-    for (int64_t tail = k; tail < n; ++tail) total += w[tail] * rows[r][tail];
-    out[r] = total;
-  }
+}  // namespace
+
+// One copy of dot_rows_impl.h per instruction set; GCC's vector extensions make `+` work on
+// Vec for all three.
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#pragma GCC diagnostic push
+// GCC 12's own _mm512_reduce_add_ps trips -Wuninitialized (an _mm256_undefined_ps inside).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+namespace avx512 {
+using Vec = __m512;
+constexpr int64_t kWidth = 16;
+inline Vec Zero() { return _mm512_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec MulAdd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float Sum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+#include "dot_rows_impl.h"
+}  // namespace avx512
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using Vec = __m256;
+constexpr int64_t kWidth = 8;
+inline Vec Zero() { return _mm256_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec MulAdd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float Sum(Vec v) {
+  __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+  return _mm_cvtss_f32(_mm_add_ss(sum4, _mm_movehdup_ps(sum4)));
 }
+inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+#include "dot_rows_impl.h"
+}  // namespace avx2
+#pragma GCC pop_options
 
-// The same contract for x86-64 CPUs without AVX2/FMA (the library's baseline ISA).
-template <int R>
-void DotRowsPortable(const float* w, const float* const* rows, int64_t n, float* out) {
-  for (int r = 0; r < R; ++r) {
-    float total = 0.f;
-    for (int64_t k = 0; k < n; ++k) total += w[k] * rows[r][k];
-    out[r] = total;
-  }
-}
+// x86-64 baseline: the same loop on scalars.
+namespace portable {
+using Vec = float;
+constexpr int64_t kWidth = 1;
+inline Vec Zero() { return 0.f; }
+inline Vec Load(const float* p) { return *p; }
+inline Vec MulAdd(Vec a, Vec b, Vec c) { return a * b + c; }
+inline float Sum(Vec v) { return v; }
+inline void Prefetch(const float*) {}
+#include "dot_rows_impl.h"
+}  // namespace portable
+
+namespace {
 
 struct DotKernels {
   DotRowsFn block;
   DotRowsFn single;
 };
 
+// The widest instruction set the CPU has; LRC_ISA=avx2|portable caps it (tests run every copy).
+DotKernels ChooseDotKernels() {
+  const char* cap = std::getenv("LRC_ISA");
+  const std::string limit = cap ? cap : "";
+  if (limit.empty() && __builtin_cpu_supports("avx512f")) {
+    return {avx512::DotRows<kRowBlock>, avx512::DotRows<1>};
+  }
+  if (limit != "portable" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return {avx2::DotRows<kRowBlock>, avx2::DotRows<1>};
+  }
+  return {portable::DotRows<kRowBlock>, portable::DotRows<1>};
+}
+
 const DotKernels& SelectedDotKernels() {
-  static const DotKernels kernels =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-          ? DotKernels{DotRowsAvx2<kRowBlock>, DotRowsAvx2<1>}
-          : DotKernels{DotRowsPortable<kRowBlock>, DotRowsPortable<1>};
+  static const DotKernels kernels = ChooseDotKernels();
   return kernels;
 }
 
 // Units [begin, end): select rows, and compute only the selected dot products.
 int64_t ComputeUnits(const GatedDenseArgs& a, int64_t begin, int64_t end) {
   const DotKernels& dot = SelectedDotKernels();
-  std::vector<int64_t> selected;
-  selected.reserve(a.batch);
-  int64_t computed = 0;
-  const float* rows[kRowBlock];
-  float dots[kRowBlock];
+  // selected_rows[first[u] .. first[u + 1]) are the rows that select unit begin + u.
+  std::vector<int64_t> first(end - begin + 1, 0);
+  std::vector<int64_t> selected_rows;
   for (int64_t j = begin; j < end; ++j) {
-    selected.clear();
     for (int64_t i = 0; i < a.batch; ++i) {
       if (UnitIsComputed(a.product[i * a.units + j] + a.bias[j], a.margin)) {
-        selected.push_back(i);
+        selected_rows.push_back(i);
       } else {
         a.y[i * a.units + j] = 0.f;
       }
     }
-    const float* w = a.kernel + j * a.input_dim;
-    const int64_t count = static_cast<int64_t>(selected.size());
-    int64_t s = 0;
-    for (; s + kRowBlock <= count; s += kRowBlock) {
-      for (int r = 0; r < kRowBlock; ++r) rows[r] = a.x + selected[s + r] * a.input_dim;
-      dot.block(w, rows, a.input_dim, dots);
+    first[j - begin + 1] = static_cast<int64_t>(selected_rows.size());
+  }
+  const float* rows[kRowBlock];
+  float dots[kRowBlock];
+  int64_t next = 0;  // the next unit with selected rows, whose weights are prefetched
+  for (int64_t u = 0; u < end - begin; ++u) {
+    if (first[u] == first[u + 1]) continue;
+    for (next = std::max(next, u + 1); next < end - begin && first[next] == first[next + 1];) ++next;
+    const float* w = a.kernel + (begin + u) * a.input_dim;
+    const float* ahead = next < end - begin ? a.kernel + (begin + next) * a.input_dim : w;
+    const float b = a.bias[begin + u];
+    int64_t s = first[u];
+    const int64_t stop = first[u + 1];
+    for (; s + kRowBlock <= stop; s += kRowBlock, ahead = w) {
+      for (int r = 0; r < kRowBlock; ++r) rows[r] = a.x + selected_rows[s + r] * a.input_dim;
+      dot.block(w, rows, a.input_dim, ahead, dots);
       for (int r = 0; r < kRowBlock; ++r) {
-        a.y[selected[s + r] * a.units + j] = ReluKeepNan(dots[r] + a.bias[j]);
+        a.y[selected_rows[s + r] * a.units + begin + u] = ReluKeepNan(dots[r] + b);
       }
     }
-    for (; s < count; ++s) {
-      rows[0] = a.x + selected[s] * a.input_dim;
-      dot.single(w, rows, a.input_dim, dots);
-      a.y[selected[s] * a.units + j] = ReluKeepNan(dots[0] + a.bias[j]);
+    for (; s < stop; ++s, ahead = w) {
+      rows[0] = a.x + selected_rows[s] * a.input_dim;
+      dot.single(w, rows, a.input_dim, ahead, dots);
+      a.y[selected_rows[s] * a.units + begin + u] = ReluKeepNan(dots[0] + b);
     }
-    computed += count;
   }
-  return computed;
+  return first[end - begin];
 }
 
 // The density of a sample of the estimates: enough to tell the thread pool how much work a
@@ -157,21 +184,13 @@ void MaskedReluFunctor<Eigen::ThreadPoolDevice>::operator()(tensorflow::OpKernel
   if (a.batch == 0 || a.units == 0) return;
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
   std::atomic<int64_t> computed{0};
-  // Rows in tiles of kTile so that the transposed reads of z_t stay within a few cache lines.
-  const int64_t tiles = (a.batch + kTile - 1) / kTile;
-  workers->ParallelFor(tiles, 4 * kTile * a.units, [&](int64_t first_tile, int64_t end_tile) {
+  workers->ParallelFor(a.batch, 4 * a.units, [&](int64_t begin, int64_t end) {
     int64_t count = 0;
-    const int64_t row_end = std::min(end_tile * kTile, a.batch);
-    for (int64_t j0 = 0; j0 < a.units; j0 += kTile) {
-      const int64_t unit_end = std::min(j0 + kTile, a.units);
-      for (int64_t i = first_tile * kTile; i < row_end; ++i) {
-        for (int64_t j = j0; j < unit_end; ++j) {
-          const int64_t k = i * a.units + j;
-          const bool selected = UnitIsComputed(a.product[k] + a.bias[j], a.margin);
-          a.y[k] = selected ? ReluKeepNan(a.z_t[j * a.batch + i] + a.bias[j]) : 0.f;
-          count += selected;
-        }
-      }
+    for (int64_t k = begin * a.units; k < end * a.units; ++k) {
+      const float b = a.bias[k % a.units];
+      const bool selected = UnitIsComputed(a.product[k] + b, a.margin);
+      a.y[k] = selected ? ReluKeepNan(a.z[k] + b) : 0.f;
+      count += selected;
     }
     computed += count;
   });

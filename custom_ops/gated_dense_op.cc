@@ -68,16 +68,16 @@ REGISTER_OP("LrcGatedDense")
     });
 
 REGISTER_OP("LrcMaskedRelu")
-    .Input("z_t: float")
+    .Input("z: float")
     .Input("bias: float")
     .Input("product: float")
     .Input("margin: float")
     .Output("y: float")
     .Output("active_fraction: float")
     .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle z_t;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &z_t));
-      return GatedOutputShapes(c, c->Dim(z_t, 1), c->Dim(z_t, 0), 1);
+      ShapeHandle z;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &z));
+      return GatedOutputShapes(c, c->Dim(z, 0), c->Dim(z, 1), 1);
     });
 
 template <typename Device>
@@ -131,27 +131,25 @@ class MaskedReluOp : public OpKernel {
   explicit MaskedReluOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& z_t = ctx->input(0);
+    const Tensor& z = ctx->input(0);
     const Tensor& bias = ctx->input(1);
     const Tensor& product = ctx->input(2);
     const Tensor& margin = ctx->input(3);
     OP_REQUIRES(ctx,
-                z_t.dims() == 2 && bias.dims() == 1 && product.dims() == 2 &&
-                    product.dim_size(0) == z_t.dim_size(1) &&
-                    product.dim_size(1) == z_t.dim_size(0) &&
-                    bias.dim_size(0) == z_t.dim_size(0) && margin.dims() == 0,
+                z.dims() == 2 && bias.dims() == 1 && product.shape() == z.shape() &&
+                    bias.dim_size(0) == z.dim_size(1) && margin.dims() == 0,
                 absl::InvalidArgumentError(absl::StrCat(
-                    "LrcMaskedRelu expects z_t [units, batch], bias [units], product "
-                    "[batch, units] and a scalar margin; got",
-                    Shapes(ctx, {"z_t", "bias", "product", "margin"}))));
+                    "LrcMaskedRelu expects z [batch, units], bias [units], product of z's "
+                    "shape and a scalar margin; got",
+                    Shapes(ctx, {"z", "bias", "product", "margin"}))));
     MaskedReluArgs args;
-    args.batch = z_t.dim_size(1);
-    args.units = z_t.dim_size(0);
+    args.batch = z.dim_size(0);
+    args.units = z.dim_size(1);
     Tensor* y = nullptr;
     Tensor* active_fraction = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, product.shape(), &y));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, z.shape(), &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({}), &active_fraction));
-    args.z_t = z_t.flat<float>().data();
+    args.z = z.flat<float>().data();
     args.bias = bias.flat<float>().data();
     args.product = product.flat<float>().data();
     args.margin = margin.scalar<float>()();

@@ -110,12 +110,12 @@ def test_op_rejects_bad_shapes(shapes, message):
 @pytest.mark.parametrize(
     "shapes, message",
     [
-        (((6, 4), (6,), (4, 6), ()), None),
-        (((6, 4, 1), (6,), (4, 6), ()), "must be rank 2|expects z_t"),
-        (((6, 4), (5,), (4, 6), ()), r"6 and 5|bias \[5\]"),
-        (((6, 4), (6,), (4, 7), ()), r"6 and 7|product \[4,7\]"),
-        (((6, 4), (6,), (3, 6), ()), r"4 and 3|product \[3,6\]"),
-        (((6, 4), (6,), (4, 6), (2,)), "must be rank 0|scalar margin"),
+        (((4, 6), (6,), (4, 6), ()), None),
+        (((4, 6, 1), (6,), (4, 6), ()), "must be rank 2|expects z"),
+        (((4, 6), (5,), (4, 6), ()), r"6 and 5|bias \[5\]"),
+        (((4, 6), (6,), (4, 7), ()), r"6 and 7|product \[4,7\]"),
+        (((4, 6), (6,), (3, 6), ()), r"4 and 3|product \[3,6\]"),
+        (((4, 6), (6,), (4, 6), (2,)), "must be rank 0|scalar margin"),
     ],
 )
 def test_masked_relu_op_rejects_bad_shapes(shapes, message):
@@ -137,6 +137,31 @@ def test_op_rejects_bad_dtype():
     arrays[0] = tf.constant(arrays[0], tf.float64)
     with pytest.raises((tf.errors.InvalidArgumentError, TypeError), match="float|double"):
         compiled_op(*arrays)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_every_instruction_set_copy_matches_numpy(isa):
+    # The kernel is chosen once per process: run the narrower copies in their own.
+    script = (
+        "import numpy as np, sys\n"
+        "sys.path.insert(0, %r)\n"
+        "from conftest import numpy_gated_dense, random_weights, away_from_boundary\n"
+        "from lrc_keras import ops\n"
+        "rng = np.random.default_rng(5)\n"
+        "for batch, d, n in [(1, 37, 20), (9, 64, 33), (33, 131, 70)]:\n"
+        "    weights = random_weights(rng, d, n, 3)\n"
+        "    x = rng.standard_normal((batch, d)).astype(np.float32)\n"
+        "    expected, mask, z_hat, _ = numpy_gated_dense(x, *weights, 0.1)\n"
+        "    y = ops.gated_dense(x, *weights, 0.1).numpy()\n"
+        "    keep = away_from_boundary(z_hat, 0.1)\n"
+        "    np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)\n"
+        "print('OK', ops.is_compiled())\n"
+    ) % os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True,
+        env={**os.environ, "LRC_ISA": isa, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0 and "OK True" in result.stdout, result.stderr[-2000:]
 
 
 def test_deterministic_and_thread_safe(rng):
