@@ -106,17 +106,25 @@ const DotKernels& SelectedDotKernels() {
 int64_t ComputeUnits(const GatedDenseArgs& a, int64_t begin, int64_t end) {
   const DotKernels& dot = SelectedDotKernels();
   // selected_rows[first[u] .. first[u + 1]) are the rows that select unit begin + u.
+  // Compacted without branches: masks are as unpredictable as coin flips.
   std::vector<int64_t> first(end - begin + 1, 0);
-  std::vector<int64_t> selected_rows;
+  std::vector<int64_t> selected_rows((end - begin) * a.batch);
+  // Locals, not a.*: a store through y could otherwise alias a.margin and block optimisation.
+  // y may be product's own buffer (forwarded): each element is read before it is written.
+  const float* product = a.product;
+  float* y = a.y;
+  const float margin = a.margin;
+  const int64_t batch = a.batch, units = a.units;
+  int64_t count = 0;
   for (int64_t j = begin; j < end; ++j) {
-    for (int64_t i = 0; i < a.batch; ++i) {
-      if (UnitIsComputed(a.product[i * a.units + j] + a.bias[j], a.margin)) {
-        selected_rows.push_back(i);
-      } else {
-        a.y[i * a.units + j] = 0.f;
-      }
+    const float b = a.bias[j];
+    for (int64_t i = 0; i < batch; ++i) {
+      const bool selected = UnitIsComputed(product[i * units + j] + b, margin);
+      selected_rows[count] = i;
+      y[i * units + j] = 0.f;
+      count += selected;
     }
-    first[j - begin + 1] = static_cast<int64_t>(selected_rows.size());
+    first[j - begin + 1] = count;
   }
   const float* rows[kRowBlock];
   float dots[kRowBlock];
@@ -133,13 +141,13 @@ int64_t ComputeUnits(const GatedDenseArgs& a, int64_t begin, int64_t end) {
       for (int r = 0; r < kRowBlock; ++r) rows[r] = a.x + selected_rows[s + r] * a.input_dim;
       dot.block(w, rows, a.input_dim, ahead, dots);
       for (int r = 0; r < kRowBlock; ++r) {
-        a.y[selected_rows[s + r] * a.units + begin + u] = ReluKeepNan(dots[r] + b);
+        a.y[selected_rows[s + r] * a.units + begin + u] = MaskedRelu(dots[r] + b, true);
       }
     }
     for (; s < stop; ++s, ahead = w) {
       rows[0] = a.x + selected_rows[s] * a.input_dim;
       dot.single(w, rows, a.input_dim, ahead, dots);
-      a.y[selected_rows[s] * a.units + begin + u] = ReluKeepNan(dots[0] + b);
+      a.y[selected_rows[s] * a.units + begin + u] = MaskedRelu(dots[0] + b, true);
     }
   }
   return first[end - begin];
@@ -149,10 +157,13 @@ int64_t ComputeUnits(const GatedDenseArgs& a, int64_t begin, int64_t end) {
 // unit is, so that small jobs stay on one thread (waking another costs tens of microseconds).
 double SampledDensity(const float* product, const float* bias, int64_t batch, int64_t units,
                       float margin) {
-  const int64_t sample = std::min<int64_t>(batch * units, 4096);
+  // Whole rows from the start of the batch, at least one and about 4096 estimates in all.
+  const int64_t rows = std::min<int64_t>(batch, std::max<int64_t>(1, 4096 / std::max<int64_t>(units, 1)));
   int64_t selected = 0;
-  for (int64_t k = 0; k < sample; ++k) selected += UnitIsComputed(product[k] + bias[k % units], margin);
-  return sample ? static_cast<double>(selected) / sample : 0.0;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < units; ++j) selected += UnitIsComputed(product[i * units + j] + bias[j], margin);
+  }
+  return rows > 0 && units > 0 ? static_cast<double>(selected) / (rows * units) : 0.0;
 }
 
 float Fraction(int64_t count, int64_t batch, int64_t units) {
@@ -185,12 +196,21 @@ void MaskedReluFunctor<Eigen::ThreadPoolDevice>::operator()(tensorflow::OpKernel
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
   std::atomic<int64_t> computed{0};
   workers->ParallelFor(a.batch, 4 * a.units, [&](int64_t begin, int64_t end) {
+    // Locals, not a.*: a store through y could otherwise alias a.margin and block vectorising.
+    // y may be z's or product's buffer (forwarded): element k is read before it is written.
+    const float* z = a.z;
+    const float* product = a.product;
+    const float* bias = a.bias;
+    float* y = a.y;
+    const float margin = a.margin;
+    const int64_t units = a.units;
     int64_t count = 0;
-    for (int64_t k = begin * a.units; k < end * a.units; ++k) {
-      const float b = a.bias[k % a.units];
-      const bool selected = UnitIsComputed(a.product[k] + b, a.margin);
-      a.y[k] = selected ? ReluKeepNan(a.z[k] + b) : 0.f;
-      count += selected;
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < units; ++j) {
+        const bool selected = UnitIsComputed(product[i * units + j] + bias[j], margin);
+        y[i * units + j] = MaskedRelu(z[i * units + j] + bias[j], selected);
+        count += selected;
+      }
     }
     computed += count;
   });

@@ -112,7 +112,10 @@ class GatedDenseOp : public OpKernel {
                     Shapes(ctx, {"x", "kernel", "bias", "product", "margin"}))));
     Tensor* y = nullptr;
     Tensor* active_fraction = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({args.batch, args.units}), &y));
+    // y may take over product's buffer: each element is read before it is written, and a fresh
+    // [batch, units] buffer costs page faults on every call.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {3}, 0, TensorShape({args.batch, args.units}), &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({}), &active_fraction));
     args.x = x.flat<float>().data();
     args.kernel = kernel.flat<float>().data();
@@ -147,7 +150,8 @@ class MaskedReluOp : public OpKernel {
     args.units = z.dim_size(1);
     Tensor* y = nullptr;
     Tensor* active_fraction = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, z.shape(), &y));
+    // Elementwise: y may take over z's or product's buffer, as TF's own elementwise ops do.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0, 2}, 0, z.shape(), &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({}), &active_fraction));
     args.z = z.flat<float>().data();
     args.bias = bias.flat<float>().data();

@@ -36,7 +36,7 @@ def set_audit(model, enabled=True):
 
 
 @contextlib.contextmanager
-def _captured_inputs(layers):
+def capture_inputs(layers):
     """Record the 2-D input each layer sees during an eager inference call."""
     for layer in layers:
         layer.captured_inputs = []
@@ -58,7 +58,7 @@ def measure_gates(model, x):
     layers = gated_layers(model)
     if not layers:
         raise ValueError(f"model {model.name!r} has no LowRankGatedDense layer to measure")
-    with _captured_inputs(layers) as captured:
+    with capture_inputs(layers) as captured:
         model(x, training=False)
     reports = []
     for layer in layers:

@@ -178,14 +178,7 @@ class LowRankGatedDense(keras.layers.Layer):
                 f"{self.name}: the last dimension of the input must be known at build; "
                 f"got input_shape={tuple(input_shape)}"
             )
-        if self.rank > min(input_dim, self.units):
-            raise ValueError(
-                f"{self.name}: rank={self.rank} exceeds min(input_dim, units) = "
-                f"min({input_dim}, {self.units}) = {min(input_dim, self.units)}"
-            )
-        # Estimator variables are assigned inside the (possibly replicated) train step;
-        # every replica computes the same SVD, so the first replica's value is kept.
-        refitted = "none" if self.estimator == "joint" else "only_first_replica"
+        self._check_rank_fits(self.rank, input_dim)
         self.kernel = self.add_weight(
             name="kernel",
             shape=(self.units, input_dim),
@@ -202,35 +195,7 @@ class LowRankGatedDense(keras.layers.Layer):
             if self.use_bias
             else None
         )
-        self.estimator_u = self.add_weight(
-            name="estimator_u",
-            shape=(input_dim, self.rank),
-            initializer="zeros",
-            trainable=self.estimator == "joint",
-            aggregation=refitted,
-        )
-        self.estimator_v = self.add_weight(
-            name="estimator_v",
-            shape=(self.units, self.rank),
-            initializer="zeros",
-            trainable=self.estimator == "joint",
-            aggregation=refitted,
-        )
-        self.training_steps = self.add_weight(
-            name="training_steps",
-            shape=(),
-            initializer="zeros",
-            dtype="int64",
-            trainable=False,
-            aggregation="only_first_replica",
-        )
-        self.observed_density = self.add_weight(
-            name="observed_density",
-            shape=(),
-            initializer="zeros",
-            trainable=False,
-            aggregation="only_first_replica",
-        )
+        self._add_estimator_weights(input_dim)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
         self.refit()
 
@@ -314,11 +279,72 @@ class LowRankGatedDense(keras.layers.Layer):
         layer.refit()
         return layer
 
+    def set_rank(self, rank):
+        """Change the estimator's rank of a built layer, refitting U, V by truncated SVD.
+
+        The estimator variables are re-created (same names and order, so saving and
+        loading keep working); compile the model again before training it further.
+        """
+        _check_positive_int("rank", rank)
+        input_dim = self.kernel.shape[1]
+        self._check_rank_fits(rank, input_dim)
+        steps, density = self.training_steps.numpy(), self.observed_density.numpy()
+        for variable in (self.estimator_u, self.estimator_v, self.training_steps, self.observed_density):
+            self._untrack_variable(variable)
+        self.rank = int(rank)
+        self._tracker.unlock()
+        self._add_estimator_weights(input_dim)
+        self._tracker.lock()
+        self.training_steps.assign(steps)
+        self.observed_density.assign(density)
+        self.refit()
+
     def refit(self):
         """Set U, V to the truncated SVD of the current kernel (the best rank-r U·V ≈ W)."""
         estimator_u, estimator_v, _ = estimators.truncated_svd_factors(self.kernel, self.rank)
         self.estimator_u.assign(estimator_u)
         self.estimator_v.assign(estimator_v)
+
+    def _check_rank_fits(self, rank, input_dim):
+        if rank > min(input_dim, self.units):
+            raise ValueError(
+                f"{self.name}: rank={rank} exceeds min(input_dim, units) = "
+                f"min({input_dim}, {self.units}) = {min(input_dim, self.units)}"
+            )
+
+    def _add_estimator_weights(self, input_dim):
+        # Estimator variables are assigned inside the (possibly replicated) train step;
+        # every replica computes the same SVD, so the first replica's value is kept.
+        refitted = "none" if self.estimator == "joint" else "only_first_replica"
+        self.estimator_u = self.add_weight(
+            name="estimator_u",
+            shape=(input_dim, self.rank),
+            initializer="zeros",
+            trainable=self.estimator == "joint",
+            aggregation=refitted,
+        )
+        self.estimator_v = self.add_weight(
+            name="estimator_v",
+            shape=(self.units, self.rank),
+            initializer="zeros",
+            trainable=self.estimator == "joint",
+            aggregation=refitted,
+        )
+        self.training_steps = self.add_weight(
+            name="training_steps",
+            shape=(),
+            initializer="zeros",
+            dtype="int64",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+        self.observed_density = self.add_weight(
+            name="observed_density",
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
 
     def _refit_on_schedule(self):
         steps = self.training_steps.assign_add(1)
