@@ -152,3 +152,17 @@ def test_bad_flags_are_rejected(capsys):
     with pytest.raises(SystemExit):
         mnist.main(["--npz", "x.npz", "--hidden", "10,10,10", "--ranks", "2,3"])
     assert "--ranks needs 1 or 3 values (one per hidden layer), got 2,3" in capsys.readouterr().err
+
+
+def test_convert_mnist_end_to_end(tmp_path):
+    import convert_mnist
+
+    npz = tiny_npz(tmp_path / "digits.npz", count=120)
+    result = convert_mnist.main(
+        ["--npz", npz, "--hidden", "40,30", "--epochs", "1", "--rank", "4", "--ranks", "2,4,8"]
+    )
+    for stage in ("dense", "converted", "calibrated", "fine-tuned"):
+        assert 0.0 <= result["accuracy"][stage] <= 1.0
+    assert [row["layer"] for row in result["report"].rows] == ["hidden_0", "hidden_1"]
+    assert all(0.0 <= d <= 1.0 for d in result["densities"]) and len(result["densities"]) == 2
+    assert result["speedup_fine_tuned"][1] > 0

@@ -1,0 +1,181 @@
+import keras
+import numpy as np
+import pytest
+from conftest import numpy_gated_dense
+
+from lrc_keras import LowRankGatedDense, calibrate, convert
+from lrc_keras.audit import gated_layers
+from lrc_keras.convert import margin_for_recall
+
+
+def dense_model(rng, input_dim=20, hidden=(32, 24)):
+    layers = [keras.Input((input_dim,))]
+    layers += [keras.layers.Dense(units, activation="relu", name=f"relu_{i}") for i, units in enumerate(hidden)]
+    layers += [keras.layers.Dense(8, activation="tanh", name="tanh"), keras.layers.Dense(3, name="logits")]
+    model = keras.Sequential(layers)
+    for layer in model.layers:
+        layer.set_weights([rng.standard_normal(w.shape).astype("float32") * 0.3 for w in layer.get_weights()])
+    return model
+
+
+def functional_model(rng):
+    inputs = keras.Input((16,))
+    inner = keras.Sequential([keras.Input((16,)), keras.layers.Dense(20, activation="relu", name="inner_relu")],
+                             name="inner")
+    branch = keras.layers.Dense(12, activation="relu", name="branch")(inputs)
+    merged = keras.layers.Concatenate()([inner(inputs), branch])
+    outputs = keras.layers.Dense(4, name="head")(merged)
+    model = keras.Model(inputs, outputs)
+    for layer in model._flatten_layers(include_self=False):
+        if layer.get_weights():
+            layer.set_weights([rng.standard_normal(w.shape).astype("float32") * 0.3 for w in layer.get_weights()])
+    return model
+
+
+def test_sequential_full_rank_equals_original(rng):
+    model = dense_model(rng)
+    converted = convert(model, rank=1.0)
+    assert [type(l).__name__ for l in converted.layers] == ["LowRankGatedDense", "LowRankGatedDense", "Dense", "Dense"]
+    x = rng.standard_normal((64, 20)).astype("float32")
+    np.testing.assert_allclose(converted.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+
+
+def test_weights_preserved_and_not_shared(rng):
+    model = dense_model(rng)
+    converted = convert(model, rank=4)
+    for original, new in zip(model.layers, converted.layers):
+        assert original is not new
+        if isinstance(new, LowRankGatedDense):
+            np.testing.assert_array_equal(new.kernel.numpy(), original.kernel.numpy().T)
+            np.testing.assert_array_equal(new.bias.numpy(), original.bias.numpy())
+            assert new.rank == 4
+        else:
+            for a, b in zip(original.get_weights(), new.get_weights()):
+                np.testing.assert_array_equal(a, b)
+    assert converted.get_layer("tanh").activation is keras.activations.tanh  # non-ReLU left alone
+
+
+def test_functional_and_nested_models(rng):
+    model = functional_model(rng)
+    converted = convert(model, rank={"inner_relu": 1.0, "branch": 12})
+    assert {layer.name for layer in gated_layers(converted)} == {"inner_relu", "branch"}
+    x = rng.standard_normal((10, 16)).astype("float32")
+    np.testing.assert_allclose(converted(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_rank_forms(rng):
+    model = dense_model(rng, hidden=(32, 24))
+    assert [l.rank for l in gated_layers(convert(model, rank=0.25))] == [5, 6]  # ceil(0.25 * min(d, n))
+    assert [l.rank for l in gated_layers(convert(model, rank=100))] == [20, 24]  # capped at full rank
+    only_first = convert(model, rank=3, layers=["relu_0"])
+    assert [l.name for l in gated_layers(only_first)] == ["relu_0"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 0}, "rank must be a positive int"),
+        ({"rank": 1.5}, r"rank as a fraction must be in \(0, 1\], got 1.5"),
+        ({"rank": True}, "rank must be an int or a fraction"),
+        ({"rank": {"relu_0": -2}}, r"rank\['relu_0'\] must be a positive int"),
+        ({"rank": 3, "layers": ["tanh"]}, "'tanh' is not a Dense layer with ReLU activation"),
+    ],
+)
+def test_bad_convert_arguments(rng, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        convert(dense_model(rng), **kwargs)
+
+
+def test_subclassed_model_is_rejected():
+    class Custom(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden = keras.layers.Dense(4, activation="relu")
+
+        def call(self, x):
+            return self.hidden(x)
+
+    model = Custom()
+    model(np.ones((1, 3), "float32"))
+    with pytest.raises(ValueError, match="subclassed Custom"):
+        convert(model, rank=2)
+
+
+def synthetic_task(rng, count=600, input_dim=64, units=256):
+    """A wide ReLU layer whose kernel is nearly rank 6: a rank-8 estimator is almost exact."""
+    x = rng.standard_normal((count, input_dim)).astype("float32")
+    kernel = rng.standard_normal((input_dim, 6)) @ rng.standard_normal((6, units)) / 8
+    kernel += 0.01 * rng.standard_normal((input_dim, units))
+    dense = keras.layers.Dense(units, activation="relu", name="wide")
+    model = keras.Sequential([keras.Input((input_dim,)), dense, keras.layers.Dense(2)])
+    dense.set_weights([kernel.astype("float32"), -0.5 * np.ones(units, "float32")])
+    return model, x
+
+
+@pytest.mark.parametrize("target", [0.9, 0.99])
+def test_calibration_reaches_target_and_report_matches_numpy(rng, target):
+    model, x = synthetic_task(rng)
+    converted = convert(model, rank=2)
+    report = calibrate(converted, x, target_recall=target, ranks=[2, 4, 8, 16])
+    (row,) = report.rows
+    layer = converted.get_layer("wide")
+    assert row["target_reached"] and layer.rank == row["rank"] and layer.margin == row["margin"]
+    weights = (layer.kernel.numpy(), layer.bias.numpy(), layer.estimator_u.numpy(), layer.estimator_v.numpy())
+    _, mask, _, z = numpy_gated_dense(x, *weights, layer.margin)
+    positive = z > 0
+    recall = np.sum(mask & positive) / positive.sum()
+    assert recall >= target - 1e-3
+    np.testing.assert_allclose(row["recall"], recall, atol=2e-3)
+    np.testing.assert_allclose(row["predicted_density"], mask.mean(), atol=2e-3)
+    d, n, r = 64, 256, row["rank"]
+    np.testing.assert_allclose(row["cost_model_speedup"], d * n / (r * (d + n) + mask.mean() * d * n), rtol=1e-2)
+    assert "reached" in str(report) and f"| wide | {r} |" in str(report)
+    # The layer really computes with the chosen rank and margin.
+    y = converted.layers[0](x).numpy()
+    assert np.mean(y > 0) <= row["predicted_density"] + 1e-6
+
+
+def test_unreachable_target_is_reported_plainly(rng):
+    model = dense_model(rng, hidden=(32,))
+    converted = convert(model, rank=2)
+    x = rng.standard_normal((100, 20)).astype("float32")
+    report = calibrate(converted, x, target_recall=1.0, ranks=[2])
+    (row,) = report.rows
+    assert not row["target_reached"]
+    assert "NOT reached" in str(report)
+    assert row["cost_model_speedup"] == pytest.approx(1.0, abs=0.05)  # the closest at dense cost
+
+
+def test_margin_for_recall_is_the_tightest():
+    estimates = np.array([-3.0, -1.0, 0.5, 2.0], np.float32)
+    margin = margin_for_recall(estimates, 0.75, estimates)
+    assert np.mean(estimates > -margin) == 0.75
+    # Any higher threshold (smaller margin) drops the second-lowest positive: no slack is left.
+    assert np.mean(estimates > -margin + 1e-3) == 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"target_recall": 0.0}, r"target_recall must be in \(0, 1\], got 0.0"),
+        ({"target_recall": 1.2}, r"target_recall must be in \(0, 1\], got 1.2"),
+        ({"x": np.zeros((0, 20), "float32")}, r"empty or 1-D x of shape \(0, 20\)"),
+        ({"ranks": [0, 2]}, r"ranks must be a non-empty list of positive ints, got \[0, 2\]"),
+    ],
+)
+def test_bad_calibrate_arguments(rng, kwargs, message):
+    converted = convert(dense_model(rng), rank=2)
+    arguments = {"x": rng.standard_normal((10, 20)).astype("float32"), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        calibrate(converted, **arguments)
+
+
+def test_set_rank_keeps_save_and_load_working(rng, tmp_path):
+    model, x = synthetic_task(rng)
+    converted = convert(model, rank=2)
+    calibrate(converted, x, ranks=[8])
+    path = str(tmp_path / "calibrated.keras")
+    converted.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_layer("wide").rank == 8
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), converted.predict(x, verbose=0))
