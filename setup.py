@@ -5,14 +5,20 @@ The library is compiled with the flags of the TensorFlow that pip put in the bui
 install_requires below), and the version is recorded in _lrc_ops.json so that lrc_keras.ops
 refuses a library built for another TensorFlow.
 
+The GPU kernels are compiled too when nvcc is found (on the PATH or in $CUDA_HOME/bin) and the
+installed TensorFlow is a CUDA build: nvcc compiles gated_dense_gpu.cu.cc, which needs only the
+CUDA runtime header, and the host compiler the rest with the CUDA headers TensorFlow ships.
+
 Environment:
   LRC_BUILD_OPS=0   skip the compiled ops (the package then uses its pure-TensorFlow path)
+  LRC_CUDA=0        skip the GPU kernels; LRC_CUDA=1 makes a missing nvcc or CUDA TF an error
   CXX               the C++ compiler (default g++)
 """
 
 import json
 import os
 import shlex
+import shutil
 import subprocess
 
 from setuptools import find_packages
@@ -22,6 +28,11 @@ from setuptools.command.build_py import build_py
 TENSORFLOW_PIN = "tensorflow==2.21.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["custom_ops/gated_dense_op.cc", "custom_ops/gated_dense_cpu.cc"]
+GPU_HOST_SOURCES = ["custom_ops/gated_dense_gpu.cc"]
+GPU_DEVICE_SOURCE = "custom_ops/gated_dense_gpu.cu.cc"
+# sm_80 (A100) and sm_90 (H100) machine code, plus PTX that newer GPUs compile at load time.
+NVCC_ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+              "-gencode", "arch=compute_90,code=compute_90"]
 # Baseline x86-64 code: the AVX2/FMA kernels are chosen at run time (__builtin_cpu_supports),
 # so the library never executes an instruction the CPU lacks.
 CXX_FLAGS = ["-shared", "-fPIC", "-O3", "-Wall", "-Wno-sign-compare",
@@ -33,23 +44,53 @@ def run(command):
     subprocess.run(command, check=True)
 
 
-def compile_ops(package_dir):
+def find_nvcc(tf):
+    """nvcc's path when the GPU kernels should be built, else None (LRC_CUDA decides strictness)."""
+    wanted = os.environ.get("LRC_CUDA", "auto")
+    if wanted == "0":
+        return None
+    cuda_home = os.environ.get("CUDA_HOME")
+    nvcc = shutil.which("nvcc") or (
+        os.path.join(cuda_home, "bin", "nvcc") if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")) else None
+    )
+    cuda_tensorflow = tf.sysconfig.get_build_info().get("is_cuda_build", False)
+    if nvcc and cuda_tensorflow:
+        return nvcc
+    if wanted == "1":
+        raise RuntimeError(
+            "LRC_CUDA=1 but " + ("nvcc was not found (PATH, $CUDA_HOME/bin)" if not nvcc else
+                                 f"TensorFlow {tf.__version__} is not a CUDA build")
+        )
+    return None
+
+
+def compile_ops(package_dir, build_temp):
     import tensorflow as tf
 
     library = os.path.join(package_dir, "_lrc_ops.so")
     sources = [os.path.join(HERE, source) for source in CPU_SOURCES]
+    flags = [*CXX_FLAGS, *tf.sysconfig.get_compile_flags()]
+    nvcc = find_nvcc(tf)
+    if nvcc:
+        os.makedirs(build_temp, exist_ok=True)
+        device_object = os.path.join(build_temp, "gated_dense_gpu.cu.o")
+        run([nvcc, "-c", "-x", "cu", "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-DGOOGLE_CUDA=1",
+             *NVCC_ARCHS, os.path.join(HERE, GPU_DEVICE_SOURCE), "-o", device_object])
+        cuda_headers = os.path.join(tf.sysconfig.get_include(), "third_party", "gpus", "cuda", "include")
+        flags += ["-DGOOGLE_CUDA=1", f"-I{cuda_headers}"]
+        sources += [os.path.join(HERE, source) for source in GPU_HOST_SOURCES] + [device_object]
     compiler = os.environ.get("CXX", "g++")
-    run([compiler, *CXX_FLAGS, *tf.sysconfig.get_compile_flags(), *sources, "-o", library,
-         *tf.sysconfig.get_link_flags()])
+    run([compiler, *flags, *sources, "-o", library, *tf.sysconfig.get_link_flags()])
     with open(os.path.join(package_dir, "_lrc_ops.json"), "w") as f:
-        json.dump({"tensorflow_version": tf.__version__}, f)
+        json.dump({"tensorflow_version": tf.__version__, "cuda": bool(nvcc)}, f)
 
 
 class BuildPyWithOps(build_py):
     def run(self):
         super().run()
         if os.environ.get("LRC_BUILD_OPS", "1") != "0":
-            compile_ops(os.path.join(self.build_lib, "lrc_keras"))
+            build_temp = os.path.join(os.path.dirname(self.build_lib), "lrc_ops_temp")
+            compile_ops(os.path.join(self.build_lib, "lrc_keras"), build_temp)
 
 
 EXAMPLES = ["tensorflow-datasets>=4.9", "importlib_resources", "tensorboard", "matplotlib", "tqdm"]

@@ -38,6 +38,7 @@ namespace Eigen {
 struct ThreadPoolDevice;
 struct GpuDevice;
 }  // namespace Eigen
+struct CUstream_st;  // cudaStream_t is CUstream_st*
 
 namespace lrc {
 
@@ -107,6 +108,15 @@ void GatedDenseFunctor<Eigen::GpuDevice>::operator()(tensorflow::OpKernelContext
 template <>
 void MaskedReluFunctor<Eigen::GpuDevice>::operator()(tensorflow::OpKernelContext* ctx,
                                                       const MaskedReluArgs& args);
+#endif
+
+#if GOOGLE_CUDA
+// gated_dense_gpu.cu.cc launches the kernels on `stream` (a cudaStream_t), counting computed
+// pairs in `scratch` (one device uint64); each returns nullptr or CUDA's error message.
+const char* LaunchGatedDense(const GatedDenseArgs& args, unsigned long long* scratch,
+                             ::CUstream_st* stream);
+const char* LaunchMaskedRelu(const MaskedReluArgs& args, unsigned long long* scratch,
+                             ::CUstream_st* stream);
 #endif
 
 }  // namespace lrc

@@ -248,6 +248,7 @@ def write_sweep_csv(rows, path):
 
 def plot_sweep(rows, ranks, path):
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -269,6 +270,7 @@ def plot_sweep(rows, ranks, path):
     error_axis.set_xscale("log")
     error_axis.set_xticks(ranks)
     error_axis.set_xticklabels([str(r) for r in ranks])
+    error_axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     error_axis.set_title("Test error and speedup against estimator rank")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

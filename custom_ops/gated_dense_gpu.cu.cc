@@ -1,0 +1,58 @@
+// GPU launchers for LrcGatedDense and LrcMaskedRelu (the kernels: gated_dense_gpu_kernels.cu.h).
+//
+// Design. The estimate's two thin GEMMs, (x·U)·V, run in TensorFlow's own matmul (cuBLAS) on
+// the op's stream, as on the CPU; this file does the part no library does:
+//   LrcGatedDense: one warp per unit j walks the batch. For each row i, lane 0 reads the
+//     estimate and broadcasts it with a shuffle; a skipped (i, j) costs that one read and a
+//     store of 0. A selected (i, j) is a dot product of length d: the 32 lanes stride the
+//     input dimension (coalesced 128-byte reads of x_i and W_j) and reduce with 5 shuffles.
+//     W_j is re-read for each selected row, from L1/L2 after the first, so DRAM traffic is
+//     about n·d (the weights of units selected anywhere in the batch) + B·d (x) floats, and
+//     the work ρ·B·n·d/32 warp-steps: the gated cost ρ·d·n per row, spread over all SMs.
+//     Expected: memory-bound near bandwidth at small batches (as the CPU's gathered GEMV);
+//     at large batches cuBLAS' dense GEMM (tensor cores) wins unit for unit above some
+//     density, and the layer's dispatch (lrc_keras/dispatch.py) then takes the GEMM path.
+//   LrcMaskedRelu: that GEMM path's epilogue, one grid-stride elementwise pass.
+// Counts of computed pairs are warp-reduced and added atomically to one uint64; a one-thread
+// kernel turns the count into the active fraction on the device, so nothing waits on the host.
+//
+// This file includes only the CUDA runtime: it compiles in seconds with nvcc, and
+// libtensorflow_framework exports the runtime entry points, so no cudart is linked.
+#include <cuda_runtime.h>
+
+#include "gated_dense_gpu_kernels.cu.h"
+
+namespace lrc {
+namespace {
+
+const char* FinishWithFraction(unsigned long long* scratch, int64_t total, float* active_fraction,
+                               cudaStream_t stream) {
+  gpu::ActiveFractionKernel<<<1, 1, 0, stream>>>(scratch, total, active_fraction);
+  const cudaError_t error = cudaGetLastError();
+  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+}
+
+}  // namespace
+
+const char* LaunchGatedDense(const GatedDenseArgs& a, unsigned long long* scratch,
+                             ::CUstream_st* stream) {
+  cudaMemsetAsync(scratch, 0, sizeof(*scratch), stream);
+  if (a.batch > 0 && a.units > 0) {
+    gpu::GatedDenseKernel<<<gpu::GatedDenseBlocks(a.units), gpu::kGatedThreads, 0, stream>>>(
+        a, scratch);
+  }
+  return FinishWithFraction(scratch, a.batch * a.units, a.active_fraction, stream);
+}
+
+const char* LaunchMaskedRelu(const MaskedReluArgs& a, unsigned long long* scratch,
+                             ::CUstream_st* stream) {
+  cudaMemsetAsync(scratch, 0, sizeof(*scratch), stream);
+  const int64_t total = a.batch * a.units;
+  if (total > 0) {
+    gpu::MaskedReluKernel<<<gpu::ElementwiseBlocks(total), gpu::kElementwiseThreads, 0, stream>>>(
+        a, scratch);
+  }
+  return FinishWithFraction(scratch, total, a.active_fraction, stream);
+}
+
+}  // namespace lrc

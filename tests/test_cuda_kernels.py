@@ -1,0 +1,125 @@
+"""The CUDA kernels' logic, executed on the CPU through tests/cuda_shim, and GPU registration.
+
+Select with `pytest -k "cuda or gpu"`. Tests that need a GPU are skipped where none is visible.
+"""
+
+import ctypes
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import away_from_boundary
+from tensorflow.python.framework import kernels
+
+from lrc_keras import ops
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CUSTOM_OPS = os.path.join(HERE, "..", "custom_ops")
+FLOAT_P = ctypes.POINTER(ctypes.c_float)
+
+
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory):
+    library = str(tmp_path_factory.mktemp("cuda_shim") / "run_kernels.so")
+    subprocess.run(
+        ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{CUSTOM_OPS}",
+         os.path.join(HERE, "cuda_shim", "run_kernels.cc"), "-o", library],
+        check=True,
+    )
+    shim = ctypes.CDLL(library)
+    shim.run_gated_dense.restype = ctypes.c_float
+    shim.run_gated_dense.argtypes = [ctypes.c_int64] * 3 + [FLOAT_P] * 4 + [ctypes.c_float, FLOAT_P]
+    shim.run_masked_relu.restype = ctypes.c_float
+    shim.run_masked_relu.argtypes = [ctypes.c_int64] * 2 + [FLOAT_P] * 3 + [ctypes.c_float, FLOAT_P] + [ctypes.c_uint] * 2
+    shim.elementwise_blocks.restype = ctypes.c_uint
+    shim.elementwise_blocks.argtypes = [ctypes.c_int64]
+    return shim
+
+
+def pointer(array):
+    return array.ctypes.data_as(FLOAT_P)
+
+
+def inputs(rng, batch, input_dim, units):
+    x = rng.standard_normal((batch, input_dim)).astype(np.float32)
+    kernel = (rng.standard_normal((units, input_dim)) / np.sqrt(input_dim)).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(units)).astype(np.float32)
+    product = rng.standard_normal((batch, units)).astype(np.float32)
+    return x, kernel, bias, product
+
+
+def expected_output(z, bias, product, margin):
+    selected = ~(product.astype(np.float64) + bias <= -margin)
+    return np.where(selected, np.maximum(z.astype(np.float64) + bias, 0.0), 0.0), selected
+
+
+@pytest.mark.parametrize("batch", [0, 1, 2, 33])
+@pytest.mark.parametrize("input_dim, units", [(1, 7), (37, 1), (131, 70), (64, 9)])
+@pytest.mark.parametrize("margin", [-0.5, 0.0, 0.7])
+def test_cuda_gated_dense_kernel_matches_numpy(shim, rng, batch, input_dim, units, margin):
+    x, kernel, bias, product = inputs(rng, batch, input_dim, units)
+    y = np.full((batch, units), np.nan, np.float32)  # every element must be written
+    fraction = shim.run_gated_dense(batch, input_dim, units, pointer(x), pointer(kernel), pointer(bias),
+                                    pointer(product), margin, pointer(y))
+    expected, selected = expected_output(x.astype(np.float64) @ kernel.T.astype(np.float64), bias, product, margin)
+    keep = away_from_boundary(product.astype(np.float64) + bias, margin)
+    np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    assert np.all(y[~selected & keep] == 0.0)
+    assert fraction == pytest.approx(selected.mean() if batch else 0.0, abs=np.mean(~keep) + 1e-6 if batch else 0)
+
+
+@pytest.mark.parametrize("batch, units, grid, block", [(3, 50, 2, 64), (1, 5, 1, 32), (40, 33, None, None)])
+def test_cuda_masked_relu_kernel_matches_numpy(shim, rng, batch, units, grid, block):
+    _, _, bias, product = inputs(rng, batch, 1, units)
+    z = rng.standard_normal((batch, units)).astype(np.float32)
+    z[0, 0], product[0, 1] = np.nan, np.nan  # NaN z where selected stays NaN; NaN estimate selects
+    if grid is None:  # the launcher's own geometry
+        grid, block = shim.elementwise_blocks(batch * units), 256
+    y = np.full((batch, units), -7.0, np.float32)
+    fraction = shim.run_masked_relu(batch, units, pointer(z), pointer(bias), pointer(product), 0.1, pointer(y), grid, block)
+    expected, selected = expected_output(z, bias, product, 0.1)
+    expected[0, 0] = np.nan if selected[0, 0] else 0.0
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+    assert fraction == pytest.approx(selected.mean())
+
+
+def test_cuda_gated_dense_kernel_propagates_nan(shim, rng):
+    x, kernel, bias, product = inputs(rng, 2, 40, 9)
+    x[1, 3] = np.nan
+    product[1, :] = np.nan  # a NaN input makes its estimates NaN, which select every unit
+    y = np.zeros((2, 9), np.float32)
+    shim.run_gated_dense(2, 40, 9, pointer(x), pointer(kernel), pointer(bias), pointer(product), 0.0, pointer(y))
+    assert np.all(np.isnan(y[1])) and not np.any(np.isnan(y[0]))
+
+
+def build_record():
+    with open(os.path.join(os.path.dirname(ops.__file__), "_lrc_ops.json")) as f:
+        return json.load(f)
+
+
+def test_gpu_kernels_registered_when_built_with_cuda():
+    if not build_record().get("cuda"):
+        pytest.skip("this library was built without CUDA (no nvcc, LRC_CUDA=0, or a CPU-only TensorFlow)")
+    for op in ("LrcGatedDense", "LrcMaskedRelu"):
+        devices = {kernel.device_type for kernel in kernels.get_registered_kernels_for_op(op).kernel}
+        assert devices == {"CPU", "GPU"}, (op, devices)
+
+
+@pytest.mark.skipif(not tf.config.list_physical_devices("GPU"), reason="no GPU visible to TensorFlow")
+@pytest.mark.parametrize("path", ["gated", "gemm"])
+def test_gpu_op_matches_numpy_on_device(rng, path):
+    x, kernel, bias, _ = inputs(rng, 33, 131, 70)
+    estimator_u = rng.standard_normal((131, 6)).astype(np.float32)
+    estimator_v = (rng.standard_normal((70, 6)) / 12).astype(np.float32)
+    function = ops.gated_dense_with_density if path == "gated" else ops.gemm_then_mask_with_density
+    with tf.device("/GPU:0"):
+        y, fraction = function(x, kernel, bias, estimator_u, estimator_v, 0.1)
+    assert "GPU" in y.device
+    product = (x.astype(np.float64) @ estimator_u) @ estimator_v.T
+    expected, selected = expected_output(x.astype(np.float64) @ kernel.T.astype(np.float64), bias, product, 0.1)
+    keep = away_from_boundary(product + bias, 0.1)
+    np.testing.assert_allclose(y.numpy()[keep], expected[keep], rtol=1e-4, atol=1e-4)
+    assert float(fraction) == pytest.approx(selected.mean(), abs=np.mean(~keep) + 1e-6)
