@@ -48,6 +48,19 @@ std::string Shapes(OpKernelContext* ctx, std::initializer_list<const char*> name
   return text + ")";
 }
 
+// y of `shape`, in the buffer of one of the `forwardable` inputs when TF can hand it over (a
+// fresh buffer costs page faults on every call), and the scalar active fraction.
+absl::Status AllocateOutputs(OpKernelContext* ctx, std::initializer_list<int> forwardable,
+                             const TensorShape& shape, float** y, float** active_fraction) {
+  Tensor* y_tensor = nullptr;
+  Tensor* fraction_tensor = nullptr;
+  TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output(forwardable, 0, shape, &y_tensor));
+  TF_RETURN_IF_ERROR(ctx->allocate_output(1, TensorShape({}), &fraction_tensor));
+  *y = y_tensor->flat<float>().data();
+  *active_fraction = fraction_tensor->flat<float>().data();
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 REGISTER_OP("LrcGatedDense")
@@ -110,20 +123,14 @@ class GatedDenseOp : public OpKernel {
                     "kernel[1], units between kernel[0], bias[0] and product[1], batch between "
                     "x[0] and product[0]; got",
                     Shapes(ctx, {"x", "kernel", "bias", "product", "margin"}))));
-    Tensor* y = nullptr;
-    Tensor* active_fraction = nullptr;
-    // y may take over product's buffer: each element is read before it is written, and a fresh
-    // [batch, units] buffer costs page faults on every call.
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
-                            {3}, 0, TensorShape({args.batch, args.units}), &y));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({}), &active_fraction));
+    // y may take over product's buffer: the functors read each element before writing it.
+    OP_REQUIRES_OK(ctx, AllocateOutputs(ctx, {3}, TensorShape({args.batch, args.units}), &args.y,
+                                        &args.active_fraction));
     args.x = x.flat<float>().data();
     args.kernel = kernel.flat<float>().data();
     args.bias = bias.flat<float>().data();
     args.product = product.flat<float>().data();
     args.margin = margin.scalar<float>()();  // host memory on every device
-    args.y = y->flat<float>().data();
-    args.active_fraction = active_fraction->flat<float>().data();
     GatedDenseFunctor<Device>()(ctx, args);
   }
 };
@@ -148,17 +155,12 @@ class MaskedReluOp : public OpKernel {
     MaskedReluArgs args;
     args.batch = z.dim_size(0);
     args.units = z.dim_size(1);
-    Tensor* y = nullptr;
-    Tensor* active_fraction = nullptr;
-    // Elementwise: y may take over z's or product's buffer, as TF's own elementwise ops do.
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0, 2}, 0, z.shape(), &y));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({}), &active_fraction));
+    // Elementwise: y may take over z's or product's buffer.
+    OP_REQUIRES_OK(ctx, AllocateOutputs(ctx, {0, 2}, z.shape(), &args.y, &args.active_fraction));
     args.z = z.flat<float>().data();
     args.bias = bias.flat<float>().data();
     args.product = product.flat<float>().data();
     args.margin = margin.scalar<float>()();
-    args.y = y->flat<float>().data();
-    args.active_fraction = active_fraction->flat<float>().data();
     MaskedReluFunctor<Device>()(ctx, args);
   }
 };

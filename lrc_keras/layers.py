@@ -12,6 +12,7 @@ from lrc_keras import ops
 from lrc_keras.metrics import GateStatistics
 
 ESTIMATORS = ("svd", "joint")
+INFERENCE_PATHS = ("auto", "gated", "dense")
 
 
 @keras.saving.register_keras_serializable(package="lrc_keras")
@@ -217,6 +218,17 @@ class LowRankGatedDense(keras.layers.Layer):
             y = tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0))
         return y
 
+    @property
+    def inference_path(self):
+        """"auto" (the cost model chooses), "gated" (the gated op) or "dense" (GEMM, then mask)."""
+        return self._inference_path
+
+    @inference_path.setter
+    def inference_path(self, path):
+        if path not in INFERENCE_PATHS:
+            raise ValueError(f"{self.name}: inference_path must be one of {INFERENCE_PATHS}, got {path!r}")
+        self._inference_path = path
+
     def get_config(self):
         base_config = super().get_config()
         config = {
@@ -369,7 +381,7 @@ class LowRankGatedDense(keras.layers.Layer):
         if path == "auto" and (not ops.is_compiled() or x.dtype != tf.float32):
             path = "gated"  # only the pure path exists: nothing to choose
         if path == "auto":
-            crossovers = dispatch.crossover_densities(x.shape[-1], self.units, self.rank)
+            crossovers = dispatch.crossover_densities(self.kernel.shape[1], self.units, self.rank)
             batch = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
             crossover = dispatch.crossover_for_batch(crossovers, batch)
             if isinstance(crossover, float) and not 0.0 < crossover < 1.0:
@@ -378,15 +390,11 @@ class LowRankGatedDense(keras.layers.Layer):
             y, density = ops.gated_dense_with_density(*args)
         elif path == "dense":
             y, density = ops.gemm_then_mask_with_density(*args)
-        elif path == "auto":
+        else:
             y, density = tf.cond(
                 self.observed_density <= crossover,
                 lambda: ops.gated_dense_with_density(*args),
                 lambda: ops.gemm_then_mask_with_density(*args),
-            )
-        else:
-            raise ValueError(
-                f"{self.name}: inference_path must be 'auto', 'gated' or 'dense', got {path!r}"
             )
         # Outside tf.cond: under a distribution strategy the assignment synchronises replicas.
         self.observed_density.assign(density)

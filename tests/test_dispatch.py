@@ -53,9 +53,15 @@ def test_every_inference_path_gives_the_same_numbers(rng, path):
     assert float(layer.observed_density.numpy()) == pytest.approx(mask.mean(), abs=np.mean(~keep) + 1e-6)
 
 
-def test_bad_inference_path(rng):
+def test_bad_inference_path():
     layer = LowRankGatedDense(4, rank=2)
-    layer.build((None, 3))
-    layer.inference_path = "sparse"
-    with pytest.raises(ValueError, match="inference_path must be .*'sparse'"):
-        layer(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="inference_path must be one of .*got 'sparse'"):
+        layer.inference_path = "sparse"
+
+
+def test_rank_3_inputs_in_a_graph_dispatch_on_the_kernel_shape(rng):
+    layer = LowRankGatedDense(30, rank=4)
+    layer.build((None, None, 20))
+    function = tf.function(lambda x: layer(x)).get_concrete_function(tf.TensorSpec([None, None, 20], tf.float32))
+    x = rng.standard_normal((2, 3, 20)).astype(np.float32)
+    assert function(tf.constant(x)).shape == (2, 3, 30)
