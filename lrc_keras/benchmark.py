@@ -5,6 +5,7 @@ times Dense and LowRankGatedDense inference inside tf.function (many calls per g
 interleaved, median of repeats), and prints and saves the ratio next to the cost model's limit
 d·n / (r·(d + n) + ρ·d·n). With --npz (MNIST digits), it also trains a 784-1000-1000-10 gated
 network with an L1 activity penalty and benchmarks its two hidden layers on their real inputs.
+Where TensorFlow sees a GPU, the synthetic rows are measured there too, labelled "GPU".
 """
 
 import argparse
@@ -50,7 +51,7 @@ def benchmark_layer(dense, gated, x, density, label, repeats, calls):
     }
 
 
-def synthetic_rows(rng, repeats, calls):
+def synthetic_rows(rng, repeats, calls, device_label=""):
     rows = []
     for input_dim, units, rank in SHAPES:
         dense = keras.layers.Dense(units, activation="relu")
@@ -59,7 +60,7 @@ def synthetic_rows(rng, repeats, calls):
         for batch in BATCHES:
             x = rng.standard_normal((batch, input_dim)).astype(np.float32)
             for density in DENSITIES:
-                label = f"{input_dim}->{units} r={rank}"
+                label = f"{device_label}{input_dim}->{units} r={rank}"
                 rows.append(benchmark_layer(dense, gated, x, density, label, repeats, calls))
                 print(format_row(rows[-1]), flush=True)
     return rows
@@ -116,9 +117,13 @@ def main(argv=None):
         parser.error("the compiled op is not loaded; the benchmark would only time the pure-TF path")
     rng = np.random.default_rng(0)
     print(HEADER)
-    rows = synthetic_rows(rng, args.repeats, args.calls)
-    if args.npz:
-        rows += trained_rows(args.npz, rng, args.repeats, args.calls)
+    with tf.device("/CPU:0"):
+        rows = synthetic_rows(rng, args.repeats, args.calls)
+        if args.npz:
+            rows += trained_rows(args.npz, rng, args.repeats, args.calls)
+    if tf.config.list_logical_devices("GPU"):
+        with tf.device("/GPU:0"):
+            rows += synthetic_rows(rng, args.repeats, args.calls, device_label="GPU ")
     with open(args.out, "w") as f:
         json.dump({"tensorflow": tf.__version__, "cpus": os.cpu_count(), "rows": rows}, f, indent=1)
     print(f"saved {args.out}; lowest speedup {min(r['speedup'] for r in rows):.2f}x")

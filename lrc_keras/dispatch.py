@@ -33,7 +33,9 @@ def cache_file():
 
 
 def _key(input_dim, units, rank):
-    return f"tf{tf.__version__}/{platform.machine()}/{os.cpu_count()}cpu/{input_dim}x{units}/r{rank}"
+    # Measured where TF places ops by default: the first GPU when there is one.
+    device = "gpu" if tf.config.list_logical_devices("GPU") else f"{platform.machine()}-{os.cpu_count()}cpu"
+    return f"tf{tf.__version__}/{device}/{input_dim}x{units}/r{rank}"
 
 
 def crossover_densities(input_dim, units, rank):

@@ -140,7 +140,7 @@ def test_op_rejects_bad_dtype():
 
 
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
-def test_every_instruction_set_copy_matches_numpy(isa):
+def test_every_instruction_set_copy_matches_numpy(isa, tmp_path):
     # The kernel is chosen once per process: run the narrower copies in their own.
     script = (
         "import numpy as np, sys\n"
@@ -157,8 +157,9 @@ def test_every_instruction_set_copy_matches_numpy(isa):
         "    np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)\n"
         "print('OK', ops.is_compiled())\n"
     ) % os.path.dirname(os.path.abspath(__file__))
+    # Run outside the source tree, so that `python -c` imports the installed package.
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True,
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
         env={**os.environ, "LRC_ISA": isa, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert result.returncode == 0 and "OK True" in result.stdout, result.stderr[-2000:]
