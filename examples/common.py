@@ -29,7 +29,7 @@ def int_list(text):
     return values
 
 
-def parser(description, hidden, ranks, epochs):
+def parser(description, hidden, ranks, epochs, l1):
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--data-dir", default=None, help="tensorflow-datasets data directory")
     p.add_argument("--hidden", type=int_list, default=hidden, help="hidden layer sizes, e.g. 1000,1000")
@@ -37,7 +37,7 @@ def parser(description, hidden, ranks, epochs):
     p.add_argument("--estimator", choices=["svd", "joint"], default="svd")
     p.add_argument("--refit-every", type=int, default=200, help="training steps between SVD refits")
     p.add_argument("--margin", type=float, default=0.0, help="compute units with estimate > -margin")
-    p.add_argument("--l1", type=float, default=1e-5, help="L1 activity penalty on hidden activations")
+    p.add_argument("--l1", type=float, default=l1, help="L1 activity penalty on hidden activations")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--batch-size", type=int, default=128)

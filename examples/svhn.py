@@ -29,7 +29,8 @@ def normalise(train, test):
 
 
 def main(argv=None):
-    parser = common.parser(__doc__.splitlines()[0], hidden=[4000, 2000, 1000], ranks=[50, 40, 30], epochs=10)
+    parser = common.parser(__doc__.splitlines()[0], hidden=[4000, 2000, 1000], ranks=[50, 40, 30], epochs=10,
+                           l1=1e-4)
     args = common.parse_args(parser, argv)
     return common.run(args, normalise(*common.load_tfds("svhn_cropped", args.data_dir)), "svhn")
 
