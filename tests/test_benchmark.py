@@ -11,6 +11,7 @@ def test_benchmark_table_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "SHAPES", ((40, 30, 4),))
     monkeypatch.setattr(benchmark, "BATCHES", (1, 8))
     monkeypatch.setattr(benchmark, "DENSITIES", (0.1, 0.5))
+    monkeypatch.chdir(tmp_path)  # no ../shared MNIST file here: no trained rows
     out = tmp_path / "table.json"
     benchmark.main(["--out", str(out), "--repeats", "1", "--calls", "2"])
     rows = json.loads(out.read_text())["rows"]
