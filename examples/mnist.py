@@ -39,8 +39,9 @@ def prepare(split):
 
 
 def main(argv=None):
-    # L1 1e-3: the paper's sparse regime (on 3000 digits, ~14% and ~35% of units active).
-    parser = common.parser(__doc__.splitlines()[0], hidden=[1000, 1000], ranks=[20], epochs=10, l1=1e-3)
+    # L1 3e-4: sparse enough to pay (on 3000 digits ~37% and ~46% of units computed) while
+    # the gated network stays within a point of its dense twin; 1e-3 is sparser but ~1.3 worse.
+    parser = common.parser(__doc__.splitlines()[0], hidden=[1000, 1000], ranks=[20], epochs=10, l1=3e-4)
     parser.add_argument("--npz", default=None, help="arrays x uint8 [N, 28, 28], y [N] instead of tfds")
     args = common.parse_args(parser, argv)
     splits = load_npz(args.npz, args.seed) if args.npz else common.load_tfds("mnist", args.data_dir)

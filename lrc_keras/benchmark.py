@@ -66,7 +66,7 @@ def synthetic_rows(rng, repeats, calls, device_label=""):
     return rows
 
 
-def trained_rows(npz, rng, repeats, calls, l1=1e-3, epochs=10):
+def trained_rows(npz, rng, repeats, calls, l1=3e-4, epochs=10):
     data = np.load(npz)
     x = data["x"].reshape(len(data["x"]), -1).astype(np.float32) / 255.0
     model = keras.Sequential(

@@ -157,10 +157,11 @@ def test_every_instruction_set_copy_matches_numpy(isa, tmp_path):
         "    np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)\n"
         "print('OK', ops.is_compiled())\n"
     ) % os.path.dirname(os.path.abspath(__file__))
-    # Run outside the source tree, so that `python -c` imports the installed package.
+    # The same lrc_keras as this process imported (python -c would prefer the current directory).
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(ops.__file__)))
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-        env={**os.environ, "LRC_ISA": isa, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        env={**os.environ, "LRC_ISA": isa, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": package_root},
     )
     assert result.returncode == 0 and "OK True" in result.stdout, result.stderr[-2000:]
 
