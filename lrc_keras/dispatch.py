@@ -3,7 +3,7 @@
 The gated op's time grows with the density ρ of computed units; the dense path's does not.
 For a layer shape (d, n, r) and a few batch sizes, `crossover_densities` times both once on
 this machine (gated at several densities, set exactly through the margin, since its time is
-not linear in ρ: sparse selections fill the 4-row blocks less well) and caches the density
+not linear in ρ: sparse selections fill its row blocks less well) and caches the density
 below which gated wins in
 `$LRC_CACHE_DIR/cost_model.json` (default ~/.cache/lrc_keras). The layer compares the density
 it last observed against that crossover for the batch at hand.
