@@ -45,7 +45,7 @@ def check_gate_summaries(logdir, layers, validation_rows):
         assert singular[:, 2].sum() == pytest.approx(min(input_dim, units))
 
 
-def assert_report(rows, tmp_path, layers=("hidden_0", "hidden_1")):
+def assert_report(rows, layers=("hidden_0", "hidden_1")):
     gated = [row for row in rows if row["layers"]]
     assert gated, "a gated run must be reported"
     for row in rows:
@@ -59,7 +59,7 @@ def test_mnist_on_mock_tfds(tmp_path):
     with tfds.testing.mock_data(num_examples=64):
         rows = mnist.main(TINY + ["--baseline", "--logdir", str(tmp_path)])
     assert [row["run"] for row in rows] == ["mnist_dense", "mnist_gated"]
-    assert_report(rows, tmp_path)
+    assert_report(rows)
     check_gate_summaries(str(tmp_path), {"hidden_0": (784, 24, 4), "hidden_1": (24, 16, 4)}, 64)
     # keras.callbacks.TensorBoard logged the layer metrics that fit reports.
     accumulator = EventAccumulator(os.path.join(tmp_path, "mnist_gated", "train"), size_guidance={"tensors": 0})
@@ -70,7 +70,7 @@ def test_mnist_on_mock_tfds(tmp_path):
 def test_svhn_on_mock_tfds(tmp_path):
     with tfds.testing.mock_data(num_examples=48):
         rows = svhn.main(TINY + ["--logdir", str(tmp_path)])
-    assert_report(rows, tmp_path)
+    assert_report(rows)
     check_gate_summaries(str(tmp_path), {"hidden_0": (3072, 24, 4), "hidden_1": (24, 16, 4)}, 48)
 
 
@@ -94,7 +94,7 @@ def test_mnist_on_npz_with_rank_sweep(tmp_path):
     npz = tiny_npz(tmp_path / "digits.npz")
     rows = mnist.main(TINY + ["--npz", npz, "--baseline", "--sweep-ranks", "2,4", "--logdir", str(tmp_path)])
     assert [row["run"] for row in rows] == ["mnist_dense", "mnist_rank2", "mnist_rank4"]
-    assert_report(rows, tmp_path)
+    assert_report(rows)
     with open(tmp_path / "sweep.csv") as f:
         table = list(csv.DictReader(f))
     assert [row["rank"] for row in table] == ["", "2,2", "4,4"]
