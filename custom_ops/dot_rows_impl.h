@@ -7,7 +7,7 @@
 
 // out[r] = w · rows[r] for r < R. Two accumulators per row give 2R independent chains; every
 // row is summed in the same order whatever R is, so a result does not depend on its block.
-// `ahead` (the next weight row to be used) is prefetched a cache line at a time: selected rows
+// `ahead` (the next weight row to be used) is prefetched, every cache line of it: selected rows
 // come with gaps, so the hardware prefetcher would restart at every one.
 template <int R>
 void DotRows(const float* w, const float* const* rows, int64_t n, const float* ahead,
@@ -17,7 +17,7 @@ void DotRows(const float* w, const float* const* rows, int64_t n, const float* a
   for (int r = 0; r < R; ++r) even[r] = odd[r] = Zero();
   int64_t k = 0;
   for (; k + 2 * kWidth <= n; k += 2 * kWidth) {
-    Prefetch(ahead + k);
+    for (int64_t line = 0; line < 2 * kWidth; line += kFloatsPerLine) Prefetch(ahead + line + k);
     const Vec w0 = Load(w + k);
     const Vec w1 = Load(w + k + kWidth);
 #pragma GCC unroll 8

@@ -190,7 +190,7 @@ def _choose(layer, inputs, target_recall, ranks):
     bias = np.zeros(units, np.float32) if layer.bias is None else layer.bias.numpy()
     positive = ops.dense_preactivation(inputs, layer.kernel, layer.bias).numpy() > 0
     estimates = {
-        rank: low_rank_product(inputs, estimator_u[:, :rank], estimator_v[:, :rank]).numpy() + bias
+        rank: low_rank_product(inputs, estimator_u[:, :rank], estimator_v[:rank]).numpy() + bias
         for rank in candidates
     }
 

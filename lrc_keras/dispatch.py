@@ -66,7 +66,7 @@ def _measure(input_dim, units, rank):
     kernel = tf.constant(rng.standard_normal((units, input_dim), np.float32) / float(np.sqrt(input_dim)))
     bias = tf.zeros([units])
     estimator_u = tf.constant(rng.standard_normal((input_dim, rank), np.float32))
-    estimator_v = tf.constant(rng.standard_normal((units, rank), np.float32) / float(np.sqrt(input_dim)))
+    estimator_v = tf.constant(rng.standard_normal((rank, units), np.float32) / float(np.sqrt(input_dim)))
     crossovers = {}
     for batch in MEASURED_BATCHES:
         x = tf.constant(rng.standard_normal((batch, input_dim), np.float32))

@@ -3,8 +3,8 @@
 Stored layout (shared with the compiled ops, see `custom_ops/gated_dense.h`):
     kernel       (units, input_dim)  row j is unit j's weights, contiguous
     estimator_u  (input_dim, rank)   one dense GEMM x·U per batch
-    estimator_v  (units, rank)       row j is unit j's estimator column V[:, j], contiguous
-so W = kernel^T and ẑ = (x·U)·estimator_v^T + b.
+    estimator_v  (rank, units)       V, so that a row block of ẑ is a GEMM over contiguous rows
+so W = kernel^T and ẑ = (x·U)·V + b.
 """
 
 import tensorflow as tf
@@ -14,7 +14,7 @@ def truncated_svd_factors(kernel, rank):
     """Best rank-`rank` factors of W = kernel^T, in the stored layout.
 
     Returns `(estimator_u, estimator_v, singular_values)` with
-    estimator_u @ estimator_v^T the truncated SVD of W (Eckart-Young: the best
+    estimator_u @ estimator_v the truncated SVD of W (Eckart-Young: the best
     rank-r approximation in Frobenius and spectral norm). The singular values
     are split as sqrt(s) on both sides so that U and V have the same scale,
     which keeps the joint estimator's gradients balanced.
@@ -22,12 +22,12 @@ def truncated_svd_factors(kernel, rank):
     s, left, right = tf.linalg.svd(kernel, full_matrices=False)
     # kernel = left·diag(s)·right^T, so W = kernel^T = right·diag(s)·left^T.
     root = tf.sqrt(s[:rank])
-    return right[:, :rank] * root, left[:, :rank] * root, s
+    return right[:, :rank] * root, tf.transpose(left[:, :rank] * root), s
 
 
 def low_rank_product(x, estimator_u, estimator_v):
     """(x·U)·V for 2-D x: two thin GEMMs, r·(d + n) multiply-adds per row."""
-    return tf.matmul(tf.matmul(x, estimator_u), estimator_v, transpose_b=True)
+    return tf.matmul(tf.matmul(x, estimator_u), estimator_v)
 
 
 def estimate(x, estimator_u, estimator_v, bias):

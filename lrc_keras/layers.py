@@ -37,8 +37,7 @@ class LowRankGatedDense(keras.layers.Layer):
     Stored layout (the compiled ops read it as is):
     `kernel` is `(units, input_dim)` (W transposed, so each unit's weights are
     contiguous), `estimator_u` is `(input_dim, rank)` and `estimator_v` is
-    `(units, rank)` (each unit's estimator column contiguous), so that
-    `ẑ = (x·estimator_u)·estimator_vᵀ + bias`. `get_weights()` returns
+    `(rank, units)`, so that `ẑ = (x·estimator_u)·estimator_v + bias`. `get_weights()` returns
     `[kernel, bias, estimator_u, estimator_v, training_steps, observed_density]`
     in that layout (no bias when `use_bias=False`).
 
@@ -337,7 +336,7 @@ class LowRankGatedDense(keras.layers.Layer):
         )
         self.estimator_v = self.add_weight(
             name="estimator_v",
-            shape=(self.units, self.rank),
+            shape=(self.rank, self.units),
             initializer="zeros",
             trainable=self.estimator == "joint",
             aggregation=refitted,

@@ -20,7 +20,7 @@ tf.config.set_logical_device_configuration(
 def numpy_gated_dense(x, kernel, bias, estimator_u, estimator_v, margin):
     """float64 reference: (y, mask, z_hat, z) in the layer's stored layout."""
     x, kernel, bias = (np.asarray(a, np.float64) for a in (x, kernel, bias))
-    z_hat = (x @ np.asarray(estimator_u, np.float64)) @ np.asarray(estimator_v, np.float64).T + bias
+    z_hat = (x @ np.asarray(estimator_u, np.float64)) @ np.asarray(estimator_v, np.float64) + bias
     z = x @ kernel.T + bias
     mask = ~(z_hat <= -margin)
     return np.where(mask, np.maximum(z, 0.0), 0.0), mask, z_hat, z
@@ -35,7 +35,7 @@ def random_weights(rng, input_dim, units, rank, scale=1.0):
     kernel = (rng.standard_normal((units, input_dim)) / np.sqrt(input_dim)).astype(np.float32)
     bias = (0.1 * rng.standard_normal(units)).astype(np.float32)
     estimator_u = (scale * rng.standard_normal((input_dim, rank))).astype(np.float32)
-    estimator_v = (rng.standard_normal((units, rank)) / np.sqrt(input_dim)).astype(np.float32)
+    estimator_v = (rng.standard_normal((rank, units)) / np.sqrt(input_dim)).astype(np.float32)
     return kernel, bias, estimator_u, estimator_v
 
 

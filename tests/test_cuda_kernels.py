@@ -113,12 +113,12 @@ def test_gpu_kernels_registered_when_built_with_cuda():
 def test_gpu_op_matches_numpy_on_device(rng, path):
     x, kernel, bias, _ = inputs(rng, 33, 131, 70)
     estimator_u = rng.standard_normal((131, 6)).astype(np.float32)
-    estimator_v = (rng.standard_normal((70, 6)) / 12).astype(np.float32)
+    estimator_v = (rng.standard_normal((6, 70)) / 12).astype(np.float32)
     function = ops.gated_dense_with_density if path == "gated" else ops.gemm_then_mask_with_density
     with tf.device("/GPU:0"):
         y, fraction = function(x, kernel, bias, estimator_u, estimator_v, 0.1)
     assert "GPU" in y.device
-    product = (x.astype(np.float64) @ estimator_u) @ estimator_v.T
+    product = (x.astype(np.float64) @ estimator_u) @ estimator_v
     expected, selected = expected_output(x.astype(np.float64) @ kernel.T.astype(np.float64), bias, product, 0.1)
     keep = away_from_boundary(product + bias, 0.1)
     np.testing.assert_allclose(y.numpy()[keep], expected[keep], rtol=1e-4, atol=1e-4)

@@ -54,7 +54,7 @@ def test_full_rank_is_exactly_dense(rng):
 def test_truncated_svd_is_optimal(rng):
     layer = built_layer(rng, input_dim=30, units=20, rank=5)
     w = layer.kernel.numpy().T.astype(np.float64)
-    approximation = layer.estimator_u.numpy() @ layer.estimator_v.numpy().T
+    approximation = layer.estimator_u.numpy() @ layer.estimator_v.numpy()
     singular_values = np.linalg.svd(w, compute_uv=False)
     error = np.linalg.norm(w - approximation)
     np.testing.assert_allclose(error, np.sqrt(np.sum(singular_values[5:] ** 2)), rtol=1e-4)
@@ -224,7 +224,7 @@ def test_from_dense_copies_weights_and_fits_svd(rng):
     np.testing.assert_array_equal(gated.bias.numpy(), dense.bias.numpy())
     np.testing.assert_allclose(np.abs(gated.estimator_u.numpy()), np.abs(_svd_u(gated.kernel.numpy(), 3)), rtol=1e-3, atol=1e-5)
     weights = gated.get_weights()
-    assert [w.shape for w in weights] == [(12, 9), (12,), (9, 3), (12, 3), (), ()]
+    assert [w.shape for w in weights] == [(12, 9), (12,), (9, 3), (3, 12), (), ()]
 
 
 def test_from_dense_rejects_what_it_cannot_copy():
