@@ -195,6 +195,24 @@ def test_a_row_does_not_depend_on_its_batch(rng):
         np.testing.assert_array_equal(ops.gated_dense(x[i : i + 1], *weights, 0.0).numpy()[0], whole[i])
 
 
+def test_wide_inputs_span_several_tiles(rng):
+    # 4099 inputs: the CPU kernel takes ~23 units x 23 rows a tile (weights and rows kept in L2),
+    # so 61 units x 50 rows are 3 x 3 tiles, the last ones partial; 4099 also leaves vector tails.
+    input_dim, units, batch = 4099, 61, 50
+    kernel, bias, _, _ = random_weights(rng, input_dim, units, 1)
+    x = rng.standard_normal((batch, input_dim)).astype(np.float32)
+    product = rng.standard_normal((batch, units)).astype(np.float32)
+    y, fraction = ops._library.lrc_gated_dense(x, kernel, bias, product, 0.2)
+    mask = product + bias > -0.2
+    expected = np.where(mask, np.maximum(x.astype(np.float64) @ kernel.T.astype(np.float64) + bias, 0), 0)
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert np.all(y.numpy()[~mask] == 0.0)
+    assert float(fraction) == pytest.approx(mask.mean())
+    for i in (0, 22, 23, 49):  # first and last rows of tiles: the same bits as when alone
+        alone = ops._library.lrc_gated_dense(x[i : i + 1], kernel, bias, product[i : i + 1], 0.2)[0]
+        np.testing.assert_array_equal(alone.numpy()[0], y.numpy()[i])
+
+
 @pytest.mark.parametrize("path", sorted(COMPILED_PATHS))
 def test_gradient_matches_finite_differences(rng, path):
     kernel, bias, estimator_u, estimator_v = random_weights(rng, 6, 5, 2)
