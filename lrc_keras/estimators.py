@@ -3,7 +3,7 @@
 Stored layout (shared with the compiled ops, see `custom_ops/gated_dense.h`):
     kernel       (units, input_dim)  row j is unit j's weights, contiguous
     estimator_u  (input_dim, rank)   one dense GEMM x·U per batch
-    estimator_v  (rank, units)       V, so that a row block of ẑ is a GEMM over contiguous rows
+    estimator_v  (rank, units)       V as the paper writes it: the second GEMM needs no transpose
 so W = kernel^T and ẑ = (x·U)·V + b.
 """
 

@@ -37,9 +37,10 @@ class LowRankGatedDense(keras.layers.Layer):
     Stored layout (the compiled ops read it as is):
     `kernel` is `(units, input_dim)` (W transposed, so each unit's weights are
     contiguous), `estimator_u` is `(input_dim, rank)` and `estimator_v` is
-    `(rank, units)`, so that `ẑ = (x·estimator_u)·estimator_v + bias`. `get_weights()` returns
-    `[kernel, bias, estimator_u, estimator_v, training_steps, observed_density]`
-    in that layout (no bias when `use_bias=False`).
+    `(rank, units)`, so that `ẑ = (x·estimator_u)·estimator_v + bias`.
+    `get_weights()` returns `[kernel, bias, estimator_u, estimator_v,
+    training_steps, observed_density]` in that layout (no bias when
+    `use_bias=False`).
 
     Inference path: `layer.inference_path` is `"auto"` (default), `"gated"`
     or `"dense"`. `"auto"` runs the gated op unless TF's dense GEMM followed by
