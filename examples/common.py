@@ -12,7 +12,7 @@ import tensorflow as tf
 from lrc_keras import LowRankGatedDense
 from lrc_keras import measure_gates
 from lrc_keras.callbacks import GateSummaries
-from lrc_keras.dispatch import median_times
+from lrc_keras.timing import median_times
 
 
 class DataError(Exception):

@@ -21,7 +21,7 @@ import common  # noqa: E402
 import mnist  # noqa: E402
 
 import lrc_keras  # noqa: E402
-from lrc_keras.dispatch import median_times  # noqa: E402
+from lrc_keras.timing import median_times  # noqa: E402
 
 
 def accuracy(model, x, y):

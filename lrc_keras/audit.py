@@ -9,7 +9,7 @@ from lrc_keras import ops
 from lrc_keras.estimators import estimate
 from lrc_keras.layers import LowRankGatedDense
 from lrc_keras.metrics import confusion_counts
-from lrc_keras.metrics import cost_model_speedup
+from lrc_keras.cost import cost_model_speedup
 from lrc_keras.metrics import gate_statistics
 
 

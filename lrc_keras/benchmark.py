@@ -17,9 +17,10 @@ import numpy as np
 import tensorflow as tf
 
 from lrc_keras import LowRankGatedDense, ops
-from lrc_keras.dispatch import margin_for_density, median_times
+from lrc_keras.dispatch import margin_for_density
+from lrc_keras.timing import median_times
 from lrc_keras.estimators import estimate
-from lrc_keras.metrics import cost_model_speedup
+from lrc_keras.cost import cost_model_speedup
 
 SHAPES = ((784, 1000, 20), (1000, 1000, 20), (3072, 4000, 50))
 BATCHES = (1, 16, 256)

@@ -14,7 +14,7 @@ from lrc_keras.dispatch import margin_for_density
 from lrc_keras.estimators import low_rank_product
 from lrc_keras.estimators import truncated_svd_factors
 from lrc_keras.layers import LowRankGatedDense
-from lrc_keras.metrics import cost_model_speedup
+from lrc_keras.cost import cost_model_speedup
 
 DEFAULT_CANDIDATE_RANKS = (5, 10, 20, 50, 100, 200)
 
@@ -35,30 +35,61 @@ def convert(model, rank, layers=None, **layer_kwargs):
         A new model; every other layer is a copy with the original's weights.
         At full rank its predictions equal the original's.
     """
-    if not isinstance(model, keras.Sequential) and not _is_functional(model):
-        raise ValueError(
-            f"convert needs a Sequential or functional model; {model.name!r} is a subclassed "
-            f"{type(model).__name__}, whose layers cannot be rewired"
-        )
+    _check_rewirable(model, "convert")
     candidates = {
         layer.name: layer
         for layer in model._flatten_layers(include_self=False)
         if isinstance(layer, keras.layers.Dense) and layer.activation is keras.activations.relu
     }
     wanted = _layers_to_convert(model, candidates, rank, layers)
+    return _clone_replacing(
+        model,
+        lambda layer: LowRankGatedDense.from_dense(layer, _rank_for(layer, rank), **layer_kwargs)
+        if layer.name in wanted
+        else None,
+    )
+
+
+def to_dense(model):
+    """A copy of `model` whose LowRankGatedDense layers are their Dense twins (`to_dense`).
+
+    The inverse of `convert`: the twin computes every unit, so it is the reference for the
+    gated model's accuracy and speed. Every other layer is a copy with the original's weights.
+    """
+    _check_rewirable(model, "to_dense")
+    return _clone_replacing(
+        model, lambda layer: layer.to_dense() if isinstance(layer, LowRankGatedDense) else None
+    )
+
+
+def _check_rewirable(model, caller):
+    if not isinstance(model, keras.Sequential) and not _is_functional(model):
+        raise ValueError(
+            f"{caller} needs a Sequential or functional model; {model.name!r} is a subclassed "
+            f"{type(model).__name__}, whose layers cannot be rewired"
+        )
+
+
+def _clone_replacing(model, replacement):
+    """A copy of `model` where `replacement(layer)` stands for each layer it returns one for.
+
+    Every other layer is re-created from its config and given the original's weights, so the
+    copy shares no variable with `model`.
+    """
     copied = []
 
     def clone(layer):
-        if layer.name in wanted:
-            return LowRankGatedDense.from_dense(layer, _rank_for(layer, rank), **layer_kwargs)
+        replaced = replacement(layer)
+        if replaced is not None:
+            return replaced
         duplicate = layer.__class__.from_config(layer.get_config())
         copied.append((layer, duplicate))
         return duplicate
 
-    converted = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    cloned = keras.models.clone_model(model, clone_function=clone, recursive=True)
     for original, duplicate in copied:
         duplicate.set_weights(original.get_weights())
-    return converted
+    return cloned
 
 
 def _is_functional(model):

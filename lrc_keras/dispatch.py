@@ -12,18 +12,16 @@ it last observed against that crossover for the batch at hand.
 import json
 import os
 import platform
-import time
 
 import numpy as np
 import tensorflow as tf
 
 from lrc_keras import ops
 from lrc_keras.estimators import estimate
+from lrc_keras.timing import median_times
 
 MEASURED_BATCHES = (1, 16, 256)
 MEASURED_DENSITIES = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)
-_REPEATS = 7
-_CALLS_PER_REPEAT = 5
 _measured = {}
 
 
@@ -112,39 +110,6 @@ def crossover(densities, gated_times, dense_time):
     (d0, t0), (d1, t1) = points[-2], points[-1]
     slope = max((t1 - t0) / (d1 - d0), 1e-12)
     return float(d1 + (dense_time - t1) / slope)
-
-
-def repeated(function, calls):
-    """A tf.function running `function` `calls` times in one graph, each call on the last's input.
-
-    Timing it measures the layer, not Python's per-call dispatch of a tf.function.
-    """
-
-    function = tf.autograph.experimental.do_not_convert(function)
-
-    @tf.function
-    def run(x):
-        def body(step, x, total):
-            y = function(x)
-            return step + 1, x + 0.0 * y[:, :1], total + y[0, 0]
-
-        return tf.while_loop(lambda step, x, total: step < calls, body, (0, x, 0.0))[2]
-
-    return run
-
-
-def median_times(functions, x, repeats=_REPEATS, calls=_CALLS_PER_REPEAT):
-    """Median seconds per call of each function, timed interleaved after a warm-up."""
-    looped = {name: repeated(function, calls) for name, function in functions.items()}
-    for function in looped.values():
-        function(x)
-    samples = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in looped.items():
-            start = time.perf_counter()
-            function(x).numpy()
-            samples[name].append((time.perf_counter() - start) / calls)
-    return {name: float(np.median(values)) for name, values in samples.items()}
 
 
 def crossover_for_batch(crossovers, batch):

@@ -9,6 +9,9 @@ so W = kernel^T and ẑ = (x·U)·V + b.
 
 import tensorflow as tf
 
+# The names LowRankGatedDense(estimator=...) accepts.
+ESTIMATORS = ("svd", "joint")
+
 
 def truncated_svd_factors(kernel, rank):
     """Best rank-`rank` factors of W = kernel^T, in the stored layout.

@@ -9,9 +9,9 @@ import tensorflow as tf
 from lrc_keras import dispatch
 from lrc_keras import estimators
 from lrc_keras import ops
+from lrc_keras.estimators import ESTIMATORS
 from lrc_keras.metrics import GateStatistics
 
-ESTIMATORS = ("svd", "joint")
 INFERENCE_PATHS = ("auto", "gated", "dense")
 
 
@@ -290,6 +290,28 @@ class LowRankGatedDense(keras.layers.Layer):
             layer.bias.assign(dense_layer.bias)
         layer.refit()
         return layer
+
+    def to_dense(self):
+        """The `keras.layers.Dense(units, activation="relu")` twin with this layer's weights.
+
+        It computes every unit, so its outputs equal this layer's wherever the estimator
+        selects every active unit; regularizers, the name and the dtype policy carry over.
+        """
+        dense = keras.layers.Dense(
+            self.units,
+            activation="relu",
+            use_bias=self.use_bias,
+            kernel_regularizer=self.kernel_regularizer,
+            bias_regularizer=self.bias_regularizer,
+            activity_regularizer=self.activity_regularizer,
+            name=self.name,
+            dtype=self.dtype_policy,
+        )
+        dense.build((None, self.kernel.shape[1]))
+        dense.kernel.assign(tf.transpose(self.kernel))
+        if self.use_bias:
+            dense.bias.assign(self.bias)
+        return dense
 
     def set_rank(self, rank):
         """Change the estimator's rank of a built layer, refitting U, V by truncated SVD.

@@ -13,11 +13,6 @@ GATE_STATISTICS = (
 )
 
 
-def cost_model_speedup(input_dim, units, rank, density):
-    """Dense multiply-adds over gated ones for one row: d·n / (r·(d + n) + ρ·d·n)."""
-    return input_dim * units / (rank * (input_dim + units) + density * input_dim * units)
-
-
 def gate_statistics(tp, fp, fn, tn):
     """The rates of GATE_STATISTICS from confusion counts (numbers or tensors).
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from conftest import numpy_gated_dense
 
-from lrc_keras import LowRankGatedDense, calibrate, convert
+from lrc_keras import LowRankGatedDense, calibrate, convert, to_dense
 from lrc_keras.audit import gated_layers
 from lrc_keras.convert import margin_for_recall
 
@@ -179,3 +179,37 @@ def test_set_rank_keeps_save_and_load_working(rng, tmp_path):
     loaded = keras.models.load_model(path)
     assert loaded.get_layer("wide").rank == 8
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), converted.predict(x, verbose=0))
+
+
+def test_to_dense_computes_every_unit(rng):
+    """The twin of a gated model is the full dense network: relu(x·W + b) per layer, in numpy."""
+    gated = convert(dense_model(rng), rank=2)  # rank 2: the gated model skips active units
+    twin = to_dense(gated)
+    assert [type(l).__name__ for l in twin.layers] == ["Dense", "Dense", "Dense", "Dense"]
+    assert all(not isinstance(l, LowRankGatedDense) for l in twin.layers)
+    x = rng.standard_normal((32, 20))
+    h = x
+    for layer in gated.layers[:2]:
+        h = np.maximum(h @ layer.kernel.numpy().T.astype(np.float64) + layer.bias.numpy(), 0.0)
+    tanh, logits = gated.layers[2], gated.layers[3]
+    h = np.tanh(h @ tanh.kernel.numpy() + tanh.bias.numpy())
+    expected = h @ logits.kernel.numpy() + logits.bias.numpy()
+    np.testing.assert_allclose(twin.predict(x.astype("float32"), verbose=0), expected, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(gated.predict(x.astype("float32"), verbose=0), expected, atol=1e-3)
+    # Not shared: changing the twin leaves the gated model alone.
+    twin.layers[0].kernel.assign(np.zeros(twin.layers[0].kernel.shape, "float32"))
+    assert np.any(gated.layers[0].kernel.numpy() != 0)
+
+
+def test_to_dense_of_nested_models_and_of_layers_without_bias(rng):
+    model = functional_model(rng)
+    gated = convert(model, rank=1.0)
+    twin = to_dense(gated)
+    assert not any(isinstance(l, LowRankGatedDense) for l in twin._flatten_layers(include_self=False))
+    x = rng.standard_normal((16, 16)).astype("float32")
+    np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+    layer = LowRankGatedDense(6, rank=2, use_bias=False)
+    layer.build((None, 5))
+    dense = layer.to_dense()
+    assert dense.bias is None and dense.name == layer.name
+    np.testing.assert_array_equal(dense.kernel.numpy(), layer.kernel.numpy().T)

@@ -1,0 +1,28 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lrc_keras.timing import repeated
+
+
+def test_repeated_runs_the_function_once_per_call():
+    """Every iteration must execute the function: neither hoisted out of the loop nor pruned."""
+    counter = tf.Variable(0.0)
+
+    def counted(x):
+        counter.assign_add(1.0)
+        return tf.matmul(x, x)
+
+    x = tf.constant(2 * np.eye(4, dtype=np.float32))
+    total = repeated(counted, calls=7)(x)
+    assert float(counter.numpy()) == 7.0
+    assert float(total) == 7 * 4.0  # the sum of every call's first output element
+
+
+def test_repeated_keeps_a_pure_function_alive():
+    """A stateless function's output feeds only the control dependency; it must still run.
+
+    An out-of-range gather is pure and fails only when it executes: pruned, it would pass.
+    """
+    with pytest.raises(tf.errors.InvalidArgumentError, match="99"):
+        repeated(lambda x: tf.gather(x, [99]), calls=3)(tf.ones((2, 2)))
