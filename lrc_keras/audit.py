@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from lrc_keras import ops
+from lrc_keras.gating import gate_mask
 from lrc_keras.estimators import estimate
 from lrc_keras.layers import LowRankGatedDense
 from lrc_keras.metrics import confusion_counts
@@ -67,7 +68,7 @@ def measure_gates(model, x):
         inputs = tf.concat(captured[layer.name], axis=0)
         z_hat = estimate(inputs, layer.estimator_u, layer.estimator_v, layer.bias)
         z = ops.dense_preactivation(inputs, layer.kernel, layer.bias)
-        mask = ops.gate_mask(z_hat, layer.margin)
+        mask = gate_mask(z_hat, layer.margin)
         counts = [float(c) for c in confusion_counts(mask, z > 0)]
         report = {"layer": layer.name, **gate_statistics(*counts)}
         singular_values = np.linalg.svd(layer.kernel.numpy().astype(np.float64), compute_uv=False)

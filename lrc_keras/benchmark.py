@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from lrc_keras import LowRankGatedDense, ops
-from lrc_keras.dispatch import margin_for_density
+from lrc_keras.gating import margin_for_density
 from lrc_keras.timing import median_times
 from lrc_keras.estimators import estimate
 from lrc_keras.cost import cost_model_speedup

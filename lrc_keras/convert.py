@@ -10,16 +10,15 @@ import tensorflow as tf
 from lrc_keras import ops
 from lrc_keras.audit import capture_inputs
 from lrc_keras.audit import gated_layers
-from lrc_keras.dispatch import margin_for_density
 from lrc_keras.estimators import low_rank_product
-from lrc_keras.estimators import truncated_svd_factors
-from lrc_keras.layers import LowRankGatedDense
+from lrc_keras.gating import gate_mask
+from lrc_keras.gating import margin_for_density
+from lrc_keras.gating import margin_for_recall
 from lrc_keras.cost import cost_model_speedup
+from lrc_keras.layers import LowRankGatedDense
 
-DEFAULT_CANDIDATE_RANKS = (5, 10, 20, 50, 100, 200)
 
-
-def convert(model, rank, layers=None, **layer_kwargs):
+def convert(model, rank, layers=None, sample_inputs=None, **layer_kwargs):
     """A copy of `model` whose Dense+ReLU layers are LowRankGatedDense (`from_dense`).
 
     Args:
@@ -29,6 +28,10 @@ def convert(model, rank, layers=None, **layer_kwargs):
             fraction}, in which case only the named layers are converted.
         layers: Optional names of the layers to convert (each must be a Dense
             with ReLU activation); default: every Dense with ReLU activation.
+        sample_inputs: Optional model inputs. Where given, each converted layer's estimator is
+            fitted to the inputs that layer sees on them (in model order, through the gated
+            layers before it), as the input-aware estimators need; otherwise to the kernel
+            alone.
         **layer_kwargs: Passed to `LowRankGatedDense` (e.g. `margin`, `estimator`).
 
     Returns:
@@ -36,18 +39,40 @@ def convert(model, rank, layers=None, **layer_kwargs):
         At full rank its predictions equal the original's.
     """
     _check_rewirable(model, "convert")
+    if sample_inputs is not None:
+        sample_inputs = _checked_model_inputs(sample_inputs, "sample_inputs")
     candidates = {
         layer.name: layer
         for layer in model._flatten_layers(include_self=False)
         if isinstance(layer, keras.layers.Dense) and layer.activation is keras.activations.relu
     }
     wanted = _layers_to_convert(model, candidates, rank, layers)
-    return _clone_replacing(
+    converted = _clone_replacing(
         model,
         lambda layer: LowRankGatedDense.from_dense(layer, _rank_for(layer, rank), **layer_kwargs)
         if layer.name in wanted
         else None,
     )
+    if sample_inputs is not None:
+        for layer in gated_layers(converted):
+            layer.refit(_inputs_of(converted, layer, sample_inputs))
+    return converted
+
+
+def _checked_model_inputs(x, name):
+    x = np.asarray(x)
+    if x.size == 0 or x.ndim < 2:
+        raise ValueError(f"{name} must be a non-empty batch of model inputs; got shape {x.shape}")
+    if np.issubdtype(x.dtype, np.number) and not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} must be finite; it has {int(np.sum(~np.isfinite(x)))} NaN or inf values")
+    return x
+
+
+def _inputs_of(model, layer, x):
+    """The 2-D inputs `layer` sees when `model` runs on x (inference)."""
+    with capture_inputs([layer]) as captured:
+        model(x, training=False)
+    return tf.concat(captured[layer.name], axis=0).numpy()
 
 
 def to_dense(model):
@@ -138,18 +163,17 @@ def _rank_for(layer, rank):
 class CalibrationReport:
     """Per gated layer: the rank and margin chosen, and what they give on the calibration data.
 
-    `rows` is a list of dicts with keys layer, rank, margin, recall,
-    predicted_density, cost_model_speedup, target_reached; `str(report)`
-    is a table.
+    `rows` is a list of dicts with keys layer, rank, margin, recall, predicted_density,
+    cost_model_speedup, target_reached; `str(report)` is a table.
     """
 
-    def __init__(self, target_recall, rows):
-        self.target_recall = target_recall
+    def __init__(self, target, rows):
+        self.target = target
         self.rows = rows
 
     def __str__(self):
         lines = [
-            f"calibrated for recall >= {self.target_recall}",
+            f"calibrated for {self.target}",
             "| layer | rank | margin | recall | predicted density | cost-model speedup | target |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -166,32 +190,44 @@ class CalibrationReport:
     __repr__ = __str__
 
 
-def calibrate(model, x, target_recall=0.99, ranks=None):
-    """Choose each gated layer's rank and margin for `target_recall` at the lowest cost.
+def calibrate(model, x, target_recall=None, target_density=None, ranks=None):
+    """Choose each gated layer's margin (and, given candidate `ranks`, its rank) for a target.
 
-    Layer by layer (each sees the inputs the already-calibrated layers before it
-    produce), every candidate rank gets the smallest margin whose recall of truly
-    active units on `x` reaches `target_recall`; the candidate with the lowest
-    cost-model cost r·(d + n) + ρ·d·n wins, if that is below the dense cost d·n.
-    Otherwise the target is reported as not reached for that layer, which keeps
-    the candidate that comes closest (the highest recall at dense cost).
+    Layer by layer (each sees the inputs the already-calibrated layers before it produce), on
+    the estimator the layer actually uses:
+    - `target_recall`: the smallest margin whose recall of truly active units on `x` reaches
+      it. With several candidate ranks the cheapest under the cost model r·(d + n) + ρ·d·n
+      wins, if it is below the dense cost d·n; otherwise the target is reported as not reached
+      and the candidate with the highest recall at dense cost is kept.
+    - `target_density`: the margin that computes that fraction of the units on `x`; with
+      several candidate ranks, the one with the highest recall there wins.
+    Recall protects accuracy, density sets speed: compare the model's accuracy before and
+    after, since a high recall target can multiply the density for little accuracy.
 
     Args:
         model: A model with LowRankGatedDense layers (e.g. from `convert`).
-        x: Calibration inputs (not empty).
-        target_recall: In (0, 1].
-        ranks: Candidate ranks (default 5, 10, 20, 50, 100, 200 and the
-            layer's own), those above min(input_dim, units) dropped.
+        x: Calibration inputs (not empty, finite).
+        target_recall: In (0, 1]. Default 0.99 when no target_density is given.
+        target_density: In (0, 1]; exclusive with target_recall.
+        ranks: Candidate ranks, or None: keep each layer's rank and its own U, V. A candidate
+            other than the layer's own rank is fitted by the layer's estimator rule on the
+            layer's inputs from `x`; ranks above min(input_dim, units) are dropped.
 
     Returns:
-        A CalibrationReport. The layers are changed in place (`set_rank`,
-        `margin`): compile the model again before training it.
+        A CalibrationReport. The layers are changed in place (`set_rank`, `margin`): compile
+        the model again before training it.
     """
-    if isinstance(target_recall, bool) or not isinstance(target_recall, numbers.Real) or not 0 < target_recall <= 1:
-        raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
-    x = np.asarray(x)
-    if x.size == 0 or x.ndim < 2:
-        raise ValueError(f"calibrate needs calibration inputs; got an empty or 1-D x of shape {x.shape}")
+    if target_recall is not None and target_density is not None:
+        raise ValueError(
+            f"give target_recall or target_density, not both (got target_recall={target_recall!r}, "
+            f"target_density={target_density!r})"
+        )
+    if target_density is None:
+        target_recall = 0.99 if target_recall is None else target_recall
+        _check_fraction("target_recall", target_recall)
+    else:
+        _check_fraction("target_density", target_density)
+    x = _checked_model_inputs(x, "x")
     if ranks is not None and (not ranks or any(isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in ranks)):
         raise ValueError(f"ranks must be a non-empty list of positive ints, got {ranks!r}")
     layers = gated_layers(model)
@@ -199,34 +235,40 @@ def calibrate(model, x, target_recall=0.99, ranks=None):
         raise ValueError(f"model {model.name!r} has no LowRankGatedDense layer to calibrate")
     rows = []
     for layer in layers:
-        with capture_inputs([layer]) as captured:
-            model(x, training=False)
-        inputs = tf.concat(captured[layer.name], axis=0)
-        row = _choose(layer, inputs, target_recall, ranks)
+        inputs = _inputs_of(model, layer, x)
+        row = _choose(layer, inputs, target_recall, target_density, ranks)
         if row["rank"] != layer.rank:
-            layer.set_rank(row["rank"])
+            layer.set_rank(row["rank"], sample_inputs=inputs)
         layer.margin = row["margin"]
         rows.append(row)
     model.predict_function = model.test_function = model.train_function = None
-    return CalibrationReport(target_recall, rows)
+    target = f"recall >= {target_recall}" if target_density is None else f"predicted density {target_density}"
+    return CalibrationReport(target, rows)
 
 
-def _choose(layer, inputs, target_recall, ranks):
+def _check_fraction(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {name}={value!r}")
+
+
+def _choose(layer, inputs, target_recall, target_density, ranks):
     input_dim, units = layer.kernel.shape[1], layer.units
     full = min(input_dim, units)
-    candidates = sorted({r for r in (ranks or DEFAULT_CANDIDATE_RANKS + (layer.rank,)) if r <= full})
+    candidates = sorted({r for r in (ranks or (layer.rank,)) if r <= full})
     if not candidates:
         raise ValueError(f"{layer.name}: no candidate rank in {ranks} is <= min(input_dim, units) = {full}")
-    estimator_u, estimator_v, _ = truncated_svd_factors(layer.kernel, max(candidates))
-    bias = np.zeros(units, np.float32) if layer.bias is None else layer.bias.numpy()
+    bias = 0.0 if layer.bias is None else layer.bias.numpy()
     positive = ops.dense_preactivation(inputs, layer.kernel, layer.bias).numpy() > 0
-    estimates = {
-        rank: low_rank_product(inputs, estimator_u[:, :rank], estimator_v[:rank]).numpy() + bias
-        for rank in candidates
-    }
+
+    def factors(rank):  # the layer's own U, V at its own rank
+        if rank == layer.rank:
+            return layer.estimator_u, layer.estimator_v
+        return layer.estimator_rule.factors(inputs, rank)
+
+    estimates = {rank: low_rank_product(inputs, *factors(rank)).numpy() + bias for rank in candidates}
 
     def option(rank, margin):
-        computed = ops.gate_mask(estimates[rank], margin).numpy()
+        computed = gate_mask(estimates[rank], margin).numpy()
         density = float(computed.mean())
         return {
             "layer": layer.name,
@@ -237,6 +279,9 @@ def _choose(layer, inputs, target_recall, ranks):
             "cost_model_speedup": cost_model_speedup(input_dim, units, rank, density),
         }
 
+    if target_density is not None:
+        options = [option(rank, margin_for_density(estimates[rank], target_density)) for rank in candidates]
+        return {**max(options, key=lambda o: (o["recall"], -o["rank"])), "target_reached": True}
     reaching = [
         option(rank, margin_for_recall(estimates[rank][positive], target_recall, estimates[rank]))
         for rank in candidates
@@ -256,17 +301,3 @@ def _choose(layer, inputs, target_recall, ranks):
             f"({input_dim}x{units}); gating cannot pay off here"
         )
     return {**max(at_dense_cost, key=lambda o: o["recall"]), "target_reached": False}
-
-
-def margin_for_recall(positive_estimates, target_recall, all_estimates):
-    """The largest threshold t (margin -t) that still keeps recall >= target_recall.
-
-    Units are computed where ẑ > t: at most floor((1 - target)·P) of the P positive
-    estimates may lie at or below t.
-    """
-    if positive_estimates.size == 0:
-        return -float(np.nextafter(np.max(all_estimates), np.inf))  # nothing needs computing
-    ordered = np.sort(positive_estimates.astype(np.float32))
-    allowed_misses = int(math.floor((1 - target_recall) * ordered.size + 1e-9))
-    threshold = np.nextafter(ordered[allowed_misses], -np.inf, dtype=np.float32)
-    return -float(threshold)

@@ -1,4 +1,13 @@
-"""Which inference path is faster: the gated op or TensorFlow's dense GEMM with the mask applied.
+"""Dispatch: the one place that decides how a gated layer's inference runs, and says why.
+
+`choose_path` picks one of the implementations of `lrc_keras.ops`:
+    "reference"  plain TensorFlow, when the compiled ops are not loaded or the dtype is not
+                 float32 (warned once per reason, naming the faster choice)
+    "gated"      the compiled LrcGatedDense
+    "gemm"       TF's dense GEMM, then the compiled LrcMaskedRelu
+    "auto"       gated or gemm inside the graph, by the density last observed against the
+                 crossover density measured for this shape and batch (the cost model below)
+and `run` executes it.
 
 The gated op's time grows with the density ρ of computed units; the dense path's does not.
 For a layer shape (d, n, r) and a few batch sizes, `crossover_densities` times both once on
@@ -12,13 +21,67 @@ it last observed against that crossover for the batch at hand.
 import json
 import os
 import platform
+import warnings
 
 import numpy as np
 import tensorflow as tf
 
 from lrc_keras import ops
 from lrc_keras.estimators import estimate
+from lrc_keras.gating import margin_for_density
 from lrc_keras.timing import median_times
+
+INFERENCE_PATHS = ("auto", "gated", "gemm")
+_warned = set()
+
+
+def choose_path(requested, dtype, input_dim, units, rank, batch):
+    """`(path, crossover, reason)` for inference of a layer (see the module docstring).
+
+    `requested` is the layer's `inference_path`; `batch` an int or a scalar tensor. `crossover`
+    is the density below which "auto" runs the gated op (None for the other paths).
+    """
+    if requested not in INFERENCE_PATHS:
+        raise ValueError(f"inference_path must be one of {INFERENCE_PATHS}, got {requested!r}")
+    if not ops.is_compiled():
+        return "reference", None, "the compiled ops are not loaded"
+    if dtype != tf.float32:
+        reason = f"the compiled ops are float32 only and the inputs are {dtype.name}"
+        _warn_once(
+            ("dtype", dtype.name),
+            f"lrc_keras: {reason}, so LowRankGatedDense computes every unit in plain TensorFlow "
+            f"(no speed-up). Run inference in float32 (inputs and dtype policy) for the compiled ops.",
+        )
+        return "reference", None, reason
+    if requested != "auto":
+        return requested, None, f"inference_path={requested!r}"
+    crossover = crossover_for_batch(crossover_densities(input_dim, units, rank), batch)
+    if isinstance(crossover, float) and not 0.0 < crossover < 1.0:
+        path = "gated" if crossover >= 1.0 else "gemm"
+        return path, None, f"the cost model measured {path} faster at every density for batch {batch}"
+    return "auto", crossover, "the cost model's crossover density against the last observed density"
+
+
+def run(path, crossover, observed_density, x, kernel, bias, estimator_u, estimator_v, margin):
+    """`(y, active_fraction)` by the path `choose_path` returned."""
+    args = (x, kernel, bias, estimator_u, estimator_v, margin)
+    if path == "reference":
+        return ops.reference_with_density(*args)
+    if path == "gated":
+        return ops.gated_dense_with_density(*args)
+    if path == "gemm":
+        return ops.gemm_then_mask_with_density(*args)
+    return tf.cond(
+        observed_density <= crossover,
+        lambda: ops.gated_dense_with_density(*args),
+        lambda: ops.gemm_then_mask_with_density(*args),
+    )
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 MEASURED_BATCHES = (1, 16, 256)
 MEASURED_DENSITIES = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)
@@ -84,15 +147,6 @@ def _measure(input_dim, units, rank):
             MEASURED_DENSITIES, [times[d] for d in MEASURED_DENSITIES], times["dense"]
         )
     return crossovers
-
-
-def margin_for_density(z_hat, density):
-    """The margin at which a fraction `density` of the estimates z_hat select their unit."""
-    if density <= 0:
-        return -float("inf")
-    if density >= 1:
-        return float("inf")
-    return -float(np.quantile(z_hat, 1.0 - density))
 
 
 def crossover(densities, gated_times, dense_time):

@@ -4,108 +4,82 @@ import math
 import numbers
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from lrc_keras import dispatch
 from lrc_keras import estimators
+from lrc_keras import gating
 from lrc_keras import ops
-from lrc_keras.estimators import ESTIMATORS
 from lrc_keras.metrics import GateStatistics
-
-INFERENCE_PATHS = ("auto", "gated", "dense")
 
 
 @keras.saving.register_keras_serializable(package="lrc_keras")
 class LowRankGatedDense(keras.layers.Layer):
     """ReLU dense layer with low-rank conditional computation (Davis & Arel, 2013).
 
-    It computes `y = relu(x·W + b)`, but only for the units whose rank-r
-    estimate `ẑ = (x·U)·V + b` exceeds `-margin`; every other unit outputs
-    exactly 0 without its dot product being computed. Per row, the cost is
-    `r·(d + n) + ρ·d·n` multiply-adds instead of `d·n`, where ρ is the
-    fraction of units predicted positive.
+    It computes `y = relu(x·W + b)`, but only for the units whose rank-r estimate
+    `ẑ = (x·U)·V + b` exceeds `-margin`; every other unit outputs exactly 0 without its dot
+    product being computed. Per row, the cost is `r·(d + n) + ρ·d·n` multiply-adds instead of
+    `d·n`, ρ the fraction of units predicted positive.
 
-    Training (`training=True`) computes z densely (a GEMM is cheapest while
-    gradients are needed), applies the estimator's mask and returns
-    `relu(z)·mask`: the network learns to live with the estimator's mistakes,
-    and gradients reach W and b only through computed units. Inference runs
-    the compiled op of `lrc_keras.ops` (pure TensorFlow when it is not built),
-    which never computes a skipped unit. A NaN in the input makes the affected
-    estimates NaN; NaN estimates count as "compute", so NaN inputs give NaN
+    Training (`training=True`) computes z densely (a GEMM is cheapest while gradients are
+    needed), applies the estimator's mask and returns `relu(z)·mask`: the network learns to live
+    with the estimator's mistakes, and gradients reach W and b only through computed units.
+    Inference runs the compiled op (`lrc_keras.dispatch` chooses the implementation), which
+    never computes a skipped unit. NaN estimates count as "compute", so NaN inputs give NaN
     outputs rather than being hidden as zeros.
 
-    Stored layout (the compiled ops read it as is):
-    `kernel` is `(units, input_dim)` (W transposed, so each unit's weights are
-    contiguous), `estimator_u` is `(input_dim, rank)` and `estimator_v` is
-    `(rank, units)`, so that `ẑ = (x·estimator_u)·estimator_v + bias`.
-    `get_weights()` returns `[kernel, bias, estimator_u, estimator_v,
-    training_steps, observed_density]` in that layout (no bias when
-    `use_bias=False`).
-
-    Inference path: `layer.inference_path` is `"auto"` (default), `"gated"`
-    or `"dense"`. `"auto"` runs the gated op unless TF's dense GEMM followed by
-    the mask is faster for this shape, batch size and the density last
-    observed (`observed_density`), as measured once per shape by
-    `lrc_keras.dispatch`. Both paths give the same numbers up to float
-    rounding (the same mask; z summed in a different order).
+    Stored layout (the compiled ops read it as is): `kernel` is `(units, input_dim)` (W
+    transposed, each unit's weights contiguous), `estimator_u` `(input_dim, rank)` and
+    `estimator_v` `(rank, units)`, so that `ẑ = (x·estimator_u)·estimator_v + bias`. The
+    estimator adds its own state after them (`lrc_keras.estimators`), then `observed_density`.
 
     Args:
         units: Positive integer, dimensionality of the output space.
-        rank: Positive integer, rank r of the sign estimator; at most
-            `min(input_dim, units)` (checked at build).
-        estimator: `"svd"`: U and V are not trained; they are the truncated
-            SVD of the kernel, set at build and refitted every `refit_every`
-            training steps inside the compiled train step. `"joint"`: U and V
-            are initialised by SVD, then trained with the network through an
-            auxiliary recall-weighted cross-entropy loss (see
-            `estimator_loss_weight`).
-        refit_every: Positive integer or None, training steps between SVD
-            refits in `"svd"` mode (None: never refit automatically). The
-            default 200 keeps the refit under ~10% of the training time of the
-            paper's layers (an exact SVD of a 1000×1000 kernel costs ~0.2 s on
-            two cores, ~15 training steps of a 784-1000-1000-10 network at
-            batch 128), while the kernel moves little in 200 steps at usual
-            learning rates. Refit more often for high learning rates, less
-            often for very large layers (3072×4000 costs ~7 s).
-        margin: Float, a unit is computed when `ẑ > -margin`. 0 is the paper's
-            pure sign test; a positive margin buys recall with compute.
-        use_bias: Boolean, whether the layer uses a bias vector (shared by z
-            and its estimate).
+        rank: Positive integer, rank r of the sign estimator; at most `min(input_dim, units)`
+            (checked at build).
+        estimator: Name of the rule that fits U and V (`lrc_keras.estimators.ESTIMATORS`):
+            `"input_svd"` (default): the U·V that best reproduces x·W on the layer's own inputs,
+            refitted during training from their second moment. `"svd"`: the paper's truncated
+            SVD of W, refitted during training. `"joint"`: trained with the network through an
+            auxiliary loss (see `estimator_loss_weight`).
+        refit_every: Training steps between refits, `"auto"` (the estimator's own default:
+            25 for input_svd, 200 for svd; see their docstrings for the cost), or None (never
+            refit automatically; `refit()` and `callbacks.SVDRefit` still do).
+        margin: Float, a unit is computed when `ẑ > -margin`. 0 is the paper's pure sign test;
+            a positive margin buys recall with compute.
+        use_bias: Boolean, whether the layer uses a bias vector (shared by z and its estimate).
         kernel_initializer: Initializer for the kernel, applied with Dense's
             `(input_dim, units)` fan-in/fan-out and stored transposed.
         bias_initializer: Initializer for the bias vector.
-        kernel_regularizer: Regularizer for the kernel (it sees the stored
-            `(units, input_dim)` array).
+        kernel_regularizer: Regularizer for the kernel (it sees the stored layout).
         bias_regularizer: Regularizer for the bias vector.
-        activity_regularizer: Regularizer for the output. The paper makes
-            activations sparse, and so the layer cheap, with
-            `keras.regularizers.L1(...)` here.
-        estimator_loss_weight: Non-negative float, weight of the joint
-            estimator's auxiliary loss (`"joint"` only).
-        estimator_positive_weight: Float ≥ 1, how much more a missed active
-            unit costs than a wasted computation in the auxiliary loss.
-        activation: Only `"relu"` (or `keras.activations.relu`) is accepted:
-            the gating is exact only for ReLU.
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+        activity_regularizer: Regularizer for the output. The paper makes activations sparse,
+            and so the layer cheap, with `keras.regularizers.L1(...)` here.
+        estimator_loss_weight: Non-negative float, weight of the joint estimator's loss.
+        estimator_positive_weight: Float ≥ 1, how much more a missed active unit costs than a
+            wasted computation in the joint estimator's loss.
+        inference_path: `"auto"` (the cost model chooses per batch), `"gated"` (the compiled
+            gated op) or `"gemm"` (TF's GEMM, then the compiled mask); see `lrc_keras.dispatch`.
+        activation: Only `"relu"` is accepted: skipping a unit is exact only for ReLU.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`. float32 and
+            `"mixed_bfloat16"` run the compiled ops; bfloat16 and float16 layers work through
+            plain TensorFlow (the estimator is always fitted in float32).
 
     Input shape:
-        N-D float tensor `(batch_size, ..., input_dim)`; the layer acts on the
-        last axis, as Dense does.
+        N-D float tensor `(batch_size, ..., input_dim)`; the layer acts on the last axis.
 
     Output shape:
         `(batch_size, ..., units)`.
 
-    Metrics: the layer owns a `GateStatistics` metric whose results appear in
-    `fit` logs (and in TensorBoard) as `{name}_sign_accuracy`,
-    `{name}_recall`, `{name}_precision`, `{name}_false_negative_rate`,
-    `{name}_predicted_density` and `{name}_true_density`. They need the dense
-    z, so they are measured in training, and in inference only while
-    `layer.audit` is True (see `lrc_keras.set_audit`).
+    Metrics: `fit` logs `{name}_sign_accuracy`, `_recall`, `_precision`,
+    `_false_negative_rate`, `_predicted_density` and `_true_density` (they need the dense z:
+    measured in training, and in inference only while `layer.audit` is True).
 
     Example:
 
-    >>> layer = LowRankGatedDense(
-    ...     1000, rank=20, activity_regularizer=keras.regularizers.L1(1e-5))
+    >>> layer = LowRankGatedDense(1000, rank=20, activity_regularizer=keras.regularizers.L1(1e-5))
     >>> y = layer(np.ones((8, 784), "float32"))
     >>> y.shape
     TensorShape([8, 1000])
@@ -115,8 +89,8 @@ class LowRankGatedDense(keras.layers.Layer):
         self,
         units,
         rank,
-        estimator="svd",
-        refit_every=200,
+        estimator="input_svd",
+        refit_every="auto",
         margin=0.0,
         use_bias=True,
         kernel_initializer="glorot_uniform",
@@ -126,26 +100,18 @@ class LowRankGatedDense(keras.layers.Layer):
         activity_regularizer=None,
         estimator_loss_weight=1.0,
         estimator_positive_weight=4.0,
+        inference_path="auto",
         activation="relu",
         **kwargs,
     ):
         _check_positive_int("units", units)
         _check_positive_int("rank", rank)
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got estimator={estimator!r}")
-        if refit_every is not None:
+        estimator_rule = estimators.get(estimator)
+        if refit_every not in (None, "auto"):
             _check_positive_int("refit_every", refit_every)
-        if not (isinstance(margin, (int, float)) and math.isfinite(margin)):
-            raise ValueError(f"margin must be a finite number, got margin={margin!r}")
-        if not estimator_loss_weight >= 0:
-            raise ValueError(
-                f"estimator_loss_weight must be >= 0, got estimator_loss_weight={estimator_loss_weight!r}"
-            )
-        if not estimator_positive_weight >= 1:
-            raise ValueError(
-                "estimator_positive_weight must be >= 1, got "
-                f"estimator_positive_weight={estimator_positive_weight!r}"
-            )
+        _check_number("margin", margin, lambda v: math.isfinite(v), "a finite number")
+        _check_number("estimator_loss_weight", estimator_loss_weight, lambda v: v >= 0, ">= 0")
+        _check_number("estimator_positive_weight", estimator_positive_weight, lambda v: v >= 1, ">= 1")
         if keras.activations.get(activation) is not keras.activations.relu:
             raise ValueError(
                 f"LowRankGatedDense is a ReLU layer: skipping a unit is exact only when its output is "
@@ -155,21 +121,21 @@ class LowRankGatedDense(keras.layers.Layer):
         self.units = int(units)
         self.rank = int(rank)
         self.estimator = estimator
-        self.refit_every = refit_every
+        self.refit_every = refit_every if refit_every in (None, "auto") else int(refit_every)
         self.margin = float(margin)
-        self.use_bias = use_bias
+        self.use_bias = bool(use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.estimator_loss_weight = float(estimator_loss_weight)
         self.estimator_positive_weight = float(estimator_positive_weight)
+        self.inference_path = inference_path
+        self.estimator_rule = estimator_rule(self)
         self.gate_statistics = GateStatistics(prefix=f"{self.name}_")
-        self.audit = False
-        self.inference_path = "auto"
-        self.captured_inputs = None  # a list while lrc_keras.audit.measure_gates records inputs
-        # Custom ops have no XLA kernel.
-        self.supports_jit = False
+        self.audit = False  # lrc_keras.set_audit: measure the gate in inference too
+        self.captured_inputs = None  # a list while lrc_keras.audit.capture_inputs records inputs
+        self.supports_jit = False  # custom ops have no XLA kernel
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
 
     def build(self, input_shape):
@@ -186,17 +152,13 @@ class LowRankGatedDense(keras.layers.Layer):
             initializer=_transposed(self.kernel_initializer),
             regularizer=self.kernel_regularizer,
         )
-        self.bias = (
-            self.add_weight(
-                name="bias",
-                shape=(self.units,),
-                initializer=self.bias_initializer,
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias", shape=(self.units,), initializer=self.bias_initializer,
                 regularizer=self.bias_regularizer,
             )
-            if self.use_bias
-            else None
-        )
-        self._add_estimator_weights(input_dim)
+        self._build_estimator(input_dim)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
         self.refit()
 
@@ -207,27 +169,31 @@ class LowRankGatedDense(keras.layers.Layer):
         if self.captured_inputs is not None:
             self.captured_inputs.append(x)
         if training:
-            if self.estimator == "svd" and self.refit_every is not None:
-                self._refit_on_schedule()
-            y = self._dense_then_gate(x, training=True)
-        elif self.audit:
-            y = self._dense_then_gate(x, training=False)
-        else:
-            y = self._fastest_inference(x)
+            self.estimator_rule.observe(x)
+        y = self._dense_then_mask(x, training) if training or self.audit else self._gated_inference(x)
         if inputs.shape.rank != 2:
             y = tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0))
         return y
 
     @property
     def inference_path(self):
-        """"auto" (the cost model chooses), "gated" (the gated op) or "dense" (GEMM, then mask)."""
+        """"auto" (the cost model chooses), "gated" (the gated op) or "gemm" (GEMM, then mask)."""
         return self._inference_path
 
     @inference_path.setter
     def inference_path(self, path):
-        if path not in INFERENCE_PATHS:
-            raise ValueError(f"{self.name}: inference_path must be one of {INFERENCE_PATHS}, got {path!r}")
+        if path not in dispatch.INFERENCE_PATHS:
+            raise ValueError(
+                f"{self.name}: inference_path must be one of {dispatch.INFERENCE_PATHS}, got {path!r}"
+            )
         self._inference_path = path
+
+    @property
+    def resolved_refit_every(self):
+        """Training steps between refits, "auto" resolved for this layer's estimator (or None)."""
+        if self.refit_every == "auto":
+            return self.estimator_rule.default_refit_every
+        return self.refit_every
 
     def get_config(self):
         base_config = super().get_config()
@@ -244,6 +210,7 @@ class LowRankGatedDense(keras.layers.Layer):
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
             "estimator_loss_weight": self.estimator_loss_weight,
             "estimator_positive_weight": self.estimator_positive_weight,
+            "inference_path": self.inference_path,
         }
         return {**base_config, **config}
 
@@ -251,12 +218,13 @@ class LowRankGatedDense(keras.layers.Layer):
         return tuple(input_shape[:-1]) + (self.units,)
 
     @classmethod
-    def from_dense(cls, dense_layer, rank, **kwargs):
+    def from_dense(cls, dense_layer, rank, sample_inputs=None, **kwargs):
         """A gated copy of a built `keras.layers.Dense` with ReLU activation.
 
-        The kernel and bias are copied (the kernel transposed into the stored
-        layout) and the estimator is the truncated SVD of rank `rank`.
-        Regularizers and the name carry over unless given in `kwargs`.
+        The kernel and bias are copied (the kernel transposed into the stored layout) and the
+        estimator fitted by its rule, from `sample_inputs` (inputs of `dense_layer`, 2-D) where
+        the rule uses inputs. Regularizers, the name and the dtype policy carry over unless
+        given in `kwargs`.
         """
         if not isinstance(dense_layer, keras.layers.Dense):
             raise ValueError(
@@ -273,6 +241,8 @@ class LowRankGatedDense(keras.layers.Layer):
                 f"from_dense needs a built Dense layer (its kernel holds the weights to copy); "
                 f"{dense_layer.name!r} is not built yet"
             )
+        input_dim = dense_layer.kernel.shape[0]
+        sample_inputs = _checked_sample_inputs(sample_inputs, input_dim, dense_layer.name)
         settings = {
             "name": dense_layer.name,
             "use_bias": dense_layer.use_bias,
@@ -283,12 +253,11 @@ class LowRankGatedDense(keras.layers.Layer):
             **kwargs,
         }
         layer = cls(dense_layer.units, rank, **settings)
-        kernel = dense_layer.kernel
-        layer.build((None, kernel.shape[0]))
-        layer.kernel.assign(tf.transpose(kernel))
+        layer.build((None, input_dim))
+        layer.kernel.assign(tf.transpose(dense_layer.kernel))
         if dense_layer.use_bias:
             layer.bias.assign(dense_layer.bias)
-        layer.refit()
+        layer.refit(sample_inputs)
         return layer
 
     def to_dense(self):
@@ -313,31 +282,54 @@ class LowRankGatedDense(keras.layers.Layer):
             dense.bias.assign(self.bias)
         return dense
 
-    def set_rank(self, rank):
-        """Change the estimator's rank of a built layer, refitting U, V by truncated SVD.
+    def refit(self, sample_inputs=None):
+        """Set U, V by the estimator's rule from the current kernel.
 
-        The estimator variables are re-created (same names and order, so saving and
-        loading keep working); compile the model again before training it further.
+        `sample_inputs` (2-D, this layer's input width, finite), where given, are the inputs
+        the rules that use inputs fit to (input_svd, joint's start) instead of the statistics
+        gathered in training; they are checked before any weight changes.
+        """
+        sample_inputs = _checked_sample_inputs(sample_inputs, self.kernel.shape[1], self.name)
+        self.assign_estimator(*self.estimator_rule.factors(sample_inputs))
+
+    def assign_estimator(self, estimator_u, estimator_v):
+        """Store float32 factors in the variables' dtype (bfloat16/float16 layers fit in float32)."""
+        self.estimator_u.assign(tf.cast(estimator_u, self.estimator_u.dtype))
+        self.estimator_v.assign(tf.cast(estimator_v, self.estimator_v.dtype))
+
+    def set_rank(self, rank, sample_inputs=None):
+        """Change the estimator's rank of a built layer and refit U, V (see `refit`).
+
+        The estimator's variables are re-created in build order, so saving and loading keep
+        working, and its state (counters, input statistics) keeps its values. Keras offers no
+        public way to replace a built layer's variables, hence the tracker calls. Compile the
+        model again before training it further.
         """
         _check_positive_int("rank", rank)
         input_dim = self.kernel.shape[1]
         self._check_rank_fits(rank, input_dim)
-        steps, density = self.training_steps.numpy(), self.observed_density.numpy()
-        for variable in (self.estimator_u, self.estimator_v, self.training_steps, self.observed_density):
+        sample_inputs = _checked_sample_inputs(sample_inputs, input_dim, self.name)
+        first = next(i for i, v in enumerate(self.variables) if v is self.estimator_u)
+        kept = self.variables[first:]
+        state = {v.name: v.numpy() for v in kept if v.name not in ("estimator_u", "estimator_v")}
+        for variable in kept:
             self._untrack_variable(variable)
         self.rank = int(rank)
         self._tracker.unlock()
-        self._add_estimator_weights(input_dim)
+        self._build_estimator(input_dim)
         self._tracker.lock()
-        self.training_steps.assign(steps)
-        self.observed_density.assign(density)
-        self.refit()
+        for variable in self.variables:
+            if variable.name in state:
+                variable.assign(state[variable.name])
+        self.refit(sample_inputs)
 
-    def refit(self):
-        """Set U, V to the truncated SVD of the current kernel (the best rank-r U·V ≈ W)."""
-        estimator_u, estimator_v, _ = estimators.truncated_svd_factors(self.kernel, self.rank)
-        self.estimator_u.assign(estimator_u)
-        self.estimator_v.assign(estimator_v)
+    def _build_estimator(self, input_dim):
+        self.estimator_rule.build(input_dim)
+        # The density seen at the last call, which the dispatch's cost model compares.
+        self.observed_density = self.add_weight(
+            name="observed_density", shape=(), initializer="zeros", dtype="float32",
+            trainable=False, aggregation="only_first_replica",
+        )
 
     def _check_rank_fits(self, rank, input_dim):
         if rank > min(input_dim, self.units):
@@ -346,102 +338,63 @@ class LowRankGatedDense(keras.layers.Layer):
                 f"min({input_dim}, {self.units}) = {min(input_dim, self.units)}"
             )
 
-    def _add_estimator_weights(self, input_dim):
-        # Estimator variables are assigned inside the (possibly replicated) train step;
-        # every replica computes the same SVD, so the first replica's value is kept.
-        refitted = "none" if self.estimator == "joint" else "only_first_replica"
-        self.estimator_u = self.add_weight(
-            name="estimator_u",
-            shape=(input_dim, self.rank),
-            initializer="zeros",
-            trainable=self.estimator == "joint",
-            aggregation=refitted,
+    def _gated_inference(self, x):
+        """Inference by the implementation `lrc_keras.dispatch` chooses; records the density."""
+        batch = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+        path, crossover, _ = dispatch.choose_path(
+            self.inference_path, x.dtype, self.kernel.shape[1], self.units, self.rank, batch
         )
-        self.estimator_v = self.add_weight(
-            name="estimator_v",
-            shape=(self.rank, self.units),
-            initializer="zeros",
-            trainable=self.estimator == "joint",
-            aggregation=refitted,
+        y, density = dispatch.run(
+            path, crossover, self.observed_density, x, self.kernel, self.bias,
+            self.estimator_u, self.estimator_v, self.margin,
         )
-        self.training_steps = self.add_weight(
-            name="training_steps",
-            shape=(),
-            initializer="zeros",
-            dtype="int64",
-            trainable=False,
-            aggregation="only_first_replica",
-        )
-        self.observed_density = self.add_weight(
-            name="observed_density",
-            shape=(),
-            initializer="zeros",
-            trainable=False,
-            aggregation="only_first_replica",
-        )
-
-    def _refit_on_schedule(self):
-        steps = self.training_steps.assign_add(1)
-        # The assignments stay outside tf.cond: under MirroredStrategy they synchronise the
-        # replicas (merge_call), which control flow cannot contain.
-        estimator_u, estimator_v = tf.cond(
-            tf.equal(steps % self.refit_every, 0),
-            lambda: estimators.truncated_svd_factors(self.kernel, self.rank)[:2],
-            lambda: (tf.identity(self.estimator_u), tf.identity(self.estimator_v)),
-        )
-        self.estimator_u.assign(estimator_u)
-        self.estimator_v.assign(estimator_v)
-
-    def _fastest_inference(self, x):
-        """The gated op, or TF's dense GEMM then the mask where the cost model says it is faster.
-
-        The choice compares the density observed at the previous call (or in training)
-        with the crossover density measured for this shape and batch (`lrc_keras.dispatch`).
-        """
-        args = (x, self.kernel, self.bias, self.estimator_u, self.estimator_v, self.margin)
-        path = self.inference_path
-        if path == "auto" and (not ops.is_compiled() or x.dtype != tf.float32):
-            path = "gated"  # only the pure path exists: nothing to choose
-        if path == "auto":
-            crossovers = dispatch.crossover_densities(self.kernel.shape[1], self.units, self.rank)
-            batch = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
-            crossover = dispatch.crossover_for_batch(crossovers, batch)
-            if isinstance(crossover, float) and not 0.0 < crossover < 1.0:
-                path = "gated" if crossover >= 1.0 else "dense"
-        if path == "gated":
-            y, density = ops.gated_dense_with_density(*args)
-        elif path == "dense":
-            y, density = ops.gemm_then_mask_with_density(*args)
-        else:
-            y, density = tf.cond(
-                self.observed_density <= crossover,
-                lambda: ops.gated_dense_with_density(*args),
-                lambda: ops.gemm_then_mask_with_density(*args),
-            )
         # Outside tf.cond: under a distribution strategy the assignment synchronises replicas.
-        self.observed_density.assign(density)
+        self.observed_density.assign(tf.cast(density, tf.float32))
         return y
 
-    def _dense_then_gate(self, x, training):
-        """Dense z, the estimator's mask and the gate metrics; the joint loss when training."""
+    def _dense_then_mask(self, x, training):
+        """z computed densely, the estimator's mask and the gate metrics; its loss in training."""
         bias = None if self.bias is None else tf.stop_gradient(self.bias)
-        # The estimate sees no gradient from x or b: the auxiliary loss trains only U, V.
+        # The estimate sees no gradient from x or b: an estimator loss trains only U, V.
         z_hat = estimators.estimate(tf.stop_gradient(x), self.estimator_u, self.estimator_v, bias)
-        mask = tf.stop_gradient(ops.gate_mask(z_hat, self.margin))
+        mask = tf.stop_gradient(gating.gate_mask(z_hat, self.margin))
         z = ops.dense_preactivation(x, self.kernel, self.bias)
         self.gate_statistics.update_state(mask, tf.stop_gradient(z) > 0)
         self.observed_density.assign(tf.reduce_mean(tf.cast(mask, tf.float32)))
-        if training and self.estimator == "joint" and self.estimator_loss_weight > 0:
-            self.add_loss(
-                self.estimator_loss_weight
-                * estimators.estimator_loss(z_hat, z, self.estimator_positive_weight)
-            )
-        return ops.masked_relu(z, mask)
+        loss = self.estimator_rule.loss(z_hat, z) if training else None
+        if loss is not None:
+            self.add_loss(loss)
+        return gating.masked_relu(z, mask)
 
 
 def _check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+
+
+def _check_number(name, value, valid, requirement):
+    """Python and numpy numbers are accepted; bools, strings and the rest are not."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not valid(float(value)):
+        raise ValueError(f"{name} must be {requirement}, got {name}={value!r}")
+
+
+def _checked_sample_inputs(sample_inputs, input_dim, name):
+    """None, or sample inputs as a float32 2-D array of width `input_dim` without NaN or inf."""
+    if sample_inputs is None:
+        return None
+    array = np.asarray(sample_inputs)
+    if array.ndim != 2 or array.shape[1] != input_dim or array.shape[0] == 0:
+        raise ValueError(
+            f"{name}: sample_inputs must be a non-empty 2-D array of width {input_dim} (the layer's "
+            f"input_dim), got shape {array.shape}"
+        )
+    if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
+        bad = np.argwhere(~np.isfinite(array.astype(np.float64)))[0] if np.issubdtype(array.dtype, np.number) else None
+        raise ValueError(
+            f"{name}: sample_inputs must be finite numbers; got {array.dtype}"
+            + (f" with {array[tuple(bad)]} at {tuple(int(i) for i in bad)}" if bad is not None else "")
+        )
+    return array.astype(np.float32)
 
 
 def _transposed(initializer):

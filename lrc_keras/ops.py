@@ -1,13 +1,14 @@
-"""The mask and gated-compute stages: the compiled op, its gradient, and the pure-TF reference.
+"""The gated-compute stage: the compiled ops, their gradients, and the pure-TF reference.
 
 `gated_dense(x, kernel, bias, estimator_u, estimator_v, margin)` returns, for 2-D x,
-    y[i, j] = relu(x_i·W_j + b_j)  where  ẑ[i, j] > -margin  (or ẑ[i, j] is NaN),  else exactly 0,
-with ẑ = (x·U)·V + b and the weight layout of `lrc_keras.estimators`. The compiled op
-(custom_ops/, built by setup.py) never computes the dot product of a skipped unit; the
-reference computes z densely and is what the op is tested against.
-
-A NaN estimate counts as "compute" so that NaN inputs surface as NaN outputs instead of
-being silently gated to 0.
+    y[i, j] = relu(x_i·W_j + b_j)  where the mask of `lrc_keras.gating` selects (i, j),  else exactly 0,
+with ẑ = (x·U)·V + b and the weight layout of `lrc_keras.estimators`. Three implementations give
+the same numbers up to float rounding, each as `(y, active_fraction)`:
+    gated_dense_with_density      the compiled LrcGatedDense: never computes a skipped unit
+    gemm_then_mask_with_density   TF's dense GEMM, then the compiled LrcMaskedRelu in one pass
+    reference_with_density        plain TensorFlow: z densely, then the mask (any float dtype)
+The first two need the compiled library (custom_ops/, built by setup.py) and float32; which one
+runs is decided in one place, `lrc_keras.dispatch`.
 """
 
 import json
@@ -18,6 +19,8 @@ import tensorflow as tf
 
 from lrc_keras.estimators import estimate
 from lrc_keras.estimators import low_rank_product
+from lrc_keras.gating import gate_mask
+from lrc_keras.gating import masked_relu
 
 LIBRARY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lrc_ops.so")
 BUILD_INFO_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lrc_ops.json")
@@ -69,16 +72,6 @@ def library_path():
     return LIBRARY_FILE if _library is not None else None
 
 
-def gate_mask(z_hat, margin):
-    """Units to compute: ẑ > -margin, and NaN estimates (so NaN propagates)."""
-    return tf.logical_not(z_hat <= -margin)
-
-
-def masked_relu(z, mask):
-    """relu(z) where mask, exactly 0 elsewhere (also where z is NaN or inf)."""
-    return tf.where(mask, tf.nn.relu(z), tf.zeros_like(z))
-
-
 def kernel_product(x, kernel):
     """x·W with the kernel stored as (units, input_dim).
 
@@ -94,46 +87,51 @@ def dense_preactivation(x, kernel, bias):
     return z if bias is None else z + bias
 
 
-def gated_dense_reference(x, kernel, bias, estimator_u, estimator_v, margin):
-    """The op's contract in plain TensorFlow (z computed densely)."""
-    return dense_then_mask_with_density(x, kernel, bias, estimator_u, estimator_v, margin)[0]
-
-
-def dense_then_mask_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
-    """`(y, active_fraction)` computed densely by TensorFlow's GEMM, then masked."""
+def reference_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
+    """`(y, active_fraction)` in plain TensorFlow: z computed densely, then masked."""
     mask = gate_mask(estimate(x, estimator_u, estimator_v, bias), margin)
     y = masked_relu(dense_preactivation(x, kernel, bias), mask)
     return y, tf.reduce_mean(tf.cast(mask, tf.float32))
 
 
+def gated_dense_reference(x, kernel, bias, estimator_u, estimator_v, margin):
+    """The ops' contract in plain TensorFlow: y of `reference_with_density`."""
+    return reference_with_density(x, kernel, bias, estimator_u, estimator_v, margin)[0]
+
+
 def gated_dense(x, kernel, bias, estimator_u, estimator_v, margin):
-    """The gated layer's inference: the compiled op for float32 when loaded, else the reference."""
+    """y of the compiled LrcGatedDense (`gated_dense_with_density`)."""
     return gated_dense_with_density(x, kernel, bias, estimator_u, estimator_v, margin)[0]
 
 
 def gated_dense_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
-    """`(y, active_fraction)`: gated_dense and the fraction of (row, unit) pairs computed."""
-    if _library is None or x.dtype != tf.float32:
-        return dense_then_mask_with_density(x, kernel, bias, estimator_u, estimator_v, margin)
+    """`(y, active_fraction)` of the compiled LrcGatedDense: only the selected dot products."""
     # The estimate is two thin GEMMs: TensorFlow's matmul does them best on every ISA.
     product = low_rank_product(x, estimator_u, estimator_v)
-    y, active_fraction = _library.lrc_gated_dense(
+    y, active_fraction = _compiled().lrc_gated_dense(
         x, kernel, _bias_or_zeros(bias, kernel, x.dtype), product, _margin(margin, x.dtype)
     )
     return y, active_fraction
 
 
 def gemm_then_mask_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
-    """`(y, active_fraction)` from TF's dense GEMM and one fused masking pass (compiled)."""
-    if _library is None or x.dtype != tf.float32:
-        return dense_then_mask_with_density(x, kernel, bias, estimator_u, estimator_v, margin)
-    y, active_fraction = _library.lrc_masked_relu(
+    """`(y, active_fraction)` from TF's dense GEMM and one fused masking pass (LrcMaskedRelu)."""
+    y, active_fraction = _compiled().lrc_masked_relu(
         kernel_product(x, kernel),
         _bias_or_zeros(bias, kernel, x.dtype),
         low_rank_product(x, estimator_u, estimator_v),
         _margin(margin, x.dtype),
     )
     return y, active_fraction
+
+
+def _compiled():
+    if _library is None:
+        raise RuntimeError(
+            "lrc_keras: the compiled ops are not loaded (see the warning at import); "
+            "lrc_keras.dispatch chooses reference_with_density instead"
+        )
+    return _library
 
 
 def _bias_or_zeros(bias, kernel, dtype):

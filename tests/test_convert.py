@@ -157,17 +157,27 @@ def test_margin_for_recall_is_the_tightest():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"target_recall": 0.0}, r"target_recall must be in \(0, 1\], got 0.0"),
-        ({"target_recall": 1.2}, r"target_recall must be in \(0, 1\], got 1.2"),
-        ({"x": np.zeros((0, 20), "float32")}, r"empty or 1-D x of shape \(0, 20\)"),
+        ({"target_recall": 0.0}, r"target_recall must be in \(0, 1\], got target_recall=0.0"),
+        ({"target_recall": 1.2}, r"target_recall must be in \(0, 1\], got target_recall=1.2"),
+        ({"target_recall": True}, r"target_recall must be in \(0, 1\], got target_recall=True"),
+        ({"target_density": 0.0}, r"target_density must be in \(0, 1\], got target_density=0.0"),
+        ({"target_density": 1.5}, r"target_density must be in \(0, 1\], got target_density=1.5"),
+        ({"target_density": 0.2, "target_recall": 0.9}, "target_recall or target_density, not both"),
+        ({"x": np.zeros((0, 20), "float32")}, r"x must be a non-empty batch of model inputs; got shape \(0, 20\)"),
+        ({"x": np.full((4, 20), np.nan, "float32")}, "x must be finite; it has 80 NaN or inf values"),
         ({"ranks": [0, 2]}, r"ranks must be a non-empty list of positive ints, got \[0, 2\]"),
     ],
 )
 def test_bad_calibrate_arguments(rng, kwargs, message):
     converted = convert(dense_model(rng), rank=2)
+    before = [w.copy() for w in converted.get_weights()]
+    margins = [layer.margin for layer in gated_layers(converted)]
     arguments = {"x": rng.standard_normal((10, 20)).astype("float32"), **kwargs}
     with pytest.raises(ValueError, match=message):
         calibrate(converted, **arguments)
+    for old, new in zip(before, converted.get_weights()):  # refused before any weight changed
+        np.testing.assert_array_equal(old, new)
+    assert [layer.margin for layer in gated_layers(converted)] == margins
 
 
 def test_set_rank_keeps_save_and_load_working(rng, tmp_path):
