@@ -210,11 +210,11 @@ class InputSVDEstimator(SVDEstimator):
         super().build(input_dim)
         self.layer.input_moment = self.layer.add_weight(
             name="input_moment", shape=(input_dim, input_dim), initializer="zeros",
-            dtype="float32", trainable=False, aggregation="sum",
+            dtype="float32", trainable=False, aggregation="sum", autocast=False,
         )
         self.layer.input_count = self.layer.add_weight(
             name="input_count", shape=(), initializer="zeros", dtype="float32", trainable=False,
-            aggregation="sum",
+            aggregation="sum", autocast=False,  # float32 statistics under mixed precision too
         )
 
     def factors(self, sample_inputs=None, rank=None):
@@ -231,12 +231,12 @@ class InputSVDEstimator(SVDEstimator):
 
     def observe(self, x):
         moment, rows = second_moment(x[: self.moment_rows])
-        # m ← decay·m + Σ_replicas xᵀx. The variables sum what each replica adds, so each adds its
-        # own xᵀx and its share of the decay.
-        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-        forget = (1.0 - self.decay) / replicas
-        self.layer.input_moment.assign_add(moment - forget * self.layer.input_moment)
-        self.layer.input_count.assign_add(rows - forget * self.layer.input_count)
+        # m ← decay·m + Σ_replicas xᵀx. Under a distribution strategy an assignment to these
+        # "sum" variables stores the sum of what every replica assigns (Keras' assign_add is an
+        # assign too), so each replica assigns its own xᵀx plus its share of decay·m.
+        share = self.decay / tf.distribute.get_replica_context().num_replicas_in_sync
+        self.layer.input_moment.assign(share * self.layer.input_moment + moment)
+        self.layer.input_count.assign(share * self.layer.input_count + rows)
         super().observe(x)
 
 

@@ -63,9 +63,10 @@ class LowRankGatedDense(keras.layers.Layer):
         inference_path: `"auto"` (the cost model chooses per batch), `"gated"` (the compiled
             gated op) or `"gemm"` (TF's GEMM, then the compiled mask); see `lrc_keras.dispatch`.
         activation: Only `"relu"` is accepted: skipping a unit is exact only for ReLU.
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`. float32 and
-            `"mixed_bfloat16"` run the compiled ops; bfloat16 and float16 layers work through
-            plain TensorFlow (the estimator is always fitted in float32).
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`. float32 runs the
+            compiled ops; other compute dtypes (bfloat16, float16, the mixed policies) work
+            through plain TensorFlow, with a warning at the first call. The estimator is fitted
+            in float32 whatever the dtype.
 
     Input shape:
         N-D float tensor `(batch_size, ..., input_dim)`; the layer acts on the last axis.

@@ -382,3 +382,42 @@ def test_bad_build_and_call_inputs():
         LowRankGatedDense(8, rank=2).build((None, None))
     with pytest.raises(TypeError, match="must be floating point, got dtype int32"):
         LowRankGatedDense(8, rank=2)(np.ones((2, 5), "int32"))
+
+
+def test_numpy_scalars_are_numbers_and_bools_are_not():
+    layer = LowRankGatedDense(
+        np.int64(8), rank=np.int32(2), refit_every=np.int64(5), margin=np.float32(0.25),
+        estimator_loss_weight=np.float64(0.5), estimator_positive_weight=np.float32(2.0),
+    )
+    config = layer.get_config()
+    assert (config["units"], config["rank"], config["refit_every"], config["margin"]) == (8, 2, 5, 0.25)
+    assert all(type(config[key]) in (int, float) for key in ("units", "rank", "refit_every", "margin"))
+    for kwargs, message in [
+        ({"units": True}, "units must be a positive integer, got units=True"),
+        ({"rank": np.bool_(True)}, "rank must be a positive integer"),
+        ({"margin": True}, "margin must be a finite number, got margin=True"),
+        ({"margin": "0.1"}, "margin must be a finite number, got margin='0.1'"),
+        ({"refit_every": False}, "refit_every must be a positive integer, got refit_every=False"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            LowRankGatedDense(**{"units": 8, "rank": 2, **kwargs})
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("bfloat16", 0.05), ("float16", 5e-3), ("mixed_bfloat16", 0.05)])
+def test_low_precision_layers_train_and_infer(rng, monkeypatch, dtype, tolerance):
+    from lrc_keras import dispatch
+
+    monkeypatch.setattr(dispatch, "_warned", set())
+    model = keras.Sequential([keras.Input((12,)), LowRankGatedDense(16, rank=3, dtype=dtype), keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    x = rng.standard_normal((32, 12)).astype("float32")
+    model.fit(x, np.zeros(32), epochs=1, verbose=0)
+    layer = model.layers[0]
+    with pytest.warns(RuntimeWarning, match=f"float32 only and the inputs are {dtype.split('_')[-1]}") as record:
+        y = layer(x)
+        layer(x)
+    assert len(record) == 1, "warned once"
+    weights = [np.asarray(w, np.float64) for w in weights_of(layer)]
+    expected, _, z_hat, _ = numpy_gated_dense(x, *weights, 0.0)
+    keep = away_from_boundary(z_hat, 0.0, tolerance=0.1)
+    np.testing.assert_allclose(np.asarray(y, np.float64)[keep], expected[keep], rtol=tolerance, atol=tolerance)
