@@ -66,14 +66,24 @@ def test_all_or_no_units_masked(rng, path, margin, expected_fraction):
     np.testing.assert_allclose(compiled, dense * expected_fraction, rtol=1e-5, atol=1e-5)
 
 
+def assert_matches_numpy(y, x, weights, margin):
+    """y against the float64 reference, away from the gate's boundary."""
+    expected, _, z_hat, _ = numpy_gated_dense(x, *weights, margin)
+    keep = away_from_boundary(z_hat, margin)
+    np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)
+
+
 def test_layer_inference_uses_op_for_3d_inputs(rng):
     layer = LowRankGatedDense(30, rank=4)
+    layer.inference_path = "gated"
     x = rng.standard_normal((2, 3, 20)).astype(np.float32)
     y = layer(x).numpy()
     weights = (layer.kernel.numpy(), layer.bias.numpy(), layer.estimator_u.numpy(), layer.estimator_v.numpy())
-    expected, _, z_hat, _ = numpy_gated_dense(x.reshape(6, 20), *weights, 0.0)
-    keep = away_from_boundary(z_hat, 0.0)
-    np.testing.assert_allclose(y.reshape(6, 30)[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    assert_matches_numpy(y.reshape(6, 30), x.reshape(6, 20), weights, 0.0)
+    # The pure-TF path gives the same numbers: only the graph tells that the compiled op ran.
+    traced = tf.function(lambda x: layer(x)).get_concrete_function(tf.TensorSpec(x.shape, tf.float32))
+    assert "LrcGatedDense" in {op.type for op in traced.graph.get_operations()}
+    assert_matches_numpy(traced(tf.constant(x)).numpy().reshape(6, 30), x.reshape(6, 20), weights, 0.0)
 
 
 def compiled_op(x, kernel, bias, product, margin):
@@ -185,12 +195,15 @@ def test_deterministic_and_thread_safe(rng):
     for thread in threads:
         thread.join()
     assert not failures
+    for x, y in zip(inputs, expected):  # and right, not just the same every time
+        assert_matches_numpy(y, x, weights, 0.0)
 
 
 def test_a_row_does_not_depend_on_its_batch(rng):
     weights = random_weights(rng, 77, 50, 6)
     x = rng.standard_normal((13, 77)).astype(np.float32)
     whole = ops.gated_dense(x, *weights, 0.0).numpy()
+    assert_matches_numpy(whole, x, weights, 0.0)
     for i in (0, 5, 12):
         np.testing.assert_array_equal(ops.gated_dense(x[i : i + 1], *weights, 0.0).numpy()[0], whole[i])
 
