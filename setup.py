@@ -10,7 +10,8 @@ installed TensorFlow is a CUDA build: nvcc compiles gated_dense_gpu.cu.cc, which
 CUDA runtime header, and the host compiler the rest with the CUDA headers TensorFlow ships.
 
 Environment:
-  LRC_BUILD_OPS=0   skip the compiled ops (the package then uses its pure-TensorFlow path)
+  LRC_BUILD_OPS=0   skip the compiled ops (the package then uses its pure-TensorFlow path, and
+                    says at import that the build was skipped on request)
   LRC_CUDA=0        skip the GPU kernels; LRC_CUDA=1 makes a missing nvcc or CUDA TF an error
   CXX               the C++ compiler (default g++)
 """
@@ -27,7 +28,7 @@ from setuptools.command.build_py import build_py
 
 TENSORFLOW_PIN = "tensorflow==2.21.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = ["custom_ops/gated_dense_op.cc", "custom_ops/gated_dense_cpu.cc"]
+CPU_SOURCES = ["custom_ops/gated_dense_ops.cc", "custom_ops/gated_dense_kernels.cc", "custom_ops/gated_dense_cpu.cc"]
 GPU_HOST_SOURCES = ["custom_ops/gated_dense_gpu.cc"]
 GPU_DEVICE_SOURCE = "custom_ops/gated_dense_gpu.cu.cc"
 # sm_80 (A100) and sm_90 (H100) machine code, plus PTX that newer GPUs compile at load time.
@@ -85,12 +86,25 @@ def compile_ops(package_dir, build_temp):
         json.dump({"tensorflow_version": tf.__version__, "cuda": bool(nvcc)}, f)
 
 
+def record_skipped_build(package_dir):
+    """Says in _lrc_ops.json that the ops were skipped on purpose, so lrc_keras.ops does not
+    report a broken build; drops a library an earlier build left in the build directory."""
+    library = os.path.join(package_dir, "_lrc_ops.so")
+    if os.path.exists(library):
+        os.remove(library)
+    with open(os.path.join(package_dir, "_lrc_ops.json"), "w") as f:
+        json.dump({"skipped": "LRC_BUILD_OPS=0"}, f)
+
+
 class BuildPyWithOps(build_py):
     def run(self):
         super().run()
-        if os.environ.get("LRC_BUILD_OPS", "1") != "0":
+        package_dir = os.path.join(self.build_lib, "lrc_keras")
+        if os.environ.get("LRC_BUILD_OPS", "1") == "0":
+            record_skipped_build(package_dir)
+        else:
             build_temp = os.path.join(os.path.dirname(self.build_lib), "lrc_ops_temp")
-            compile_ops(os.path.join(self.build_lib, "lrc_keras"), build_temp)
+            compile_ops(package_dir, build_temp)
 
 
 EXAMPLES = ["tensorflow-datasets>=4.9", "importlib_resources", "tensorboard", "matplotlib", "tqdm"]

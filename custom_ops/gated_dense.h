@@ -84,7 +84,7 @@ struct MaskedReluArgs {
 };
 
 // Specialised for Eigen::ThreadPoolDevice in gated_dense_cpu.cc and Eigen::GpuDevice in
-// gated_dense_gpu.cc. Shapes are validated by the OpKernel before the call.
+// gated_dense_gpu.cc. Shapes are validated by the OpKernel (gated_dense_kernels.cc) before the call.
 template <typename Device>
 struct GatedDenseFunctor {
   void operator()(tensorflow::OpKernelContext* ctx, const GatedDenseArgs& args);

@@ -11,8 +11,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <memory>
+#include <new>
 #include <string>
-#include <vector>
 
 #include "gated_dense.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -117,16 +118,49 @@ const DotKernels& SelectedDotKernels() {
 // (256 × 3072 floats) streams every selected row from L3 for every unit, at half the speed.
 constexpr int64_t kTileBytes = 384 * 1024;
 constexpr int64_t kMinRowBlock = 16;  // enough selected rows for the widest RowTier
+// A tile's selection list holds up to units × rows indices. Narrow inputs would make both blocks
+// above huge (98 304 of each at input_dim 1, 77 GB of indices): capped, the list stays within
+// 512 KiB whatever the batch, and for input_dim >= 384 the cap changes nothing.
+constexpr int64_t kMaxTileSide = 256;
+
+// The tile shape for units [begin, end): at most kMaxTileSide units and rows, fewer where the
+// weights or rows of a block would outgrow kTileBytes, the shard has fewer units, or the batch
+// fewer rows.
+struct TileShape {
+  int64_t units;
+  int64_t rows;
+};
+
+TileShape ChooseTileShape(const GatedDenseArgs& a, int64_t begin, int64_t end) {
+  const int64_t row_bytes = std::max<int64_t>(a.input_dim, 1) * sizeof(float);
+  const int64_t block = std::min(kMaxTileSide, kTileBytes / row_bytes);
+  return {std::min(std::max<int64_t>(1, block), end - begin),
+          std::min(std::max(kMinRowBlock, block), a.batch)};
+}
+
+// Scratch of one tile, sized by what the tile can hold: first[units + 1], and
+// selected_rows[units * rows]. Both are written before they are read: no zero-fill.
+// Each shard allocates its own, where its tile's size is known: at most 512 KiB, which glibc
+// serves from its heap again after the first call, and nothing stays held between calls.
+struct TileScratch {
+  explicit TileScratch(TileShape tile)
+      : first(new int64_t[tile.units + 1]), selected_rows(new int64_t[tile.units * tile.rows]) {}
+  static int64_t Bytes(TileShape tile) { return (tile.units * (tile.rows + 1) + 1) * sizeof(int64_t); }
+  std::unique_ptr<int64_t[]> first;
+  std::unique_ptr<int64_t[]> selected_rows;
+};
 
 // Units [unit_begin, unit_end) × rows [row_begin, row_end): select the rows, compute only the
 // selected dot products, and return how many there were.
 int64_t ComputeTile(const GatedDenseArgs& a, int64_t unit_begin, int64_t unit_end, int64_t row_begin,
-                    int64_t row_end, std::vector<int64_t>& first, std::vector<int64_t>& selected_rows) {
+                    int64_t row_end, TileScratch& scratch) {
   const DotKernels& dot = SelectedDotKernels();
   // selected_rows[first[u] .. first[u + 1]) are the rows that select unit unit_begin + u.
   // Compacted without branches: masks are as unpredictable as coin flips.
   // Locals, not a.*: a store through y could otherwise alias a.margin and block optimisation.
   // y may be product's own buffer (forwarded): each element is read before it is written.
+  int64_t* first = scratch.first.get();
+  int64_t* selected_rows = scratch.selected_rows.get();
   const float* product = a.product;
   float* y = a.y;
   const float margin = a.margin;
@@ -170,19 +204,16 @@ int64_t ComputeTile(const GatedDenseArgs& a, int64_t unit_begin, int64_t unit_en
 }
 
 // Units [begin, end) for all rows, tile by tile; returns the number of computed dot products.
+// Throws std::bad_alloc when the scratch cannot be allocated.
 int64_t ComputeUnits(const GatedDenseArgs& a, int64_t begin, int64_t end) {
-  const int64_t row_bytes = std::max<int64_t>(a.input_dim, 1) * sizeof(float);
-  const int64_t unit_block = std::max<int64_t>(1, kTileBytes / row_bytes);
-  const int64_t row_block = std::max(kMinRowBlock, kTileBytes / row_bytes);
-  const int64_t tile_rows = std::min(row_block, a.batch);
-  std::vector<int64_t> first(unit_block + 1);
-  std::vector<int64_t> selected_rows(unit_block * tile_rows);
+  const TileShape tile = ChooseTileShape(a, begin, end);
+  TileScratch scratch(tile);
   int64_t computed = 0;
-  for (int64_t unit_begin = begin; unit_begin < end; unit_begin += unit_block) {
-    const int64_t unit_end = std::min(end, unit_begin + unit_block);
-    for (int64_t row_begin = 0; row_begin < a.batch; row_begin += tile_rows) {
-      const int64_t row_end = std::min(a.batch, row_begin + tile_rows);
-      computed += ComputeTile(a, unit_begin, unit_end, row_begin, row_end, first, selected_rows);
+  for (int64_t unit_begin = begin; unit_begin < end; unit_begin += tile.units) {
+    const int64_t unit_end = std::min(end, unit_begin + tile.units);
+    for (int64_t row_begin = 0; row_begin < a.batch; row_begin += tile.rows) {
+      const int64_t row_end = std::min(a.batch, row_begin + tile.rows);
+      computed += ComputeTile(a, unit_begin, unit_end, row_begin, row_end, scratch);
     }
   }
   return computed;
@@ -201,6 +232,15 @@ double SampledDensity(const float* product, const float* bias, int64_t batch, in
   return rows > 0 && units > 0 ? static_cast<double>(selected) / (rows * units) : 0.0;
 }
 
+// The error when a shard could not allocate its scratch, with the largest tile any shard uses.
+absl::Status ScratchExhausted(const GatedDenseArgs& a) {
+  const TileShape tile = ChooseTileShape(a, 0, a.units);
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "LrcGatedDense: out of memory allocating the scratch of a tile of up to ", tile.units,
+      " units x ", tile.rows, " rows (", TileScratch::Bytes(tile), " bytes a thread) for batch ",
+      a.batch, ", input_dim ", a.input_dim, ", units ", a.units));
+}
+
 float Fraction(int64_t count, int64_t batch, int64_t units) {
   return static_cast<float>(static_cast<double>(count) / (static_cast<double>(batch) * units));
 }
@@ -217,9 +257,17 @@ void GatedDenseFunctor<Eigen::ThreadPoolDevice>::operator()(tensorflow::OpKernel
   // Cycles per unit: the scan of its estimates, and ~4 multiply-adds a cycle for its rows.
   const int64_t unit_cost = a.batch * (2 + static_cast<int64_t>(density * a.input_dim / 4));
   std::atomic<int64_t> computed{0};
+  // An exception escaping a worker thread would abort the process: a shard whose scratch cannot
+  // be allocated records it instead, and the op fails with an error Python can catch.
+  std::atomic<bool> out_of_memory{false};
   workers->ParallelFor(a.units, unit_cost, [&](int64_t begin, int64_t end) {
-    computed += ComputeUnits(a, begin, end);
+    try {
+      computed += ComputeUnits(a, begin, end);
+    } catch (const std::bad_alloc&) {
+      out_of_memory = true;
+    }
   });
+  OP_REQUIRES(ctx, !out_of_memory.load(), ScratchExhausted(a));
   *a.active_fraction = Fraction(computed.load(), a.batch, a.units);
 }
 

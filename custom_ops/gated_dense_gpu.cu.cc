@@ -25,10 +25,17 @@
 namespace lrc {
 namespace {
 
-const char* FinishWithFraction(unsigned long long* scratch, int64_t total, float* active_fraction,
-                               cudaStream_t stream) {
-  gpu::ActiveFractionKernel<<<1, 1, 0, stream>>>(scratch, total, active_fraction);
-  const cudaError_t error = cudaGetLastError();
+// Zeroes the count, then makes the launches of gated_dense_gpu_kernels.cu.h on `stream`.
+template <typename Args, typename Launches>
+const char* LaunchOnStream(const Args& a, unsigned long long* scratch, cudaStream_t stream,
+                           Launches launches) {
+  cudaError_t error = cudaMemsetAsync(scratch, 0, sizeof(*scratch), stream);
+  if (error == cudaSuccess) {
+    launches(a, scratch, [stream](auto kernel, gpu::Geometry geometry, auto... args) {
+      kernel<<<geometry.grid, geometry.block, 0, stream>>>(args...);
+    });
+    error = cudaGetLastError();  // the launches' own errors, which <<<>>> does not return
+  }
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
 }
 
@@ -36,23 +43,12 @@ const char* FinishWithFraction(unsigned long long* scratch, int64_t total, float
 
 const char* LaunchGatedDense(const GatedDenseArgs& a, unsigned long long* scratch,
                              ::CUstream_st* stream) {
-  cudaMemsetAsync(scratch, 0, sizeof(*scratch), stream);
-  if (a.batch > 0 && a.units > 0) {
-    gpu::GatedDenseKernel<<<gpu::GatedDenseBlocks(a.units), gpu::kGatedThreads, 0, stream>>>(
-        a, scratch);
-  }
-  return FinishWithFraction(scratch, a.batch * a.units, a.active_fraction, stream);
+  return LaunchOnStream(a, scratch, stream, [](auto&&... args) { gpu::LaunchGatedDenseKernels(args...); });
 }
 
 const char* LaunchMaskedRelu(const MaskedReluArgs& a, unsigned long long* scratch,
                              ::CUstream_st* stream) {
-  cudaMemsetAsync(scratch, 0, sizeof(*scratch), stream);
-  const int64_t total = a.batch * a.units;
-  if (total > 0) {
-    gpu::MaskedReluKernel<<<gpu::ElementwiseBlocks(total), gpu::kElementwiseThreads, 0, stream>>>(
-        a, scratch);
-  }
-  return FinishWithFraction(scratch, total, a.active_fraction, stream);
+  return LaunchOnStream(a, scratch, stream, [](auto&&... args) { gpu::LaunchMaskedReluKernels(args...); });
 }
 
 }  // namespace lrc

@@ -1,5 +1,6 @@
-// Device code of the GPU ops (the contract is gated_dense.h). Only CUDA built-ins are used, so
-// that tests/cuda_shim/ can compile these kernels with g++ and run them on the CPU.
+// Device code of the GPU ops (the contract is gated_dense.h) and the geometry and order of their
+// launches. Only CUDA built-ins are used, so that tests/cuda_shim/ can compile all of it with g++
+// and run it on the CPU.
 #ifndef LRC_KERAS_CUSTOM_OPS_GATED_DENSE_GPU_KERNELS_CU_H_
 #define LRC_KERAS_CUSTOM_OPS_GATED_DENSE_GPU_KERNELS_CU_H_
 
@@ -70,20 +71,49 @@ __global__ void MaskedReluKernel(MaskedReluArgs a, unsigned long long* computed)
   if (threadIdx.x % kWarpSize == 0 && count) atomicAdd(computed, count);
 }
 
-// Launch geometry, shared by gated_dense_gpu.cu.cc and the CPU shim of the tests.
-inline unsigned GatedDenseBlocks(int64_t units) {
-  const int64_t warps_per_block = kGatedThreads / kWarpSize;
-  return static_cast<unsigned>((units + warps_per_block - 1) / warps_per_block);
-}
-
-inline unsigned ElementwiseBlocks(int64_t total) {
-  const int64_t blocks = (total + kElementwiseThreads - 1) / kElementwiseThreads;
-  return static_cast<unsigned>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
-}
-
 __global__ void ActiveFractionKernel(const unsigned long long* computed, int64_t total,
                                      float* active_fraction) {
   *active_fraction = total ? static_cast<float>(static_cast<double>(*computed) / total) : 0.f;
+}
+
+// The launches of each op, written once for gated_dense_gpu.cu.cc and for the CPU shim of the
+// tests (tests/cuda_shim), so that the shim runs the geometry that ships:
+// launch(kernel, geometry, args...) runs kernel<<<geometry.grid, geometry.block>>>(args...) on
+// the GPU, and `computed` is zero before them.
+struct Geometry {
+  unsigned grid;
+  unsigned block;
+};
+
+// One warp per unit.
+inline Geometry GatedDenseGeometry(const GatedDenseArgs& a) {
+  const int64_t warps_per_block = kGatedThreads / kWarpSize;
+  return {static_cast<unsigned>((a.units + warps_per_block - 1) / warps_per_block), kGatedThreads};
+}
+
+// One thread per element, up to 4096 blocks that then stride over the rest.
+inline Geometry MaskedReluGeometry(const MaskedReluArgs& a) {
+  const int64_t blocks = (a.batch * a.units + kElementwiseThreads - 1) / kElementwiseThreads;
+  return {static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kElementwiseThreads};
+}
+
+template <typename Launch>
+void LaunchGatedDenseKernels(const GatedDenseArgs& a, unsigned long long* computed, Launch launch) {
+  if (a.batch > 0 && a.units > 0) launch(GatedDenseKernel, GatedDenseGeometry(a), a, computed);
+  launch(ActiveFractionKernel, Geometry{1, 1}, computed, a.batch * a.units, a.active_fraction);
+}
+
+// With a geometry of the caller's: the tests pass small grids, to run the grid-stride loop.
+template <typename Launch>
+void LaunchMaskedReluKernels(const MaskedReluArgs& a, unsigned long long* computed, Launch launch,
+                             Geometry geometry) {
+  if (a.batch > 0 && a.units > 0) launch(MaskedReluKernel, geometry, a, computed);
+  launch(ActiveFractionKernel, Geometry{1, 1}, computed, a.batch * a.units, a.active_fraction);
+}
+
+template <typename Launch>
+void LaunchMaskedReluKernels(const MaskedReluArgs& a, unsigned long long* computed, Launch launch) {
+  LaunchMaskedReluKernels(a, computed, launch, MaskedReluGeometry(a));
 }
 
 }  // namespace gpu

@@ -31,24 +31,31 @@ REBUILD_HINT = (
 
 
 def _load_library():
-    """The loaded op library, or None after one warning that says why and how to rebuild."""
+    """The loaded op library, or None after one warning that says why (and how to rebuild)."""
 
-    def unavailable(reason):
+    def unavailable(reason, fix=f" To fix, {REBUILD_HINT}."):
         warnings.warn(
             f"lrc_keras: compiled ops unavailable ({reason}); using the pure-TensorFlow path, "
-            f"which gives the same numbers without the speed-up. To fix, {REBUILD_HINT}.",
+            f"which gives the same numbers without the speed-up.{fix}",
             RuntimeWarning,
             stacklevel=3,
         )
         return None
 
-    if not os.path.exists(LIBRARY_FILE):
-        return unavailable(f"{LIBRARY_FILE} was not built")
     try:
         with open(BUILD_INFO_FILE) as f:
-            built_for = json.load(f)["tensorflow_version"]
-    except (OSError, ValueError, KeyError) as error:
-        return unavailable(f"cannot read the build record {BUILD_INFO_FILE}: {error}")
+            record = json.load(f)
+    except (OSError, ValueError) as error:
+        record = error
+    # setup.py records a deliberate skip (LRC_BUILD_OPS=0): nothing to fix.
+    if isinstance(record, dict) and record.get("skipped"):
+        return unavailable(f"the build was skipped on request ({record['skipped']})", fix="")
+    if not os.path.exists(LIBRARY_FILE):
+        return unavailable(f"{LIBRARY_FILE} was not built")
+    built_for = record.get("tensorflow_version") if isinstance(record, dict) else None
+    if built_for is None:
+        problem = record if isinstance(record, Exception) else "no tensorflow_version in it"
+        return unavailable(f"cannot read the build record {BUILD_INFO_FILE}: {problem}")
     if built_for != tf.__version__:
         return unavailable(
             f"built against TensorFlow {built_for}, but TensorFlow {tf.__version__} is running"

@@ -34,8 +34,6 @@ def shim(tmp_path_factory):
     shim.run_gated_dense.argtypes = [ctypes.c_int64] * 3 + [FLOAT_P] * 4 + [ctypes.c_float, FLOAT_P]
     shim.run_masked_relu.restype = ctypes.c_float
     shim.run_masked_relu.argtypes = [ctypes.c_int64] * 2 + [FLOAT_P] * 3 + [ctypes.c_float, FLOAT_P] + [ctypes.c_uint] * 2
-    shim.elementwise_blocks.restype = ctypes.c_uint
-    shim.elementwise_blocks.argtypes = [ctypes.c_int64]
     return shim
 
 
@@ -71,19 +69,20 @@ def test_cuda_gated_dense_kernel_matches_numpy(shim, rng, batch, input_dim, unit
     assert fraction == pytest.approx(selected.mean() if batch else 0.0, abs=np.mean(~keep) + 1e-6 if batch else 0)
 
 
-@pytest.mark.parametrize("batch, units, grid, block", [(3, 50, 2, 64), (1, 5, 1, 32), (40, 33, None, None)])
+# grid 0: the op's own launch geometry.
+@pytest.mark.parametrize("batch, units, grid, block", [(3, 50, 2, 64), (1, 5, 1, 32), (3, 50, 0, 0), (40, 33, 0, 0), (0, 4, 0, 0)])
 def test_cuda_masked_relu_kernel_matches_numpy(shim, rng, batch, units, grid, block):
     _, _, bias, product = inputs(rng, batch, 1, units)
     z = rng.standard_normal((batch, units)).astype(np.float32)
-    z[0, 0], product[0, 1] = np.nan, np.nan  # NaN z where selected stays NaN; NaN estimate selects
-    if grid is None:  # the launcher's own geometry
-        grid, block = shim.elementwise_blocks(batch * units), 256
+    if batch:
+        z[0, 0], product[0, 1] = np.nan, np.nan  # NaN z where selected stays NaN; NaN estimate selects
     y = np.full((batch, units), -7.0, np.float32)
     fraction = shim.run_masked_relu(batch, units, pointer(z), pointer(bias), pointer(product), 0.1, pointer(y), grid, block)
     expected, selected = expected_output(z, bias, product, 0.1)
-    expected[0, 0] = np.nan if selected[0, 0] else 0.0
+    if batch:
+        expected[0, 0] = np.nan if selected[0, 0] else 0.0
     np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
-    assert fraction == pytest.approx(selected.mean())
+    assert fraction == pytest.approx(selected.mean() if batch else 0.0)
 
 
 def test_cuda_gated_dense_kernel_propagates_nan(shim, rng):

@@ -12,6 +12,8 @@ from conftest import away_from_boundary, numpy_gated_dense, random_weights
 
 from lrc_keras import LowRankGatedDense, ops
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 def test_compiled_op_is_loaded():
     # pip install . compiles the op; a silent fallback to the pure path would hide a broken build.
@@ -66,14 +68,24 @@ def test_all_or_no_units_masked(rng, path, margin, expected_fraction):
     np.testing.assert_allclose(compiled, dense * expected_fraction, rtol=1e-5, atol=1e-5)
 
 
+def assert_matches_numpy(y, x, weights, margin):
+    """y against the float64 reference, away from the gate's boundary."""
+    expected, _, z_hat, _ = numpy_gated_dense(x, *weights, margin)
+    keep = away_from_boundary(z_hat, margin)
+    np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)
+
+
 def test_layer_inference_uses_op_for_3d_inputs(rng):
     layer = LowRankGatedDense(30, rank=4)
+    layer.inference_path = "gated"
     x = rng.standard_normal((2, 3, 20)).astype(np.float32)
     y = layer(x).numpy()
     weights = (layer.kernel.numpy(), layer.bias.numpy(), layer.estimator_u.numpy(), layer.estimator_v.numpy())
-    expected, _, z_hat, _ = numpy_gated_dense(x.reshape(6, 20), *weights, 0.0)
-    keep = away_from_boundary(z_hat, 0.0)
-    np.testing.assert_allclose(y.reshape(6, 30)[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    assert_matches_numpy(y.reshape(6, 30), x.reshape(6, 20), weights, 0.0)
+    # The pure-TF path gives the same numbers: only the graph tells that the compiled op ran.
+    traced = tf.function(lambda x: layer(x)).get_concrete_function(tf.TensorSpec(x.shape, tf.float32))
+    assert "LrcGatedDense" in {op.type for op in traced.graph.get_operations()}
+    assert_matches_numpy(traced(tf.constant(x)).numpy().reshape(6, 30), x.reshape(6, 20), weights, 0.0)
 
 
 def compiled_op(x, kernel, bias, product, margin):
@@ -156,7 +168,7 @@ def test_every_instruction_set_copy_matches_numpy(isa, tmp_path):
         "    keep = away_from_boundary(z_hat, 0.1)\n"
         "    np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)\n"
         "print('OK', ops.is_compiled())\n"
-    ) % os.path.dirname(os.path.abspath(__file__))
+    ) % HERE
     # The same lrc_keras as this process imported (python -c would prefer the current directory).
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(ops.__file__)))
     result = subprocess.run(
@@ -185,12 +197,15 @@ def test_deterministic_and_thread_safe(rng):
     for thread in threads:
         thread.join()
     assert not failures
+    for x, y in zip(inputs, expected):  # and right, not just the same every time
+        assert_matches_numpy(y, x, weights, 0.0)
 
 
 def test_a_row_does_not_depend_on_its_batch(rng):
     weights = random_weights(rng, 77, 50, 6)
     x = rng.standard_normal((13, 77)).astype(np.float32)
     whole = ops.gated_dense(x, *weights, 0.0).numpy()
+    assert_matches_numpy(whole, x, weights, 0.0)
     for i in (0, 5, 12):
         np.testing.assert_array_equal(ops.gated_dense(x[i : i + 1], *weights, 0.0).numpy()[0], whole[i])
 
@@ -249,6 +264,17 @@ def copied_package(tmp_path, tensorflow_version):
     return tmp_path
 
 
+def import_warnings(root):
+    """stderr of importing the lrc_keras under `root` in a fresh Python."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import warnings; warnings.simplefilter('always'); import lrc_keras.ops"],
+        cwd=root, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
 @pytest.mark.parametrize(
     "version, expect_warning",
     [("0.0.1", "built against TensorFlow 0.0.1, but TensorFlow"), (tf.__version__, None)],
@@ -274,3 +300,27 @@ def test_version_mismatch_warns_once_and_falls_back(tmp_path, version, expect_wa
     else:
         assert "compiled ops unavailable" not in result.stderr
         assert "COMPILED True" in result.stdout
+
+
+def test_build_skipped_on_request_says_so(tmp_path):
+    # setup.py with LRC_BUILD_OPS=0 records the skip (and drops a library an earlier build left).
+    build = tmp_path / "build"
+    (build / "lrc_keras").mkdir(parents=True)
+    (build / "lrc_keras" / "_lrc_ops.so").write_bytes(b"stale")
+    repository = os.path.dirname(HERE)
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(build)], cwd=repository,
+        check=True, capture_output=True, env={**os.environ, "LRC_BUILD_OPS": "0"},
+    )
+    assert not (build / "lrc_keras" / "_lrc_ops.so").exists()
+    stderr = import_warnings(build)
+    assert stderr.count("compiled ops unavailable") == 1, stderr
+    assert "the build was skipped on request (LRC_BUILD_OPS=0)" in stderr, stderr
+    assert "To fix" not in stderr and "--no-build-isolation" not in stderr, stderr
+
+
+def test_missing_library_says_how_to_rebuild(tmp_path):
+    root = copied_package(tmp_path, tf.__version__)
+    os.remove(root / "lrc_keras" / "_lrc_ops.so")
+    stderr = import_warnings(root)
+    assert "_lrc_ops.so was not built" in stderr and "--no-build-isolation" in stderr, stderr
