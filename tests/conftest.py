@@ -42,3 +42,10 @@ def random_weights(rng, input_dim, units, rank, scale=1.0):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """One MirroredStrategy over the two logical CPUs for the whole session: a second instance
+    in the same process reuses collective instance keys and its all-reduces abort."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -105,10 +105,9 @@ def test_second_moment_is_gathered_in_the_train_step(rng):
     np.testing.assert_allclose(layer.input_moment.numpy(), moment, rtol=1e-4, atol=1e-3)
 
 
-def test_second_moment_under_mirrored_strategy_is_all_reduced(rng):
+def test_second_moment_under_mirrored_strategy_is_all_reduced(rng, mirrored_strategy):
     x = rng.standard_normal((4 * 32, 6)).astype(np.float32)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    with strategy.scope():
+    with mirrored_strategy.scope():
         model = gathering_model()
     model.fit(x, np.zeros(len(x)), batch_size=32, epochs=1, shuffle=False, verbose=0)
     layer = model.layers[0]
