@@ -15,6 +15,8 @@ decorated with `@register`; the layer needs no change.
 import tensorflow as tf
 
 ESTIMATORS = {}
+# Ridge added to the inputs' second moment, relative to its mean eigenvalue trace(C)/d.
+RIDGE = 1e-3
 
 
 def register(cls):
@@ -76,7 +78,7 @@ def input_aware_factors(kernel, moment, rank, seed, power_iterations=4, oversamp
     worker computes the same factors. A zero or identity C gives the plain truncated SVD.
     """
     w = tf.transpose(tf.cast(kernel, tf.float32))  # (d, n)
-    lower = ridge_cholesky(tf.cast(moment, tf.float32), ridge=1e-3)
+    lower = ridge_cholesky(tf.cast(moment, tf.float32), ridge=RIDGE)
     d, n = tf.shape(w)[0], tf.shape(w)[1]
     columns = tf.minimum(rank + oversampling, tf.minimum(d, n))
 

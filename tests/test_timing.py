@@ -26,3 +26,21 @@ def test_repeated_keeps_a_pure_function_alive():
     """
     with pytest.raises(tf.errors.InvalidArgumentError, match="99"):
         repeated(lambda x: tf.gather(x, [99]), calls=3)(tf.ones((2, 2)))
+
+
+def test_measuring_the_cost_model_logs_no_retracing_warning(monkeypatch, tmp_path):
+    """The cost model traces one graph per timed function on purpose: no "retracing" noise."""
+    import logging
+
+    from lrc_keras import dispatch
+
+    monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf.get_logger().addHandler(handler)
+    try:
+        dispatch.crossover_densities(9, 7, 2)
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert not [r.getMessage() for r in records if "retracing" in r.getMessage()]
