@@ -12,7 +12,10 @@ from lrc_keras.metrics import GATE_STATISTICS
 
 
 class SVDRefit(keras.callbacks.Callback):
-    """Refit every LowRankGatedDense's estimator by truncated SVD from the callback loop.
+    """Refit every LowRankGatedDense's estimator by its own rule from the callback loop.
+
+    (Named for the paper's truncated SVD; an input_svd layer refits from its gathered input
+    statistics, a joint layer restarts from the truncated SVD.)
 
     The layer already refits inside the train step (`refit_every`); this is for
     users who prefer to schedule it from Python, e.g. with `refit_every=None`.
