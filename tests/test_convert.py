@@ -223,3 +223,52 @@ def test_to_dense_of_nested_models_and_of_layers_without_bias(rng):
     dense = layer.to_dense()
     assert dense.bias is None and dense.name == layer.name
     np.testing.assert_array_equal(dense.kernel.numpy(), layer.kernel.numpy().T)
+
+
+@pytest.mark.parametrize("estimator", ["input_svd", "svd", "joint"])
+def test_calibration_uses_the_layers_own_estimator(rng, estimator):
+    """ranks=None: U, V stay as they are and the margin is fitted to them (not to a fresh SVD)."""
+    model, x = synthetic_task(rng)
+    converted = convert(model, rank=3, estimator=estimator)
+    layer = converted.get_layer("wide")
+    own_u = 0.5 * rng.standard_normal(layer.estimator_u.shape).astype("float32")  # no SVD of anything
+    layer.estimator_u.assign(own_u)
+    report = calibrate(converted, x, target_recall=0.9)
+    np.testing.assert_array_equal(layer.estimator_u.numpy(), own_u)
+    weights = (layer.kernel.numpy(), layer.bias.numpy(), own_u, layer.estimator_v.numpy())
+    _, mask, z_hat, z = numpy_gated_dense(x, *weights, layer.margin)
+    positive = z > 0
+    recall = np.sum(mask & positive) / positive.sum()
+    # Reached, and tight within one active unit: the next larger threshold would miss the target.
+    assert recall >= 0.9 and recall - 1 / positive.sum() < 0.9 + 1e-9
+    assert report.rows[0]["recall"] == pytest.approx(recall, abs=1e-6)
+
+
+def test_calibration_to_a_target_density(rng):
+    model, x = synthetic_task(rng)
+    converted = convert(model, rank=4)
+    report = calibrate(converted, x, target_density=0.2)
+    layer = converted.get_layer("wide")
+    _, mask, _, _ = numpy_gated_dense(x, *(w.numpy() for w in (layer.kernel, layer.bias, layer.estimator_u, layer.estimator_v)), layer.margin)
+    assert abs(mask.mean() - 0.2) <= 1 / mask.size + 1e-9
+    assert report.rows[0]["predicted_density"] == pytest.approx(mask.mean(), abs=1e-6)
+    assert "predicted density 0.2" in str(report)
+
+
+def test_convert_fits_the_input_aware_estimator_to_sample_inputs(rng):
+    """With sample inputs, each layer's U·V is the whitened SVD for the inputs that layer sees."""
+    from test_estimators import whitened_svd_reference
+
+    model = dense_model(rng)
+    x = (rng.standard_normal((200, 20)) * np.linspace(3, 0.1, 20)).astype("float32")
+    converted = convert(model, rank=3, sample_inputs=x)
+    first, second = gated_layers(converted)
+    expected = whitened_svd_reference(first.kernel.numpy(), x.T.astype(np.float64) @ x / len(x), 3)
+    actual = first.estimator_u.numpy() @ first.estimator_v.numpy()
+    np.testing.assert_allclose(actual, expected, atol=2e-3 * np.abs(expected).max())
+    h = first(x).numpy()  # the second layer's inputs come through the gated first layer
+    expected = whitened_svd_reference(second.kernel.numpy(), h.T.astype(np.float64) @ h / len(h), 3)
+    np.testing.assert_allclose(second.estimator_u.numpy() @ second.estimator_v.numpy(), expected, atol=2e-3 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="sample_inputs must be finite; it has 1 NaN"):
+        x[0, 0] = np.nan
+        convert(model, rank=3, sample_inputs=x)
