@@ -11,7 +11,7 @@ from lrc_keras.estimators import estimate
 from lrc_keras.layers import LowRankGatedDense
 from lrc_keras.metrics import confusion_counts
 from lrc_keras.cost import cost_model_speedup
-from lrc_keras.metrics import gate_statistics
+from lrc_keras.metrics import rates_from_counts
 
 
 def gated_layers(model):
@@ -52,7 +52,7 @@ def measure_gates(model, x):
     """Per gated layer, the gate's statistics on inputs `x` against the dense truth.
 
     Returns a list of dicts, one per LowRankGatedDense in model order, with the
-    GATE_STATISTICS rates, `cost_model_speedup` (at the measured predicted
+    GATE_RATES rates, `cost_model_speedup` (at the measured predicted
     density), `estimate_error` (ẑ - z, flattened), `singular_values` of the
     kernel and `energy_captured` (the share of Σσ² in the first `rank`).
     """
@@ -70,7 +70,7 @@ def measure_gates(model, x):
         z = ops.dense_preactivation(inputs, layer.kernel, layer.bias)
         mask = gate_mask(z_hat, layer.margin)
         counts = [float(c) for c in confusion_counts(mask, z > 0)]
-        report = {"layer": layer.name, **gate_statistics(*counts)}
+        report = {"layer": layer.name, **rates_from_counts(*counts)}
         singular_values = np.linalg.svd(layer.kernel.numpy().astype(np.float64), compute_uv=False)
         energy = singular_values**2
         report.update(

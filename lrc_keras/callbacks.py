@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from lrc_keras.audit import gated_layers
 from lrc_keras.audit import measure_gates
-from lrc_keras.metrics import GATE_STATISTICS
+from lrc_keras.metrics import GATE_RATES
 
 
 class SVDRefit(keras.callbacks.Callback):
@@ -89,7 +89,7 @@ class GateSummaries(keras.callbacks.Callback):
         with self.writer.as_default(step=step):
             for report in measure_gates(self.model, self.x):
                 name = report["layer"]
-                for key in GATE_STATISTICS + ("cost_model_speedup", "energy_captured"):
+                for key in GATE_RATES + ("cost_model_speedup", "energy_captured"):
                     tf.summary.scalar(f"{name}/{key}", report[key])
                 tf.summary.histogram(f"{name}/estimate_error", report["estimate_error"])
                 tf.summary.histogram(f"{name}/kernel_singular_values", report["singular_values"])

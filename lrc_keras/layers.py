@@ -62,7 +62,6 @@ class LowRankGatedDense(keras.layers.Layer):
             wasted computation in the joint estimator's loss.
         inference_path: `"auto"` (the cost model chooses per batch), `"gated"` (the compiled
             gated op) or `"gemm"` (TF's GEMM, then the compiled mask); see `lrc_keras.dispatch`.
-        activation: Only `"relu"` is accepted: skipping a unit is exact only for ReLU.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`. float32 runs the
             compiled ops; other compute dtypes (bfloat16, float16, the mixed policies) work
             through plain TensorFlow, with a warning at the first call. The estimator is fitted
@@ -102,7 +101,6 @@ class LowRankGatedDense(keras.layers.Layer):
         estimator_loss_weight=1.0,
         estimator_positive_weight=4.0,
         inference_path="auto",
-        activation="relu",
         **kwargs,
     ):
         _check_positive_int("units", units)
@@ -113,10 +111,10 @@ class LowRankGatedDense(keras.layers.Layer):
         _check_number("margin", margin, lambda v: math.isfinite(v), "a finite number")
         _check_number("estimator_loss_weight", estimator_loss_weight, lambda v: v >= 0, ">= 0")
         _check_number("estimator_positive_weight", estimator_positive_weight, lambda v: v >= 1, ">= 1")
-        if keras.activations.get(activation) is not keras.activations.relu:
+        if "activation" in kwargs:
             raise ValueError(
-                f"LowRankGatedDense is a ReLU layer: skipping a unit is exact only when its output is "
-                f"relu(z); got activation={activation!r}"
+                f"LowRankGatedDense is always a ReLU layer (skipping a unit is exact only when its "
+                f"output is relu(z)); do not pass activation (got activation={kwargs['activation']!r})"
             )
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         self.units = int(units)
@@ -133,7 +131,7 @@ class LowRankGatedDense(keras.layers.Layer):
         self.estimator_positive_weight = float(estimator_positive_weight)
         self.inference_path = inference_path
         self.estimator_rule = estimator_rule(self)
-        self.gate_statistics = GateStatistics(prefix=f"{self.name}_")
+        self.gate_metric = GateStatistics(prefix=f"{self.name}_")
         self.audit = False  # lrc_keras.set_audit: measure the gate in inference too
         self.captured_inputs = None  # a list while lrc_keras.audit.capture_inputs records inputs
         self.supports_jit = False  # custom ops have no XLA kernel
@@ -360,7 +358,7 @@ class LowRankGatedDense(keras.layers.Layer):
         z_hat = estimators.estimate(tf.stop_gradient(x), self.estimator_u, self.estimator_v, bias)
         mask = tf.stop_gradient(gating.gate_mask(z_hat, self.margin))
         z = ops.dense_preactivation(x, self.kernel, self.bias)
-        self.gate_statistics.update_state(mask, tf.stop_gradient(z) > 0)
+        self.gate_metric.update_state(mask, tf.stop_gradient(z) > 0)
         self.observed_density.assign(tf.reduce_mean(tf.cast(mask, tf.float32)))
         loss = self.estimator_rule.loss(z_hat, z) if training else None
         if loss is not None:

@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-GATE_STATISTICS = (
+GATE_RATES = (
     "sign_accuracy",
     "recall",
     "precision",
@@ -13,8 +13,8 @@ GATE_STATISTICS = (
 )
 
 
-def gate_statistics(tp, fp, fn, tn):
-    """The rates of GATE_STATISTICS from confusion counts (numbers or tensors).
+def rates_from_counts(tp, fp, fn, tn):
+    """The rates of GATE_RATES from confusion counts (numbers or tensors).
 
     A rate with an empty denominator (no positive unit, nothing computed) is 1
     for recall and precision (nothing was missed, nothing wasted) and 0 for the
@@ -56,7 +56,7 @@ def confusion_counts(mask, positive):
 
 
 class GateStatistics(keras.metrics.Metric):
-    """Confusion counts of a layer's gate, reported as the GATE_STATISTICS rates.
+    """Confusion counts of a layer's gate, reported as the GATE_RATES rates.
 
     `result()` is a dict keyed `"{prefix}{statistic}"`, so one object puts all
     six rates in the `fit`/`evaluate` logs and in TensorBoard. Counts are
@@ -83,7 +83,7 @@ class GateStatistics(keras.metrics.Metric):
         measured = tf.add_n(counts) > 0
         return {
             self.prefix + key: tf.where(measured, tf.cast(value, tf.float32), float("nan"))
-            for key, value in gate_statistics(*counts).items()
+            for key, value in rates_from_counts(*counts).items()
         }
 
     def get_config(self):

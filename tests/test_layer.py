@@ -302,10 +302,10 @@ def test_config_round_trip():
     for key, value in CONSTRUCTOR_ARGUMENTS.items():
         assert getattr(clone, key) == value, key
     assert clone.get_config() == config
-    # Every parameter of the constructor is in the config (activation is fixed to ReLU).
+    # Every parameter of the constructor is in the config.
     import inspect
 
-    parameters = set(inspect.signature(LowRankGatedDense.__init__).parameters) - {"self", "kwargs", "activation"}
+    parameters = set(inspect.signature(LowRankGatedDense.__init__).parameters) - {"self", "kwargs"}
     assert parameters <= set(config), parameters - set(config)
 
 
