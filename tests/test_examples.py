@@ -1,6 +1,7 @@
 import csv
 import glob
 import os
+import re
 import sys
 
 import numpy as np
@@ -10,7 +11,8 @@ import tensorflow_datasets as tfds
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-import common  # noqa: E402
+import cli  # noqa: E402
+import data  # noqa: E402
 import mnist  # noqa: E402
 import svhn  # noqa: E402
 
@@ -52,7 +54,7 @@ def assert_report(rows, layers=("hidden_0", "hidden_1")):
         assert 0.0 <= row["test_error"] <= 1.0
     for row in gated:
         assert [report["layer"] for report in row["layers"]] == list(layers)
-        assert row["measured_speedup"][1] > 0 and row["measured_speedup"][256] > 0
+        assert all(speed[kind] > 0 for speed in row["speed"].values() for kind in ("in_graph", "call", "predict"))
 
 
 def test_mnist_on_mock_tfds(tmp_path):
@@ -77,7 +79,7 @@ def test_svhn_on_mock_tfds(tmp_path):
 def test_svhn_normalises_per_channel():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (20, 32, 32, 3)).astype(np.uint8)
-    (train, _), (test, _) = svhn.normalise((x, np.zeros(20)), (x[:5], np.zeros(5)))
+    train, test = data.standardise_per_channel(x, x[:5])
     channels = train.reshape(20, 32, 32, 3)
     np.testing.assert_allclose(channels.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
     np.testing.assert_allclose(channels.std(axis=(0, 1, 2)), 1.0, atol=1e-4)
@@ -104,30 +106,54 @@ def test_mnist_on_npz_with_rank_sweep(tmp_path):
     assert "| mnist_rank4 |" in (tmp_path / "sweep.md").read_text()
 
 
-def test_npz_split_holds_out_a_quarter(tmp_path):
-    npz = tiny_npz(tmp_path / "digits.npz", count=40)
-    (x_train, y_train), (x_test, y_test) = mnist.load_npz(npz, seed=3)
-    assert len(x_train) == 30 and len(x_test) == 10 and len(y_train) == 30 and len(y_test) == 10
+def test_npz_split_holds_out_a_seeded_quarter(tmp_path):
+    x = np.arange(40, dtype=np.uint8)[:, None, None] * np.ones((1, 28, 28), np.uint8)  # image i is all i
+    np.savez(tmp_path / "digits.npz", x=x, y=np.arange(40) % 10)
+    (x_train, y_train), (x_test, y_test) = data.load_npz(str(tmp_path / "digits.npz"), data.MNIST, split_seed=3)
+    train, test = x_train[:, 0, 0], x_test[:, 0, 0]
+    assert len(test) == 10 and sorted(np.concatenate([train, test])) == list(range(40))
+    np.testing.assert_array_equal(y_test, test % 10)
+    again = data.load_npz(str(tmp_path / "digits.npz"), data.MNIST, split_seed=3)[1][0][:, 0, 0]
+    other = data.load_npz(str(tmp_path / "digits.npz"), data.MNIST, split_seed=4)[1][0][:, 0, 0]
+    np.testing.assert_array_equal(again, test)
+    assert set(other) != set(test)
 
 
+SHAPES = {"mnist": (28, 28), "svhn": (32, 32, 3)}
+
+
+@pytest.mark.parametrize("script", [mnist, svhn], ids=["mnist", "svhn"])
 @pytest.mark.parametrize(
     "content, message",
     [
         (None, "is not an .npz with arrays x and y"),
-        ({"x": np.zeros((10, 28, 27), np.uint8), "y": np.zeros(10)}, r"expected x \[N, 28, 28\]"),
-        ({"x": np.zeros((10, 28, 28), np.uint8)}, "is not an .npz with arrays x and y"),
+        ("x only", "is not an .npz with arrays x and y"),
+        ("one pixel short", r"expected x \[N, {shape}\] and y \[N\] with N >= 4, got x \(10, {short}\)"),
+        ("float pixels", "expected x of dtype uint8 \\(pixel values 0-255\\), got float32"),
+        ("label 10", "expected labels y in 0-9, got 10$"),
     ],
 )
-def test_bad_npz_is_one_line(tmp_path, capsys, content, message):
+def test_bad_npz_is_one_line(tmp_path, capsys, script, content, message):
+    shape = SHAPES[script.__name__]
+    arrays = {"x": np.zeros((10,) + shape, np.uint8), "y": np.zeros(10, np.int64)}
+    if content == "x only":
+        del arrays["y"]
+    elif content == "one pixel short":
+        arrays["x"] = np.zeros((10,) + shape[:-1] + (shape[-1] - 1,), np.uint8)
+    elif content == "float pixels":
+        arrays["x"] = arrays["x"].astype(np.float32)
+    elif content == "label 10":
+        arrays["y"][3] = 10
     path = tmp_path / "bad.npz"
     if content is not None:
-        np.savez(path, **content)
+        np.savez(path, **arrays)
     with pytest.raises(SystemExit) as exit_info:
-        common.main_guard(mnist.main, ["--npz", str(path)] + TINY)
+        cli.main_guard(script.main, ["--npz", str(path)] + TINY)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and error.startswith("error: --npz") and message.split(" ")[0] in error
-    assert __import__("re").search(message, error)
+    assert len(error.splitlines()) == 1 and error.startswith(f"error: --npz {str(path)!r}")
+    short = ", ".join(map(str, shape[:-1] + (shape[-1] - 1,)))
+    assert re.search(message.format(shape=", ".join(map(str, shape)), short=short), error), error
 
 
 def test_unreachable_tfds_is_one_line_naming_the_flags(monkeypatch, capsys):
@@ -136,7 +162,7 @@ def test_unreachable_tfds_is_one_line_naming_the_flags(monkeypatch, capsys):
 
     monkeypatch.setattr(tfds, "load", offline)
     with pytest.raises(SystemExit):
-        common.main_guard(mnist.main, TINY)
+        cli.main_guard(mnist.main, TINY)
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1
     assert "--data-dir" in error and "--npz" in error and "ConnectionError" in error
@@ -165,4 +191,5 @@ def test_convert_mnist_end_to_end(tmp_path):
         assert 0.0 <= result["accuracy"][stage] <= 1.0
     assert [row["layer"] for row in result["report"].rows] == ["hidden_0", "hidden_1"]
     assert all(0.0 <= d <= 1.0 for d in result["densities"]) and len(result["densities"]) == 2
-    assert result["speedup_fine_tuned"][1] > 0
+    assert sorted(result["speedup_fine_tuned"]) == [1, 256]
+    assert all(speed[kind] > 0 for speed in result["speedup_fine_tuned"].values() for kind in ("in_graph", "call", "predict"))
