@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from conftest import away_from_boundary, numpy_gated_dense
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lrc_keras.audit import gated_layers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import cli  # noqa: E402
@@ -20,15 +23,52 @@ TINY = ["--hidden", "24,16", "--ranks", "4", "--epochs", "1", "--batch-size", "3
 RATES = ("sign_accuracy", "recall", "precision", "false_negative_rate", "predicted_density", "true_density", "energy_captured")
 
 
+def scalars(directory):
+    """{tag: [values]} of the summaries in one TensorBoard event directory."""
+    accumulator = EventAccumulator(str(directory), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return {tag: [tf.make_ndarray(event.tensor_proto) for event in accumulator.Tensors(tag)]
+            for tag in accumulator.Tags()["tensors"]}
+
+
 def gate_scalars(logdir):
     """{tag: [values]} of the GateSummaries event files under logdir."""
     values = {}
     for directory in glob.glob(os.path.join(logdir, "*", "gates")):
-        accumulator = EventAccumulator(directory, size_guidance={"tensors": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["tensors"]:
-            values[tag] = [tf.make_ndarray(event.tensor_proto) for event in accumulator.Tensors(tag)]
+        values.update(scalars(directory))
     return values
+
+
+def numpy_gate_recount(model, x):
+    """Per gated layer, float64 numpy rates of the estimator's mask against z > 0 on inputs `x`.
+
+    The network must be gated layers in a row (then the logits). "tolerance": how far float32
+    rounding (~1e-7 here) may move a rate: every unit of a row with an estimate or a z within
+    1e-5 of its threshold, in this layer or upstream, may flip.
+    """
+    counts, h, uncertain_rows = {}, np.asarray(x, np.float64), np.zeros(len(x), bool)
+    for layer in gated_layers(model):
+        weights = (layer.kernel, layer.bias, layer.estimator_u, layer.estimator_v)
+        h, mask, z_hat, z = numpy_gated_dense(h, *(w.numpy() for w in weights), layer.margin)
+        near = ~away_from_boundary(z_hat, layer.margin, tolerance=1e-5) | (np.abs(z) < 1e-5)
+        uncertain_rows |= near.any(axis=1)
+        positive = z > 0
+        uncertain = uncertain_rows.sum() * layer.units
+        counts[layer.name] = {
+            "recall": (mask & positive).sum() / positive.sum(),
+            "predicted_density": mask.mean(),
+            "true_density": positive.mean(),
+            "tolerance": {"recall": uncertain / positive.sum(), "density": uncertain / mask.size},
+        }
+    return counts
+
+
+def assert_rates_match(measured, recount, keys=("recall", "predicted_density", "true_density")):
+    """`measured(layer, key)` equals the numpy recount of every key, up to float32 rounding."""
+    for layer, expected in recount.items():
+        for key in keys:
+            tolerance = expected["tolerance"]["recall" if key == "recall" else "density"] + 1e-6
+            assert float(measured(layer, key)) == pytest.approx(expected[key], abs=tolerance), (layer, key)
 
 
 def check_gate_summaries(logdir, layers, validation_rows):
@@ -60,6 +100,7 @@ def assert_report(rows, layers=("hidden_0", "hidden_1")):
 def test_mnist_on_mock_tfds(tmp_path):
     with tfds.testing.mock_data(num_examples=64):
         rows = mnist.main(TINY + ["--baseline", "--logdir", str(tmp_path)])
+        _, (x_test, _) = data.load(data.MNIST, None, None, 0)  # mock data is the same at every load
     assert [row["run"] for row in rows] == ["mnist_dense", "mnist_gated"]
     assert_report(rows)
     check_gate_summaries(str(tmp_path), {"hidden_0": (784, 24, 4), "hidden_1": (24, 16, 4)}, 64)
@@ -67,6 +108,12 @@ def test_mnist_on_mock_tfds(tmp_path):
     accumulator = EventAccumulator(os.path.join(tmp_path, "mnist_gated", "train"), size_guidance={"tensors": 0})
     accumulator.Reload()
     assert "epoch_hidden_0_recall" in accumulator.Tags()["tensors"]
+    # fit's validation measured the gates (audited) on the test set with the final weights.
+    validation = scalars(tmp_path / "mnist_gated" / "validation")
+    gate_tags = [tag for tag in validation if re.fullmatch(r"epoch_hidden_\d_\w+", tag)]
+    assert len(gate_tags) == 2 * 6 and not any(np.isnan(validation[tag]).any() for tag in gate_tags)
+    recount = numpy_gate_recount(rows[-1]["model"], x_test)
+    assert_rates_match(lambda layer, key: validation[f"epoch_{layer}_{key}"][-1], recount)
 
 
 def test_svhn_on_mock_tfds(tmp_path):
