@@ -3,7 +3,10 @@
 import argparse
 import sys
 
+from lrc_keras.estimators import ESTIMATORS
+
 from data import DataError
+from measure import SPEED_BATCHES
 
 
 def int_list(text):
@@ -14,6 +17,35 @@ def int_list(text):
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def seed_list(text):
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds, got {text!r}")
+    if not values or min(values) < 0 or len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers, got {text!r}")
+    return values
+
+
+def estimator_list(text):
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in ESTIMATORS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected estimators from {', '.join(ESTIMATORS)}, got {(unknown or [text])[0]!r}")
+    return names
 
 
 class ExampleParser(argparse.ArgumentParser):
@@ -29,7 +61,9 @@ class ExampleParser(argparse.ArgumentParser):
         self.add_argument("--npz", default=None, help=f"arrays {dataset.describe_arrays()} instead of tfds; "
                           "a seeded quarter is held out as the test set")
         self.add_argument("--data-dir", default=None, help="tensorflow-datasets data directory")
-        self.add_argument("--seed", type=int, default=0, help="weights, shuffling and the --npz split")
+        self.add_argument("--seed", type=int, default=0, help="seed of the weights and the shuffling")
+        self.add_argument("--split-seed", type=int, default=0,
+                          help="which quarter of --npz is held out; fixed while --seeds vary")
         self.add_argument("--hidden", type=int_list, default=hidden, help="hidden layer sizes, e.g. 1000,1000")
         self.add_argument("--l1", type=float, default=l1, help="L1 activity penalty on hidden activations")
         self.add_argument("--dropout", type=float, default=0.0)
@@ -40,9 +74,18 @@ class ExampleParser(argparse.ArgumentParser):
         if self.experiment:
             self.add_argument("--ranks", type=int_list, default=ranks,
                               help="estimator rank per hidden layer (one value: all)")
-            self.add_argument("--estimator", choices=["svd", "joint"], default="svd")
-            self.add_argument("--refit-every", type=int, default=200, help="training steps between SVD refits")
-            self.add_argument("--margin", type=float, default=0.0, help="compute units with estimate > -margin")
+            self.add_argument("--estimator", dest="estimators", type=estimator_list, default=[None],
+                              help=f"one gated network per estimator, of {', '.join(ESTIMATORS)}, "
+                              "comma-separated (default: the layer's default)")
+            self.add_argument("--refit-every", type=positive_int, default=None,
+                              help="training steps between SVD refits (default: the layer's default)")
+            self.add_argument("--margin", type=float, default=None,
+                              help="compute units with estimate > -margin (default: the layer's default)")
+            self.add_argument("--seeds", type=seed_list, default=None,
+                              help="train every network once per seed, e.g. 0,1,2, and report mean ± std "
+                              "(default: --seed)")
+            self.add_argument("--speed-batches", type=int_list, default=list(SPEED_BATCHES),
+                              help="batch sizes at which the speed is measured")
             self.add_argument("--logdir", default="runs", help="TensorBoard logs, tables and plots go here")
             self.add_argument("--baseline", action="store_true", help="also train the same network with Dense layers")
             self.add_argument("--sweep-ranks", type=int_list, default=None,
@@ -50,10 +93,18 @@ class ExampleParser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
-        if self.experiment and len(parsed.ranks) not in (1, len(parsed.hidden)):
+        if not self.experiment:
+            return parsed
+        if len(parsed.ranks) not in (1, len(parsed.hidden)):
             self.error(
                 f"--ranks needs 1 or {len(parsed.hidden)} values (one per hidden layer), "
                 f"got {','.join(map(str, parsed.ranks))}"
+            )
+        parsed.seeds = parsed.seeds or [parsed.seed]
+        if parsed.sweep_ranks and (len(parsed.seeds) > 1 or len(parsed.estimators) > 1):
+            self.error(
+                "--sweep-ranks trains one network per rank for one seed and one estimator, got "
+                f"--seeds {','.join(map(str, parsed.seeds))} --estimator {','.join(map(str, parsed.estimators))}"
             )
         return parsed
 

@@ -37,7 +37,7 @@ def main(argv=None):
     parser.add_argument("--ranks", type=cli.int_list, default=[5, 10, 20, 50, 100], help="calibration candidates")
     parser.add_argument("--fine-tune-epochs", type=int, default=1)
     args = parser.parse_args(argv)
-    (x_train, y_train), (x_test, y_test) = data.load(data.MNIST, args.npz, args.data_dir, args.seed)
+    (x_train, y_train), (x_test, y_test) = data.load(data.MNIST, args.npz, args.data_dir, args.split_seed)
     keras.utils.set_random_seed(args.seed)
 
     dense = models.build_network(x_train.shape[1], data.MNIST.classes, args.hidden, l1=args.l1,

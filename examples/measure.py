@@ -29,9 +29,9 @@ def speedups(reference, model, x, batches=SPEED_BATCHES):
     "in_graph": calls looped inside one graph (`median_times`), the network's own cost as the
     benchmark times layers; "call": one Python call of a tf.function wrapping the whole network
     (`training=False`), what a user's serving loop sees, fixed call overhead included;
-    "predict": one `predict_on_batch`, Keras' own entry point. "call_latency" is the model's
-    median seconds per tf.function call. Rows of `x` are repeated to fill a batch. Switch
-    `lrc_keras.set_audit` off first: an audited network computes every unit.
+    "predict": one `predict_on_batch`, Keras' own entry point. "seconds" holds each kind's
+    median seconds per call, {"reference": ..., "model": ...}. Rows of `x` are repeated to fill a
+    batch. Switch `lrc_keras.set_audit` off first: an audited network computes every unit.
     """
     networks = {"reference": reference, "model": model}
     # One tf.function per network, traced once per batch size, as a user would keep it.
@@ -39,16 +39,16 @@ def speedups(reference, model, x, batches=SPEED_BATCHES):
     results = {}
     for batch in batches:
         sample = tf.constant(np.resize(x, (batch,) + x.shape[1:]))
-        in_graph = median_times(
-            {name: (lambda v, network=network: network(v, training=False)) for name, network in networks.items()},
-            sample, repeats=7, calls=10,
-        )
-        call = {name: median_call_latency(lambda v, f=f: f(v, training=False), sample) for name, f in wrapped.items()}
-        predict = {name: median_call_latency(network.predict_on_batch, sample) for name, network in networks.items()}
-        results[batch] = {
-            "in_graph": in_graph["reference"] / in_graph["model"],
-            "call": call["reference"] / call["model"],
-            "predict": predict["reference"] / predict["model"],
-            "call_latency": call["model"],
+        seconds = {
+            "in_graph": median_times(
+                {name: (lambda v, network=network: network(v, training=False)) for name, network in networks.items()},
+                sample, repeats=7, calls=10,
+            ),
+            "call": {name: median_call_latency(lambda v, f=f: f(v, training=False), sample)
+                     for name, f in wrapped.items()},
+            "predict": {name: median_call_latency(network.predict_on_batch, sample)
+                        for name, network in networks.items()},
         }
+        results[batch] = {kind: seconds[kind]["reference"] / seconds[kind]["model"] for kind in SPEED_KINDS}
+        results[batch]["seconds"] = seconds
     return results

@@ -3,9 +3,11 @@
     python examples/mnist.py --baseline                       # tensorflow-datasets' mnist
     python examples/mnist.py --npz digits.npz --baseline      # arrays: x uint8 [N, 28, 28], y [N]
     python examples/mnist.py --npz digits.npz --baseline --sweep-ranks 5,10,20,50
+    python examples/mnist.py --npz digits.npz --baseline --estimator svd,joint --seeds 0,1,2
     tensorboard --logdir runs
 
-With --npz, a seeded quarter of the arrays is held out as the test set.
+With --npz, a quarter of the arrays chosen by --split-seed is held out as the test set.
+--seeds trains every network once per seed on that split and reports mean ± std over seeds.
 """
 
 import os
@@ -23,7 +25,7 @@ def main(argv=None):
     parser = cli.ExampleParser(__doc__.splitlines()[0], data.MNIST, hidden=[1000, 1000], epochs=10, l1=3e-4,
                                ranks=[20])
     args = parser.parse_args(argv)
-    return experiment.run(args, data.MNIST, data.load(data.MNIST, args.npz, args.data_dir, args.seed))
+    return experiment.run(args, data.MNIST, data.load(data.MNIST, args.npz, args.data_dir, args.split_seed))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Reporting trained runs: Markdown tables, CSV files, the rank-sweep plot.
+"""Reporting trained runs: Markdown tables, CSV files, means and deviations over seeds, the rank-sweep plot.
 
 A run is a dict made by `experiment.train_and_measure`: "run" (its log directory), "network",
 "estimator" (None for Dense), "seed", "rank", "test_error", "layers" (lrc_keras.measure_gates
 reports; empty for Dense), and for gated runs "cost_model_speedup" and "speed"
-(measure.speedups against the Dense twin).
+(measure.speedups against the Dense twin: the reference is "dense", the model "gated").
 """
 
 import csv
@@ -18,7 +18,7 @@ SPEED_HEADINGS = {"in_graph": "in-graph", "call": "tf.function call", "predict":
 
 
 def run_metrics(run):
-    """The run's numbers by column name, as the per-run CSV holds them."""
+    """The run's numbers by column name: what the per-run CSV holds and what is averaged over seeds."""
     metrics = {"test_error": run["test_error"]}
     for report in run["layers"]:
         metrics.update({f"{report['layer']}_{key}": report[key] for key in LAYER_METRICS})
@@ -26,7 +26,9 @@ def run_metrics(run):
         metrics["cost_model_speedup"] = run["cost_model_speedup"]
         for batch, speed in run["speed"].items():
             metrics.update({f"{kind}_speedup_b{batch}": speed[kind] for kind in SPEED_KINDS})
-            metrics[f"call_latency_ms_b{batch}"] = 1e3 * speed["call_latency"]
+            for kind in SPEED_KINDS:
+                metrics[f"{kind}_ms_b{batch}"] = 1e3 * speed["seconds"][kind]["model"]
+                metrics[f"dense_{kind}_ms_b{batch}"] = 1e3 * speed["seconds"][kind]["reference"]
     return metrics
 
 
@@ -40,6 +42,69 @@ def write_runs_csv(runs, path):
             metrics = run_metrics(run)
             writer.writerow([run["run"], *(cell(run[key]) for key in IDENTITY),
                              *(cell(metrics.get(column)) for column in columns)])
+
+
+def summarise(runs):
+    """Runs grouped by (network, estimator), in first-seen order, each number's mean and deviation over seeds.
+
+    The deviation is the sample standard deviation (ddof=1, as for a handful of seeds drawn from
+    many); None when there is one seed.
+    """
+    groups = {}
+    for run in runs:
+        groups.setdefault((run["network"], run["estimator"]), []).append(run)
+    summary = []
+    for (network, estimator), members in groups.items():
+        per_run = [run_metrics(run) for run in members]
+        statistics = {}
+        for key in per_run[0]:
+            values = np.array([metrics[key] for metrics in per_run], np.float64)
+            statistics[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None)
+        summary.append({"network": network, "estimator": estimator, "seeds": [run["seed"] for run in members],
+                        "layers": [report["layer"] for report in members[0]["layers"]],
+                        "batches": list(members[0].get("speed", {})), "statistics": statistics})
+    return summary
+
+
+def write_summary_csv(summary, path):
+    """One line per network: `<number>_mean` and `<number>_std` columns."""
+    columns = list(dict.fromkeys(key for group in summary for key in group["statistics"]))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["network", "estimator", "seeds"]
+                        + [f"{column}_{part}" for column in columns for part in ("mean", "std")])
+        for group in summary:
+            statistics = group["statistics"]
+            writer.writerow([group["network"], cell(group["estimator"]), " ".join(map(str, group["seeds"]))]
+                            + [cell(value) for column in columns for value in statistics.get(column, (None, None))])
+
+
+def summary_table(summary):
+    """Markdown: one line per network, every number as mean ± deviation over its seeds."""
+    batches = list(dict.fromkeys(batch for group in summary for batch in group["batches"]))
+    speed_heading = " / ".join(SPEED_HEADINGS[kind] for kind in SPEED_KINDS)
+    lines = [
+        "| network | estimator | seeds | test error (%) | recall (per layer) | predicted density | true density "
+        "| cost-model speedup |" + "".join(f" speedup b={batch} ({speed_heading}) |" for batch in batches),
+        "|---" * (8 + len(batches)) + "|",
+    ]
+    for group in summary:
+        statistics = group["statistics"]
+
+        def per_layer(key):
+            return ", ".join(mean_std(*statistics[f"{layer}_{key}"], "{:.3f}") for layer in group["layers"])
+
+        cells = [group["network"], group["estimator"] or "-", str(len(group["seeds"])),
+                 mean_std(*statistics["test_error"], "{:.2f}", scale=100)]
+        if group["layers"]:
+            cells += [per_layer(key) for key in LAYER_METRICS]
+            cells.append(mean_std(*statistics["cost_model_speedup"], "{:.2f}") + "x")
+            cells += [" / ".join(mean_std(*statistics[f"{kind}_speedup_b{batch}"], "{:.2f}") + "x"
+                                 for kind in SPEED_KINDS) for batch in batches]
+        else:
+            cells += ["-"] * (4 + len(batches))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run_table(runs):
@@ -111,6 +176,12 @@ def plot_sweep(runs, ranks, path):
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def mean_std(mean, std, number_format, scale=1.0):
+    """"mean ± std" in `number_format`; the mean alone when there is no deviation (one seed)."""
+    text = number_format.format(scale * mean)
+    return text if std is None else f"{text} ± {number_format.format(scale * std)}"
 
 
 def cell(value):

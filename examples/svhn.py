@@ -5,7 +5,8 @@
     tensorboard --logdir runs
 
 Inputs are normalised per colour channel with the training set's mean and deviation. With
---npz, a seeded quarter of the arrays is held out as the test set.
+--npz, a quarter of the arrays chosen by --split-seed is held out as the test set. The
+flags are those of examples/mnist.py (--seeds, --estimator, --baseline, --sweep-ranks, ...).
 """
 
 import os
@@ -21,7 +22,7 @@ def main(argv=None):
     parser = cli.ExampleParser(__doc__.splitlines()[0], data.SVHN, hidden=[4000, 2000, 1000], epochs=10, l1=1e-4,
                                ranks=[50, 40, 30])
     args = parser.parse_args(argv)
-    return experiment.run(args, data.SVHN, data.load(data.SVHN, args.npz, args.data_dir, args.seed))
+    return experiment.run(args, data.SVHN, data.load(data.SVHN, args.npz, args.data_dir, args.split_seed))
 
 
 if __name__ == "__main__":

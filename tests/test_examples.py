@@ -1,5 +1,6 @@
 import csv
 import glob
+import inspect
 import os
 import re
 import sys
@@ -11,7 +12,9 @@ import tensorflow_datasets as tfds
 from conftest import away_from_boundary, numpy_gated_dense
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lrc_keras import LowRankGatedDense
 from lrc_keras.audit import gated_layers
+from lrc_keras.estimators import ESTIMATORS
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import cli  # noqa: E402
@@ -101,15 +104,22 @@ def test_mnist_on_mock_tfds(tmp_path):
     with tfds.testing.mock_data(num_examples=64):
         rows = mnist.main(TINY + ["--baseline", "--logdir", str(tmp_path)])
         _, (x_test, _) = data.load(data.MNIST, None, None, 0)  # mock data is the same at every load
-    assert [row["run"] for row in rows] == ["mnist_dense", "mnist_gated"]
+    gated_run = rows[-1]["run"]
+    assert [row["network"] for row in rows] == ["mnist_dense", "mnist_gated"]
+    # No --estimator, --refit-every or --margin: the layer's own defaults, whatever they are.
+    defaults = inspect.signature(LowRankGatedDense).parameters
+    for layer in gated_layers(rows[-1]["model"]):
+        assert (layer.estimator, layer.refit_every, layer.margin) == tuple(
+            defaults[key].default for key in ("estimator", "refit_every", "margin"))
+    assert [row["run"] for row in rows] == ["mnist_dense_seed0", f"mnist_gated_{layer.estimator}_seed0"]
     assert_report(rows)
     check_gate_summaries(str(tmp_path), {"hidden_0": (784, 24, 4), "hidden_1": (24, 16, 4)}, 64)
     # keras.callbacks.TensorBoard logged the layer metrics that fit reports.
-    accumulator = EventAccumulator(os.path.join(tmp_path, "mnist_gated", "train"), size_guidance={"tensors": 0})
+    accumulator = EventAccumulator(os.path.join(tmp_path, gated_run, "train"), size_guidance={"tensors": 0})
     accumulator.Reload()
     assert "epoch_hidden_0_recall" in accumulator.Tags()["tensors"]
     # fit's validation measured the gates (audited) on the test set with the final weights.
-    validation = scalars(tmp_path / "mnist_gated" / "validation")
+    validation = scalars(tmp_path / gated_run / "validation")
     gate_tags = [tag for tag in validation if re.fullmatch(r"epoch_hidden_\d_\w+", tag)]
     assert len(gate_tags) == 2 * 6 and not any(np.isnan(validation[tag]).any() for tag in gate_tags)
     recount = numpy_gate_recount(rows[-1]["model"], x_test)
@@ -225,6 +235,32 @@ def test_bad_flags_are_rejected(capsys):
     with pytest.raises(SystemExit):
         mnist.main(["--npz", "x.npz", "--hidden", "10,10,10", "--ranks", "2,3"])
     assert "--ranks needs 1 or 3 values (one per hidden layer), got 2,3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--estimator", "svd,nope"], "--estimator: expected estimators from {names}, got 'nope'"),
+        (["--seeds", "0,-1"], "--seeds: expected distinct non-negative integers, got '0,-1'"),
+        (["--seeds", "1,1"], "--seeds: expected distinct non-negative integers, got '1,1'"),
+        (["--refit-every", "0"], "--refit-every: expected a positive integer, got '0'"),
+        (["--sweep-ranks", "2,4", "--seeds", "0,1"],
+         "--sweep-ranks trains one network per rank for one seed and one estimator, got --seeds 0,1"),
+    ],
+)
+def test_bad_experiment_flags_name_the_value(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        mnist.main(["--npz", "x.npz"] + flags)
+    assert message.format(names=", ".join(ESTIMATORS)) in capsys.readouterr().err
+
+
+def test_flags_left_out_take_the_layer_defaults():
+    parser = cli.ExampleParser("", data.MNIST, hidden=[8], epochs=1, l1=0.0, ranks=[2])
+    args = parser.parse_args(["--seed", "5"])
+    assert args.estimators == [None] and args.refit_every is None and args.margin is None and args.seeds == [5]
+    every = ",".join(ESTIMATORS)  # whatever the library offers today, in its order
+    args = parser.parse_args(["--estimator", every, "--seeds", "0,2,1", "--refit-every", "7"])
+    assert args.estimators == list(ESTIMATORS) and args.seeds == [0, 2, 1] and args.refit_every == 7
 
 
 def test_convert_mnist_end_to_end(tmp_path):
