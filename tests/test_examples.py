@@ -5,6 +5,7 @@ import os
 import re
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -42,28 +43,34 @@ def gate_scalars(logdir):
     return values
 
 
-def numpy_gate_recount(model, x):
-    """Per gated layer, float64 numpy rates of the estimator's mask against z > 0 on inputs `x`.
+def numpy_forward(model, x):
+    """A float64 numpy pass of one of the examples' networks: (logits, gates, uncertain_rows).
 
-    The network must be gated layers in a row (then the logits). "tolerance": how far float32
-    rounding (~1e-7 here) may move a rate: every unit of a row with an estimate or a z within
-    1e-5 of its threshold, in this layer or upstream, may flip.
+    `gates`: per gated layer, the rates of its mask against z > 0 and "tolerance", how far
+    float32 rounding (~1e-7 here) may move them: every unit of a row with an estimate or a z
+    within 1e-5 of its threshold, in this layer or upstream, may flip. `uncertain_rows`: those rows.
     """
-    counts, h, uncertain_rows = {}, np.asarray(x, np.float64), np.zeros(len(x), bool)
-    for layer in gated_layers(model):
-        weights = (layer.kernel, layer.bias, layer.estimator_u, layer.estimator_v)
-        h, mask, z_hat, z = numpy_gated_dense(h, *(w.numpy() for w in weights), layer.margin)
-        near = ~away_from_boundary(z_hat, layer.margin, tolerance=1e-5) | (np.abs(z) < 1e-5)
-        uncertain_rows |= near.any(axis=1)
-        positive = z > 0
-        uncertain = uncertain_rows.sum() * layer.units
-        counts[layer.name] = {
-            "recall": (mask & positive).sum() / positive.sum(),
-            "predicted_density": mask.mean(),
-            "true_density": positive.mean(),
-            "tolerance": {"recall": uncertain / positive.sum(), "density": uncertain / mask.size},
-        }
-    return counts
+    gates, h, uncertain_rows = {}, np.asarray(x, np.float64), np.zeros(len(x), bool)
+    for layer in model.layers:
+        if isinstance(layer, LowRankGatedDense):
+            weights = (layer.kernel, layer.bias, layer.estimator_u, layer.estimator_v)
+            h, mask, z_hat, z = numpy_gated_dense(h, *(w.numpy() for w in weights), layer.margin)
+            uncertain_rows |= (~away_from_boundary(z_hat, layer.margin, tolerance=1e-5) | (np.abs(z) < 1e-5)).any(1)
+            positive, uncertain = z > 0, uncertain_rows.sum() * layer.units
+            gates[layer.name] = {
+                "recall": (mask & positive).sum() / positive.sum(),
+                "predicted_density": mask.mean(),
+                "true_density": positive.mean(),
+                "tolerance": {"recall": uncertain / positive.sum(), "density": uncertain / mask.size},
+            }
+        else:
+            assert isinstance(layer, keras.layers.Dense), layer
+            z = h @ layer.kernel.numpy().astype(np.float64) + layer.bias.numpy()
+            if layer.name == "logits":
+                return z, gates, uncertain_rows
+            uncertain_rows |= (np.abs(z) < 1e-5).any(axis=1)
+            h = np.maximum(z, 0.0)
+    raise AssertionError("the network has no logits layer")
 
 
 def assert_rates_match(measured, recount, keys=("recall", "predicted_density", "true_density")):
@@ -90,20 +97,21 @@ def check_gate_summaries(logdir, layers, validation_rows):
         assert singular[:, 2].sum() == pytest.approx(min(input_dim, units))
 
 
-def assert_report(rows, layers=("hidden_0", "hidden_1")):
-    gated = [row for row in rows if row["layers"]]
-    assert gated, "a gated run must be reported"
-    for row in rows:
-        assert 0.0 <= row["test_error"] <= 1.0
-    for row in gated:
-        assert [report["layer"] for report in row["layers"]] == list(layers)
-        assert all(speed[kind] > 0 for speed in row["speed"].values() for kind in ("in_graph", "call", "predict"))
+def assert_run_matches_numpy(run, x_test, y_test):
+    """The run's test error and gate rates equal a float64 numpy recount from its final weights."""
+    logits, gates, uncertain_rows = numpy_forward(run["model"], x_test)
+    error = np.mean(np.argmax(logits, axis=1) != y_test)
+    assert run["test_error"] == pytest.approx(error, abs=uncertain_rows.mean() + 1e-6), run["run"]
+    reports = {report["layer"]: report for report in run["layers"]}
+    assert list(reports) == list(gates)
+    assert_rates_match(lambda layer, key: reports[layer][key], gates)
+    return error
 
 
 def test_mnist_on_mock_tfds(tmp_path):
     with tfds.testing.mock_data(num_examples=64):
         rows = mnist.main(TINY + ["--baseline", "--logdir", str(tmp_path)])
-        _, (x_test, _) = data.load(data.MNIST, None, None, 0)  # mock data is the same at every load
+        _, (x_test, y_test) = data.load(data.MNIST, None, None, 0)  # mock data is the same at every load
     gated_run = rows[-1]["run"]
     assert [row["network"] for row in rows] == ["mnist_dense", "mnist_gated"]
     # No --estimator, --refit-every or --margin: the layer's own defaults, whatever they are.
@@ -112,7 +120,8 @@ def test_mnist_on_mock_tfds(tmp_path):
         assert (layer.estimator, layer.refit_every, layer.margin) == tuple(
             defaults[key].default for key in ("estimator", "refit_every", "margin"))
     assert [row["run"] for row in rows] == ["mnist_dense_seed0", f"mnist_gated_{layer.estimator}_seed0"]
-    assert_report(rows)
+    for run in rows:
+        assert_run_matches_numpy(run, x_test, y_test)
     check_gate_summaries(str(tmp_path), {"hidden_0": (784, 24, 4), "hidden_1": (24, 16, 4)}, 64)
     # keras.callbacks.TensorBoard logged the layer metrics that fit reports.
     accumulator = EventAccumulator(os.path.join(tmp_path, gated_run, "train"), size_guidance={"tensors": 0})
@@ -122,15 +131,41 @@ def test_mnist_on_mock_tfds(tmp_path):
     validation = scalars(tmp_path / gated_run / "validation")
     gate_tags = [tag for tag in validation if re.fullmatch(r"epoch_hidden_\d_\w+", tag)]
     assert len(gate_tags) == 2 * 6 and not any(np.isnan(validation[tag]).any() for tag in gate_tags)
-    recount = numpy_gate_recount(rows[-1]["model"], x_test)
-    assert_rates_match(lambda layer, key: validation[f"epoch_{layer}_{key}"][-1], recount)
+    gates = numpy_forward(rows[-1]["model"], x_test)[1]
+    assert_rates_match(lambda layer, key: validation[f"epoch_{layer}_{key}"][-1], gates)
 
 
 def test_svhn_on_mock_tfds(tmp_path):
     with tfds.testing.mock_data(num_examples=48):
         rows = svhn.main(TINY + ["--logdir", str(tmp_path)])
-    assert_report(rows)
+        _, (x_test, y_test) = data.load(data.SVHN, None, None, 0)
+    assert_run_matches_numpy(rows[-1], x_test, y_test)
     check_gate_summaries(str(tmp_path), {"hidden_0": (3072, 24, 4), "hidden_1": (24, 16, 4)}, 48)
+
+
+def patch_images(path, image_shape, count=240, seed=0):
+    """A learnable .npz: class k is a bright 4x4 patch at the k-th of 10 places on a dim noisy background."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, count)
+    x = rng.integers(0, 60, (count,) + image_shape).astype(np.uint8)
+    for image, label in zip(x, y):
+        row, column = 4 + 12 * (label // 5), 2 + 5 * (label % 5)
+        image[row : row + 4, column : column + 4] = 255
+    np.savez(path, x=x, y=y)
+    return str(path)
+
+
+LEARN = ["--hidden", "32,16", "--ranks", "4", "--epochs", "5", "--batch-size", "16", "--learning-rate", "1e-2",
+         "--speed-batches", "1", "--seed", "1"]
+
+
+@pytest.mark.parametrize("script, dataset", [(mnist, data.MNIST), (svhn, data.SVHN)], ids=["mnist", "svhn"])
+def test_gated_network_learns_and_its_report_matches_numpy(tmp_path, script, dataset):
+    npz = patch_images(tmp_path / "patches.npz", dataset.image_shape)
+    runs = script.main(LEARN + ["--npz", npz, "--logdir", str(tmp_path)])
+    (_, _), (x_test, y_test) = data.load(dataset, npz, None, 0)
+    error = assert_run_matches_numpy(runs[-1], x_test, y_test)
+    assert error < 0.1, error  # chance is 0.9
 
 
 def test_svhn_normalises_per_channel():
@@ -151,14 +186,19 @@ def tiny_npz(path, count=80):
 
 def test_mnist_on_npz_with_rank_sweep(tmp_path):
     npz = tiny_npz(tmp_path / "digits.npz")
-    rows = mnist.main(TINY + ["--npz", npz, "--baseline", "--sweep-ranks", "2,4", "--logdir", str(tmp_path)])
+    rows = mnist.main(TINY + ["--npz", npz, "--baseline", "--sweep-ranks", "2,4", "--logdir", str(tmp_path),
+                              "--speed-batches", "1,256"])
     assert [row["run"] for row in rows] == ["mnist_dense", "mnist_rank2", "mnist_rank4"]
-    assert_report(rows)
+    _, (x_test, y_test) = data.load(data.MNIST, npz, None, 0)
+    for row in rows:
+        assert_run_matches_numpy(row, x_test, y_test)
     with open(tmp_path / "sweep.csv") as f:
         table = list(csv.DictReader(f))
     assert [row["rank"] for row in table] == ["", "2,2", "4,4"]
-    for row, result in zip(table[1:], rows[1:]):
-        assert float(row["test_error"]) == pytest.approx(result["test_error"], abs=1e-4)
+    for row, result in zip(table, rows):
+        assert float(row["test_error"]) == result["test_error"]
+        for report in result["layers"]:
+            assert float(row[f"{report['layer']}_recall"]) == report["recall"]
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert "| mnist_rank4 |" in (tmp_path / "sweep.md").read_text()
 
