@@ -203,6 +203,45 @@ def test_mnist_on_npz_with_rank_sweep(tmp_path):
     assert "| mnist_rank4 |" in (tmp_path / "sweep.md").read_text()
 
 
+def test_seeds_report_mean_and_std_of_the_per_seed_runs(tmp_path):
+    npz = tiny_npz(tmp_path / "digits.npz")
+    estimators = list(ESTIMATORS)[:2]
+    runs = mnist.main(TINY + ["--npz", npz, "--baseline", "--seeds", "3,4", "--estimator", ",".join(estimators),
+                              "--speed-batches", "1", "--logdir", str(tmp_path)])
+    groups = [("mnist_dense", "")] + [("mnist_gated", estimator) for estimator in estimators]
+    assert [(run["network"], run["estimator"] or "", run["seed"]) for run in runs] == [
+        group + (seed,) for seed in (3, 4) for group in groups]
+    # Seeds vary the initialisation: the two Dense baselines start (and end) apart.
+    assert not np.allclose(runs[0]["model"].get_layer("hidden_0").kernel, runs[3]["model"].get_layer("hidden_0").kernel)
+    with open(tmp_path / "runs.csv") as f:
+        per_run = list(csv.DictReader(f))
+    assert [float(row["test_error"]) for row in per_run] == [run["test_error"] for run in runs]
+    with open(tmp_path / "summary.csv") as f:
+        summary = {(row["network"], row["estimator"]): row for row in csv.DictReader(f)}
+    assert list(summary) == groups
+    table = {tuple(line.split(" | ")[:2]): line.split(" | ") for line in (tmp_path / "summary.md").read_text().splitlines()}
+    for group, row in summary.items():
+        members = [line for line in per_run if (line["network"], line["estimator"]) == group]
+        assert row["seeds"] == "3 4" and len(members) == 2
+        columns = [column for column in per_run[0] if column not in ("run", "network", "estimator", "seed", "rank")
+                   and members[0][column]]
+        assert ("cost_model_speedup" in columns) == (group[0] == "mnist_gated") and "test_error" in columns
+        for column in columns:
+            values = np.array([float(line[column]) for line in members])
+            assert float(row[f"{column}_mean"]) == pytest.approx(np.mean(values), rel=1e-12, abs=1e-15), column
+            assert float(row[f"{column}_std"]) == pytest.approx(np.std(values, ddof=1), rel=1e-12, abs=1e-15), column
+
+        def shown(column, scale=1.0, digits=3):
+            values = scale * np.array([float(line[column]) for line in members])
+            return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+        cells = table[("| " + group[0], group[1] or "-")]
+        assert cells[3] == shown("test_error", 100, 2)
+        if group[0] == "mnist_gated":
+            assert cells[4] == ", ".join(shown(f"hidden_{i}_recall") for i in range(2))
+            assert cells[6] == ", ".join(shown(f"hidden_{i}_true_density") for i in range(2))
+
+
 def test_npz_split_holds_out_a_seeded_quarter(tmp_path):
     x = np.arange(40, dtype=np.uint8)[:, None, None] * np.ones((1, 28, 28), np.uint8)  # image i is all i
     np.savez(tmp_path / "digits.npz", x=x, y=np.arange(40) % 10)
