@@ -71,7 +71,7 @@ def main(argv=None):
     print("predicted density per gated layer on the test set after fine-tuning:",
           ", ".join(f"{d:.3f}" for d in densities))
     return {"accuracy": results, "speedup_calibrated": calibrated_speed, "speedup_fine_tuned": tuned_speed,
-            "report": calibration, "densities": densities}
+            "report": calibration, "densities": densities, "models": {"dense": dense, "fine-tuned": converted}}
 
 
 if __name__ == "__main__":
