@@ -9,32 +9,31 @@ from data import DataError
 from measure import SPEED_BATCHES
 
 
-def int_list(text):
+def integers(text, minimum, expected):
+    """Comma-separated integers, each at least `minimum`; else an error saying what was `expected`."""
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        values = []
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return values
 
 
+def int_list(text):
+    return integers(text, 1, "comma-separated positive integers")
+
+
 def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    values = integers(text, 1, "a positive integer")
+    if len(values) > 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return values[0]
 
 
 def seed_list(text):
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated seeds, got {text!r}")
-    if not values or min(values) < 0 or len(set(values)) < len(values):
+    values = integers(text, 0, "distinct non-negative integers")
+    if len(set(values)) < len(values):
         raise argparse.ArgumentTypeError(f"expected distinct non-negative integers, got {text!r}")
     return values
 
@@ -59,7 +58,7 @@ class ExampleParser(argparse.ArgumentParser):
     def __init__(self, description, dataset, hidden, epochs, l1, ranks=None):
         super().__init__(description=description)
         self.add_argument("--npz", default=None, help=f"arrays {dataset.describe_arrays()} instead of tfds; "
-                          "a seeded quarter is held out as the test set")
+                          "a quarter chosen by --split-seed is held out as the test set")
         self.add_argument("--data-dir", default=None, help="tensorflow-datasets data directory")
         self.add_argument("--seed", type=int, default=0, help="seed of the weights and the shuffling")
         self.add_argument("--split-seed", type=int, default=0,
@@ -75,15 +74,15 @@ class ExampleParser(argparse.ArgumentParser):
             self.add_argument("--ranks", type=int_list, default=ranks,
                               help="estimator rank per hidden layer (one value: all)")
             self.add_argument("--estimator", dest="estimators", type=estimator_list, default=[None],
-                              help=f"one gated network per estimator, of {', '.join(ESTIMATORS)}, "
-                              "comma-separated (default: the layer's default)")
+                              metavar="NAMES", help="one gated network per estimator, comma-separated, from: "
+                              f"{', '.join(ESTIMATORS)} (default: the layer's default)")
             self.add_argument("--refit-every", type=positive_int, default=None,
                               help="training steps between SVD refits (default: the layer's default)")
             self.add_argument("--margin", type=float, default=None,
                               help="compute units with estimate > -margin (default: the layer's default)")
             self.add_argument("--seeds", type=seed_list, default=None,
                               help="train every network once per seed, e.g. 0,1,2, and report mean ± std "
-                              "(default: --seed)")
+                              "(default: --seed; --seeds overrides it)")
             self.add_argument("--speed-batches", type=int_list, default=list(SPEED_BATCHES),
                               help="batch sizes at which the speed is measured")
             self.add_argument("--logdir", default="runs", help="TensorBoard logs, tables and plots go here")
