@@ -8,86 +8,71 @@ target recall on training inputs (lrc_keras.calibrate), fine-tunes for one epoch
 conditional training, and prints accuracy and inference speed at every stage.
 """
 
-import argparse
 import os
 import sys
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import mnist  # noqa: E402
+import cli  # noqa: E402
+import data  # noqa: E402
+import measure  # noqa: E402
+import models  # noqa: E402
+import report  # noqa: E402
 
 import lrc_keras  # noqa: E402
-from lrc_keras.timing import median_times  # noqa: E402
+
+BATCHES = (1, 256)
 
 
 def accuracy(model, x, y):
     return float(np.mean(np.argmax(model.predict(x, verbose=0, batch_size=256), axis=1) == y))
 
 
-def speedup(reference, model, x, batch):
-    sample = tf.constant(np.resize(x, (batch, x.shape[1])))
-    times = median_times(
-        {"reference": lambda v: reference(v, training=False), "model": lambda v: model(v, training=False)},
-        sample, repeats=7, calls=10,
-    )
-    return times["reference"] / times["model"]
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--npz", default=None, help="arrays x uint8 [N, 28, 28], y [N] instead of tfds")
-    parser.add_argument("--data-dir", default=None, help="tensorflow-datasets data directory")
-    parser.add_argument("--hidden", type=common.int_list, default=[1000, 1000])
-    parser.add_argument("--epochs", type=int, default=10, help="epochs of dense training")
+    parser = cli.ExampleParser(__doc__.splitlines()[0], data.MNIST, hidden=[1000, 1000], epochs=10, l1=0.0)
     parser.add_argument("--rank", type=int, default=20, help="rank given by convert (calibrate may change it)")
     parser.add_argument("--target-recall", type=float, default=0.99)
-    parser.add_argument("--ranks", type=common.int_list, default=[5, 10, 20, 50, 100], help="calibration candidates")
+    parser.add_argument("--ranks", type=cli.int_list, default=[5, 10, 20, 50, 100], help="calibration candidates")
     parser.add_argument("--fine-tune-epochs", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    (x_train, y_train), (x_test, y_test) = data.load(data.MNIST, args.npz, args.data_dir, args.split_seed)
     keras.utils.set_random_seed(args.seed)
-    splits = mnist.load_npz(args.npz, args.seed) if args.npz else common.load_tfds("mnist", args.data_dir)
-    (x_train, y_train), (x_test, y_test) = (mnist.prepare(split) for split in splits)
 
-    dense = keras.Sequential(
-        [keras.Input((784,))]
-        + [keras.layers.Dense(units, activation="relu", name=f"hidden_{i}") for i, units in enumerate(args.hidden)]
-        + [keras.layers.Dense(10)]
-    )
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    dense.compile(keras.optimizers.Adam(1e-3), loss)
-    dense.fit(x_train, y_train, batch_size=128, epochs=args.epochs, verbose=2)
+    dense = models.build_network(x_train.shape[1], data.MNIST.classes, args.hidden, l1=args.l1,
+                                 dropout=args.dropout, learning_rate=args.learning_rate)
+    dense.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs, verbose=2)
 
     converted = lrc_keras.convert(dense, rank=args.rank)
     # calibrate changes `converted` in place: measure each stage before the next.
     results = {"dense": accuracy(dense, x_test, y_test), "converted": accuracy(converted, x_test, y_test)}
-    report = lrc_keras.calibrate(converted, x_train, target_recall=args.target_recall, ranks=args.ranks)
-    print(report)
+    calibration = lrc_keras.calibrate(converted, x_train, target_recall=args.target_recall, ranks=args.ranks)
+    print(calibration)
     results["calibrated"] = accuracy(converted, x_test, y_test)
-    calibrated_speed = {batch: speedup(dense, converted, x_test, batch) for batch in (1, 256)}
-    converted.compile(keras.optimizers.Adam(1e-4), loss)
-    converted.fit(x_train, y_train, batch_size=128, epochs=args.fine_tune_epochs, verbose=2)
+    calibrated_speed = measure.speedups(dense, converted, x_test, BATCHES)
+    # A tenth of the training rate: the conditional network starts close to its optimum.
+    converted.compile(keras.optimizers.Adam(args.learning_rate / 10),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    converted.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.fine_tune_epochs, verbose=2)
     results["fine-tuned"] = accuracy(converted, x_test, y_test)
-    tuned_speed = {batch: speedup(dense, converted, x_test, batch) for batch in (1, 256)}
+    tuned_speed = measure.speedups(dense, converted, x_test, BATCHES)
     densities = [row["predicted_density"] for row in lrc_keras.measure_gates(converted, x_test)]
 
-    print("| stage | test accuracy | speedup over dense, batch 1 | batch 256 |")
-    print("|---|---|---|---|")
-    print(f"| dense | {results['dense']:.4f} | 1.00x | 1.00x |")
-    print(f"| converted (rank {args.rank}, margin 0) | {results['converted']:.4f} | | |")
-    print(f"| calibrated (recall {args.target_recall}) | {results['calibrated']:.4f} "
-          f"| {calibrated_speed[1]:.2f}x | {calibrated_speed[256]:.2f}x |")
-    print(f"| fine-tuned {args.fine_tune_epochs} epoch(s) | {results['fine-tuned']:.4f} "
-          f"| {tuned_speed[1]:.2f}x | {tuned_speed[256]:.2f}x |")
+    kinds = " / ".join(report.SPEED_HEADINGS[kind] for kind in measure.SPEED_KINDS)
+    print("| stage | test accuracy |" + "".join(f" speedup over dense b={batch} ({kinds}) |" for batch in BATCHES))
+    print("|---|---|" + "---|" * len(BATCHES))
+    print(f"| dense | {results['dense']:.4f} |" + " 1x |" * len(BATCHES))
+    print(f"| converted (rank {args.rank}, margin 0) | {results['converted']:.4f} |" + " |" * len(BATCHES))
+    for stage, label, speed in (("calibrated", f"calibrated (recall {args.target_recall})", calibrated_speed),
+                                ("fine-tuned", f"fine-tuned {args.fine_tune_epochs} epoch(s)", tuned_speed)):
+        print(f"| {label} | {results[stage]:.4f} |"
+              + "".join(f" {report.speed_kinds_cell(speed[batch])} |" for batch in BATCHES))
     print("predicted density per gated layer on the test set after fine-tuning:",
           ", ".join(f"{d:.3f}" for d in densities))
     return {"accuracy": results, "speedup_calibrated": calibrated_speed, "speedup_fine_tuned": tuned_speed,
-            "report": report, "densities": densities}
+            "report": calibration, "densities": densities, "models": {"dense": dense, "fine-tuned": converted}}
 
 
 if __name__ == "__main__":
-    common.main_guard(main, None)
+    cli.main_guard(main, None)

@@ -1,39 +1,29 @@
 """The paper's SVHN experiment: 32x32x3 crops, flattened, through LowRankGatedDense layers.
 
-    python examples/svhn.py --baseline          # tensorflow-datasets' svhn_cropped
+    python examples/svhn.py --baseline                   # tensorflow-datasets' svhn_cropped
+    python examples/svhn.py --npz crops.npz --baseline   # arrays: x uint8 [N, 32, 32, 3], y [N]
     tensorboard --logdir runs
 
-Inputs are normalised per colour channel with the training set's mean and deviation.
+Inputs are normalised per colour channel with the training set's mean and deviation. With
+--npz, a quarter of the arrays chosen by --split-seed is held out as the test set. The
+flags are those of examples/mnist.py (--seeds, --estimator, --baseline, --sweep-ranks, ...).
 """
 
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-
-def normalise(train, test):
-    """Flatten to 3072 features, per-channel standardised with the training statistics."""
-    (x_train, y_train), (x_test, y_test) = train, test
-    x_train = x_train.astype(np.float32)
-    mean = x_train.mean(axis=(0, 1, 2))
-    std = x_train.std(axis=(0, 1, 2)) + 1e-6
-
-    def flat(x):
-        return ((x.astype(np.float32) - mean) / std).reshape(len(x), -1)
-
-    return (flat(x_train), y_train.astype(np.int64)), (flat(x_test), y_test.astype(np.int64))
+import cli  # noqa: E402
+import data  # noqa: E402
+import experiment  # noqa: E402
 
 
 def main(argv=None):
-    parser = common.parser(__doc__.splitlines()[0], hidden=[4000, 2000, 1000], ranks=[50, 40, 30], epochs=10,
-                           l1=1e-4)
-    args = common.parse_args(parser, argv)
-    return common.run(args, normalise(*common.load_tfds("svhn_cropped", args.data_dir)), "svhn")
+    parser = cli.ExampleParser(__doc__.splitlines()[0], data.SVHN, hidden=[4000, 2000, 1000], epochs=10, l1=1e-4,
+                               ranks=[50, 40, 30])
+    args = parser.parse_args(argv)
+    return experiment.run(args, data.SVHN, data.load(data.SVHN, args.npz, args.data_dir, args.split_seed))
 
 
 if __name__ == "__main__":
-    common.main_guard(main, None)
+    cli.main_guard(main, None)

@@ -1,16 +1,25 @@
 import csv
 import glob
+import inspect
 import os
+import re
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from conftest import away_from_boundary, numpy_gated_dense
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lrc_keras import LowRankGatedDense
+from lrc_keras.audit import gated_layers
+from lrc_keras.estimators import ESTIMATORS
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-import common  # noqa: E402
+import cli  # noqa: E402
+import data  # noqa: E402
 import mnist  # noqa: E402
 import svhn  # noqa: E402
 
@@ -18,15 +27,58 @@ TINY = ["--hidden", "24,16", "--ranks", "4", "--epochs", "1", "--batch-size", "3
 RATES = ("sign_accuracy", "recall", "precision", "false_negative_rate", "predicted_density", "true_density", "energy_captured")
 
 
+def scalars(directory):
+    """{tag: [values]} of the summaries in one TensorBoard event directory."""
+    accumulator = EventAccumulator(str(directory), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return {tag: [tf.make_ndarray(event.tensor_proto) for event in accumulator.Tensors(tag)]
+            for tag in accumulator.Tags()["tensors"]}
+
+
 def gate_scalars(logdir):
     """{tag: [values]} of the GateSummaries event files under logdir."""
     values = {}
     for directory in glob.glob(os.path.join(logdir, "*", "gates")):
-        accumulator = EventAccumulator(directory, size_guidance={"tensors": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["tensors"]:
-            values[tag] = [tf.make_ndarray(event.tensor_proto) for event in accumulator.Tensors(tag)]
+        values.update(scalars(directory))
     return values
+
+
+def numpy_forward(model, x):
+    """A float64 numpy pass of one of the examples' networks: (logits, gates, uncertain_rows).
+
+    `gates`: per gated layer, the rates of its mask against z > 0 and "tolerance", how far
+    float32 rounding (~1e-7 here) may move them: every unit of a row with an estimate or a z
+    within 1e-5 of its threshold, in this layer or upstream, may flip. `uncertain_rows`: those rows.
+    """
+    gates, h, uncertain_rows = {}, np.asarray(x, np.float64), np.zeros(len(x), bool)
+    for layer in model.layers:
+        if isinstance(layer, LowRankGatedDense):
+            weights = (layer.kernel, layer.bias, layer.estimator_u, layer.estimator_v)
+            h, mask, z_hat, z = numpy_gated_dense(h, *(w.numpy() for w in weights), layer.margin)
+            uncertain_rows |= (~away_from_boundary(z_hat, layer.margin, tolerance=1e-5) | (np.abs(z) < 1e-5)).any(1)
+            positive, uncertain = z > 0, uncertain_rows.sum() * layer.units
+            gates[layer.name] = {
+                "recall": (mask & positive).sum() / positive.sum(),
+                "predicted_density": mask.mean(),
+                "true_density": positive.mean(),
+                "tolerance": {"recall": uncertain / positive.sum(), "density": uncertain / mask.size},
+            }
+        else:
+            assert isinstance(layer, keras.layers.Dense), layer
+            z = h @ layer.kernel.numpy().astype(np.float64) + layer.bias.numpy()
+            if layer.name == "logits":
+                return z, gates, uncertain_rows
+            uncertain_rows |= (np.abs(z) < 1e-5).any(axis=1)
+            h = np.maximum(z, 0.0)
+    raise AssertionError("the network has no logits layer")
+
+
+def assert_rates_match(measured, recount, keys=("recall", "predicted_density", "true_density")):
+    """`measured(layer, key)` equals the numpy recount of every key, up to float32 rounding."""
+    for layer, expected in recount.items():
+        for key in keys:
+            tolerance = expected["tolerance"]["recall" if key == "recall" else "density"] + 1e-6
+            assert float(measured(layer, key)) == pytest.approx(expected[key], abs=tolerance), (layer, key)
 
 
 def check_gate_summaries(logdir, layers, validation_rows):
@@ -45,39 +97,86 @@ def check_gate_summaries(logdir, layers, validation_rows):
         assert singular[:, 2].sum() == pytest.approx(min(input_dim, units))
 
 
-def assert_report(rows, layers=("hidden_0", "hidden_1")):
-    gated = [row for row in rows if row["layers"]]
-    assert gated, "a gated run must be reported"
-    for row in rows:
-        assert 0.0 <= row["test_error"] <= 1.0
-    for row in gated:
-        assert [report["layer"] for report in row["layers"]] == list(layers)
-        assert row["measured_speedup"][1] > 0 and row["measured_speedup"][256] > 0
+def assert_run_matches_numpy(run, x_test, y_test):
+    """The run's test error and gate rates equal a float64 numpy recount from its final weights."""
+    logits, gates, uncertain_rows = numpy_forward(run["model"], x_test)
+    error = np.mean(np.argmax(logits, axis=1) != y_test)
+    assert run["test_error"] == pytest.approx(error, abs=uncertain_rows.mean() + 1e-6), run["run"]
+    reports = {report["layer"]: report for report in run["layers"]}
+    assert list(reports) == list(gates)
+    assert_rates_match(lambda layer, key: reports[layer][key], gates)
+    return error
 
 
 def test_mnist_on_mock_tfds(tmp_path):
     with tfds.testing.mock_data(num_examples=64):
         rows = mnist.main(TINY + ["--baseline", "--logdir", str(tmp_path)])
-    assert [row["run"] for row in rows] == ["mnist_dense", "mnist_gated"]
-    assert_report(rows)
+        _, (x_test, y_test) = data.load(data.MNIST, None, None, 0)  # mock data is the same at every load
+    gated_run = rows[-1]["run"]
+    assert [row["network"] for row in rows] == ["mnist_dense", "mnist_gated"]
+    # No --estimator, --refit-every or --margin: the layer's own defaults, whatever they are.
+    defaults = inspect.signature(LowRankGatedDense).parameters
+    for layer in gated_layers(rows[-1]["model"]):
+        assert (layer.estimator, layer.refit_every, layer.margin) == tuple(
+            defaults[key].default for key in ("estimator", "refit_every", "margin"))
+    assert [row["run"] for row in rows] == ["mnist_dense_seed0", f"mnist_gated_{layer.estimator}_seed0"]
+    for run in rows:
+        assert_run_matches_numpy(run, x_test, y_test)
     check_gate_summaries(str(tmp_path), {"hidden_0": (784, 24, 4), "hidden_1": (24, 16, 4)}, 64)
     # keras.callbacks.TensorBoard logged the layer metrics that fit reports.
-    accumulator = EventAccumulator(os.path.join(tmp_path, "mnist_gated", "train"), size_guidance={"tensors": 0})
+    accumulator = EventAccumulator(os.path.join(tmp_path, gated_run, "train"), size_guidance={"tensors": 0})
     accumulator.Reload()
     assert "epoch_hidden_0_recall" in accumulator.Tags()["tensors"]
+    # fit's validation measured the gates (audited) on the test set with the final weights.
+    validation = scalars(tmp_path / gated_run / "validation")
+    gate_tags = [tag for tag in validation if re.fullmatch(r"epoch_hidden_\d_\w+", tag)]
+    assert len(gate_tags) == 2 * 6 and not any(np.isnan(validation[tag]).any() for tag in gate_tags)
+    gates = numpy_forward(rows[-1]["model"], x_test)[1]
+    assert_rates_match(lambda layer, key: validation[f"epoch_{layer}_{key}"][-1], gates)
 
 
 def test_svhn_on_mock_tfds(tmp_path):
     with tfds.testing.mock_data(num_examples=48):
         rows = svhn.main(TINY + ["--logdir", str(tmp_path)])
-    assert_report(rows)
+        _, (x_test, y_test) = data.load(data.SVHN, None, None, 0)
+    assert_run_matches_numpy(rows[-1], x_test, y_test)
     check_gate_summaries(str(tmp_path), {"hidden_0": (3072, 24, 4), "hidden_1": (24, 16, 4)}, 48)
+
+
+def patch_images(path, image_shape, count=240, mislabelled=0.0, seed=0):
+    """A learnable .npz: class k is a bright 4x4 patch at the k-th of 10 places on a dim noisy background.
+
+    A share `mislabelled` of the labels is redrawn at random, so that accuracy stays below 1.
+    """
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, count)
+    x = rng.integers(0, 60, (count,) + image_shape).astype(np.uint8)
+    for image, label in zip(x, y):
+        row, column = 4 + 12 * (label // 5), 2 + 5 * (label % 5)
+        image[row : row + 4, column : column + 4] = 255
+    redrawn = rng.random(count) < mislabelled
+    y[redrawn] = rng.integers(0, 10, redrawn.sum())
+    np.savez(path, x=x, y=y)
+    return str(path)
+
+
+LEARN = ["--hidden", "32,16", "--ranks", "4", "--epochs", "5", "--batch-size", "16", "--learning-rate", "1e-2",
+         "--speed-batches", "1", "--seed", "1"]
+
+
+@pytest.mark.parametrize("script, dataset", [(mnist, data.MNIST), (svhn, data.SVHN)], ids=["mnist", "svhn"])
+def test_gated_network_learns_and_its_report_matches_numpy(tmp_path, script, dataset):
+    npz = patch_images(tmp_path / "patches.npz", dataset.image_shape)
+    runs = script.main(LEARN + ["--npz", npz, "--logdir", str(tmp_path)])
+    (_, _), (x_test, y_test) = data.load(dataset, npz, None, 0)
+    error = assert_run_matches_numpy(runs[-1], x_test, y_test)
+    assert error < 0.1, error  # chance is 0.9
 
 
 def test_svhn_normalises_per_channel():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (20, 32, 32, 3)).astype(np.uint8)
-    (train, _), (test, _) = svhn.normalise((x, np.zeros(20)), (x[:5], np.zeros(5)))
+    train, test = data.standardise_per_channel(x, x[:5])
     channels = train.reshape(20, 32, 32, 3)
     np.testing.assert_allclose(channels.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
     np.testing.assert_allclose(channels.std(axis=(0, 1, 2)), 1.0, atol=1e-4)
@@ -92,42 +191,110 @@ def tiny_npz(path, count=80):
 
 def test_mnist_on_npz_with_rank_sweep(tmp_path):
     npz = tiny_npz(tmp_path / "digits.npz")
-    rows = mnist.main(TINY + ["--npz", npz, "--baseline", "--sweep-ranks", "2,4", "--logdir", str(tmp_path)])
+    rows = mnist.main(TINY + ["--npz", npz, "--baseline", "--sweep-ranks", "2,4", "--logdir", str(tmp_path),
+                              "--speed-batches", "1,256"])
     assert [row["run"] for row in rows] == ["mnist_dense", "mnist_rank2", "mnist_rank4"]
-    assert_report(rows)
+    _, (x_test, y_test) = data.load(data.MNIST, npz, None, 0)
+    for row in rows:
+        assert_run_matches_numpy(row, x_test, y_test)
     with open(tmp_path / "sweep.csv") as f:
         table = list(csv.DictReader(f))
     assert [row["rank"] for row in table] == ["", "2,2", "4,4"]
-    for row, result in zip(table[1:], rows[1:]):
-        assert float(row["test_error"]) == pytest.approx(result["test_error"], abs=1e-4)
+    for row, result in zip(table, rows):
+        assert float(row["test_error"]) == result["test_error"]
+        for report in result["layers"]:
+            assert float(row[f"{report['layer']}_recall"]) == report["recall"]
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert "| mnist_rank4 |" in (tmp_path / "sweep.md").read_text()
 
 
-def test_npz_split_holds_out_a_quarter(tmp_path):
-    npz = tiny_npz(tmp_path / "digits.npz", count=40)
-    (x_train, y_train), (x_test, y_test) = mnist.load_npz(npz, seed=3)
-    assert len(x_train) == 30 and len(x_test) == 10 and len(y_train) == 30 and len(y_test) == 10
+def test_seeds_report_mean_and_std_of_the_per_seed_runs(tmp_path):
+    npz = tiny_npz(tmp_path / "digits.npz")
+    estimators = list(ESTIMATORS)[:2]
+    runs = mnist.main(TINY + ["--npz", npz, "--baseline", "--seeds", "3,4", "--estimator", ",".join(estimators),
+                              "--speed-batches", "1", "--logdir", str(tmp_path)])
+    groups = [("mnist_dense", "")] + [("mnist_gated", estimator) for estimator in estimators]
+    assert [(run["network"], run["estimator"] or "", run["seed"]) for run in runs] == [
+        group + (seed,) for seed in (3, 4) for group in groups]
+    # Seeds vary the initialisation: the two Dense baselines start (and end) apart.
+    assert not np.allclose(runs[0]["model"].get_layer("hidden_0").kernel, runs[3]["model"].get_layer("hidden_0").kernel)
+    with open(tmp_path / "runs.csv") as f:
+        per_run = list(csv.DictReader(f))
+    assert [float(row["test_error"]) for row in per_run] == [run["test_error"] for run in runs]
+    with open(tmp_path / "summary.csv") as f:
+        summary = {(row["network"], row["estimator"]): row for row in csv.DictReader(f)}
+    assert list(summary) == groups
+    table = {tuple(line.split(" | ")[:2]): line.split(" | ") for line in (tmp_path / "summary.md").read_text().splitlines()}
+    for group, row in summary.items():
+        members = [line for line in per_run if (line["network"], line["estimator"]) == group]
+        assert row["seeds"] == "3 4" and len(members) == 2
+        columns = [column for column in per_run[0] if column not in ("run", "network", "estimator", "seed", "rank")
+                   and members[0][column]]
+        assert ("cost_model_speedup" in columns) == (group[0] == "mnist_gated") and "test_error" in columns
+        for column in columns:
+            values = np.array([float(line[column]) for line in members])
+            assert float(row[f"{column}_mean"]) == pytest.approx(np.mean(values), rel=1e-12, abs=1e-15), column
+            assert float(row[f"{column}_std"]) == pytest.approx(np.std(values, ddof=1), rel=1e-12, abs=1e-15), column
+
+        def shown(column, scale=1.0, digits=3):
+            values = scale * np.array([float(line[column]) for line in members])
+            return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+        cells = table[("| " + group[0], group[1] or "-")]
+        assert cells[3] == shown("test_error", 100, 2)
+        if group[0] == "mnist_gated":
+            assert cells[4] == ", ".join(shown(f"hidden_{i}_recall") for i in range(2))
+            assert cells[6] == ", ".join(shown(f"hidden_{i}_true_density") for i in range(2))
 
 
+def test_npz_split_holds_out_a_seeded_quarter(tmp_path):
+    x = np.arange(40, dtype=np.uint8)[:, None, None] * np.ones((1, 28, 28), np.uint8)  # image i is all i
+    np.savez(tmp_path / "digits.npz", x=x, y=np.arange(40) % 10)
+    (x_train, y_train), (x_test, y_test) = data.load_npz(str(tmp_path / "digits.npz"), data.MNIST, split_seed=3)
+    train, test = x_train[:, 0, 0], x_test[:, 0, 0]
+    assert len(test) == 10 and sorted(np.concatenate([train, test])) == list(range(40))
+    np.testing.assert_array_equal(y_test, test % 10)
+    again = data.load_npz(str(tmp_path / "digits.npz"), data.MNIST, split_seed=3)[1][0][:, 0, 0]
+    other = data.load_npz(str(tmp_path / "digits.npz"), data.MNIST, split_seed=4)[1][0][:, 0, 0]
+    np.testing.assert_array_equal(again, test)
+    assert set(other) != set(test)
+
+
+SHAPES = {"mnist": (28, 28), "svhn": (32, 32, 3)}
+
+
+@pytest.mark.parametrize("script", [mnist, svhn], ids=["mnist", "svhn"])
 @pytest.mark.parametrize(
     "content, message",
     [
         (None, "is not an .npz with arrays x and y"),
-        ({"x": np.zeros((10, 28, 27), np.uint8), "y": np.zeros(10)}, r"expected x \[N, 28, 28\]"),
-        ({"x": np.zeros((10, 28, 28), np.uint8)}, "is not an .npz with arrays x and y"),
+        ("x only", "is not an .npz with arrays x and y"),
+        ("one pixel short", r"expected x \[N, {shape}\] and y \[N\] with N >= 4, got x \(10, {short}\)"),
+        ("float pixels", "expected x of dtype uint8 \\(pixel values 0-255\\), got float32"),
+        ("label 10", "expected labels y in 0-9, got 10$"),
     ],
 )
-def test_bad_npz_is_one_line(tmp_path, capsys, content, message):
+def test_bad_npz_is_one_line(tmp_path, capsys, script, content, message):
+    shape = SHAPES[script.__name__]
+    arrays = {"x": np.zeros((10,) + shape, np.uint8), "y": np.zeros(10, np.int64)}
+    if content == "x only":
+        del arrays["y"]
+    elif content == "one pixel short":
+        arrays["x"] = np.zeros((10,) + shape[:-1] + (shape[-1] - 1,), np.uint8)
+    elif content == "float pixels":
+        arrays["x"] = arrays["x"].astype(np.float32)
+    elif content == "label 10":
+        arrays["y"][3] = 10
     path = tmp_path / "bad.npz"
     if content is not None:
-        np.savez(path, **content)
+        np.savez(path, **arrays)
     with pytest.raises(SystemExit) as exit_info:
-        common.main_guard(mnist.main, ["--npz", str(path)] + TINY)
+        cli.main_guard(script.main, ["--npz", str(path)] + TINY)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and error.startswith("error: --npz") and message.split(" ")[0] in error
-    assert __import__("re").search(message, error)
+    assert len(error.splitlines()) == 1 and error.startswith(f"error: --npz {str(path)!r}")
+    short = ", ".join(map(str, shape[:-1] + (shape[-1] - 1,)))
+    assert re.search(message.format(shape=", ".join(map(str, shape)), short=short), error), error
 
 
 def test_unreachable_tfds_is_one_line_naming_the_flags(monkeypatch, capsys):
@@ -136,7 +303,7 @@ def test_unreachable_tfds_is_one_line_naming_the_flags(monkeypatch, capsys):
 
     monkeypatch.setattr(tfds, "load", offline)
     with pytest.raises(SystemExit):
-        common.main_guard(mnist.main, TINY)
+        cli.main_guard(mnist.main, TINY)
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1
     assert "--data-dir" in error and "--npz" in error and "ConnectionError" in error
@@ -154,15 +321,45 @@ def test_bad_flags_are_rejected(capsys):
     assert "--ranks needs 1 or 3 values (one per hidden layer), got 2,3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--estimator", "svd,nope"], "--estimator: expected estimators from {names}, got 'nope'"),
+        (["--seeds", "0,-1"], "--seeds: expected distinct non-negative integers, got '0,-1'"),
+        (["--seeds", "1,1"], "--seeds: expected distinct non-negative integers, got '1,1'"),
+        (["--refit-every", "0"], "--refit-every: expected a positive integer, got '0'"),
+        (["--sweep-ranks", "2,4", "--seeds", "0,1"],
+         "--sweep-ranks trains one network per rank for one seed and one estimator, got --seeds 0,1"),
+    ],
+)
+def test_bad_experiment_flags_name_the_value(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        mnist.main(["--npz", "x.npz"] + flags)
+    assert message.format(names=", ".join(ESTIMATORS)) in capsys.readouterr().err
+
+
+def test_flags_left_out_take_the_layer_defaults():
+    parser = cli.ExampleParser("", data.MNIST, hidden=[8], epochs=1, l1=0.0, ranks=[2])
+    args = parser.parse_args(["--seed", "5"])
+    assert args.estimators == [None] and args.refit_every is None and args.margin is None and args.seeds == [5]
+    every = ",".join(ESTIMATORS)  # whatever the library offers today, in its order
+    args = parser.parse_args(["--estimator", every, "--seeds", "0,2,1", "--refit-every", "7"])
+    assert args.estimators == list(ESTIMATORS) and args.seeds == [0, 2, 1] and args.refit_every == 7
+
+
 def test_convert_mnist_end_to_end(tmp_path):
     import convert_mnist
 
-    npz = tiny_npz(tmp_path / "digits.npz", count=120)
-    result = convert_mnist.main(
-        ["--npz", npz, "--hidden", "40,30", "--epochs", "1", "--rank", "4", "--ranks", "2,4,8"]
-    )
-    for stage in ("dense", "converted", "calibrated", "fine-tuned"):
-        assert 0.0 <= result["accuracy"][stage] <= 1.0
+    npz = patch_images(tmp_path / "patches.npz", data.MNIST.image_shape, mislabelled=0.3)
+    result = convert_mnist.main(["--npz", npz, "--hidden", "40,30", "--epochs", "5", "--learning-rate", "1e-2",
+                                 "--batch-size", "16", "--rank", "4", "--ranks", "2,4,8"])
+    _, (x_test, y_test) = data.load(data.MNIST, npz, None, 0)
     assert [row["layer"] for row in result["report"].rows] == ["hidden_0", "hidden_1"]
-    assert all(0.0 <= d <= 1.0 for d in result["densities"]) and len(result["densities"]) == 2
-    assert result["speedup_fine_tuned"][1] > 0
+    for stage, model in result["models"].items():
+        logits, gates, uncertain_rows = numpy_forward(model, x_test)
+        accuracy = np.mean(np.argmax(logits, axis=1) == y_test)
+        assert result["accuracy"][stage] == pytest.approx(accuracy, abs=uncertain_rows.mean() + 1e-9), stage
+        assert accuracy > 0.6, (stage, accuracy)  # chance is 0.1, the best ~0.73 (30% labels redrawn)
+    densities = [gates[layer]["predicted_density"] for layer in ("hidden_0", "hidden_1")]
+    np.testing.assert_allclose(result["densities"], densities, atol=gates["hidden_0"]["tolerance"]["density"] + 1e-6)
+    assert sorted(result["speedup_fine_tuned"]) == [1, 256]

@@ -1,0 +1,117 @@
+"""The examples' command line: one parser for the three scripts, and one-line errors for bad data."""
+
+import argparse
+import sys
+
+from lrc_keras.estimators import ESTIMATORS
+
+from data import DataError
+from measure import SPEED_BATCHES
+
+
+def integers(text, minimum, expected):
+    """Comma-separated integers, each at least `minimum`; else an error saying what was `expected`."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return values
+
+
+def int_list(text):
+    return integers(text, 1, "comma-separated positive integers")
+
+
+def positive_int(text):
+    values = integers(text, 1, "a positive integer")
+    if len(values) > 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return values[0]
+
+
+def seed_list(text):
+    values = integers(text, 0, "distinct non-negative integers")
+    if len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers, got {text!r}")
+    return values
+
+
+def estimator_list(text):
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in ESTIMATORS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected estimators from {', '.join(ESTIMATORS)}, got {(unknown or [text])[0]!r}")
+    return names
+
+
+class ExampleParser(argparse.ArgumentParser):
+    """Flags for data, network and training; with `ranks`, also those of the gated-network experiments.
+
+    `dataset` (data.Dataset) words the --npz help; `hidden`, `epochs`, `l1` and `ranks` are the
+    script's defaults. convert_mnist.py, which makes its gated layers from a trained Dense
+    network, leaves `ranks` out and adds its own flags.
+    """
+
+    def __init__(self, description, dataset, hidden, epochs, l1, ranks=None):
+        super().__init__(description=description)
+        self.add_argument("--npz", default=None, help=f"arrays {dataset.describe_arrays()} instead of tfds; "
+                          "a quarter chosen by --split-seed is held out as the test set")
+        self.add_argument("--data-dir", default=None, help="tensorflow-datasets data directory")
+        self.add_argument("--seed", type=int, default=0, help="seed of the weights and the shuffling")
+        self.add_argument("--split-seed", type=int, default=0,
+                          help="which quarter of --npz is held out; fixed while --seeds vary")
+        self.add_argument("--hidden", type=int_list, default=hidden, help="hidden layer sizes, e.g. 1000,1000")
+        self.add_argument("--l1", type=float, default=l1, help="L1 activity penalty on hidden activations")
+        self.add_argument("--dropout", type=float, default=0.0)
+        self.add_argument("--epochs", type=int, default=epochs)
+        self.add_argument("--batch-size", type=int, default=128)
+        self.add_argument("--learning-rate", type=float, default=1e-3)
+        self.experiment = ranks is not None
+        if self.experiment:
+            self.add_argument("--ranks", type=int_list, default=ranks,
+                              help="estimator rank per hidden layer (one value: all)")
+            self.add_argument("--estimator", dest="estimators", type=estimator_list, default=[None],
+                              metavar="NAMES", help="one gated network per estimator, comma-separated, from: "
+                              f"{', '.join(ESTIMATORS)} (default: the layer's default)")
+            self.add_argument("--refit-every", type=positive_int, default=None,
+                              help="training steps between SVD refits (default: the layer's default)")
+            self.add_argument("--margin", type=float, default=None,
+                              help="compute units with estimate > -margin (default: the layer's default)")
+            self.add_argument("--seeds", type=seed_list, default=None,
+                              help="train every network once per seed, e.g. 0,1,2, and report mean ± std "
+                              "(default: --seed; --seeds overrides it)")
+            self.add_argument("--speed-batches", type=int_list, default=list(SPEED_BATCHES),
+                              help="batch sizes at which the speed is measured")
+            self.add_argument("--logdir", default="runs", help="TensorBoard logs, tables and plots go here")
+            self.add_argument("--baseline", action="store_true", help="also train the same network with Dense layers")
+            self.add_argument("--sweep-ranks", type=int_list, default=None,
+                              help="train one model per rank, e.g. 5,10,20,50")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if not self.experiment:
+            return parsed
+        if len(parsed.ranks) not in (1, len(parsed.hidden)):
+            self.error(
+                f"--ranks needs 1 or {len(parsed.hidden)} values (one per hidden layer), "
+                f"got {','.join(map(str, parsed.ranks))}"
+            )
+        parsed.seeds = parsed.seeds or [parsed.seed]
+        if parsed.sweep_ranks and (len(parsed.seeds) > 1 or len(parsed.estimators) > 1):
+            self.error(
+                "--sweep-ranks trains one network per rank for one seed and one estimator, got "
+                f"--seeds {','.join(map(str, parsed.seeds))} --estimator {','.join(map(str, parsed.estimators))}"
+            )
+        return parsed
+
+
+def main_guard(main_function, argv):
+    """Run an example's main; data problems end with one line on stderr and exit code 2."""
+    try:
+        return main_function(argv)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)

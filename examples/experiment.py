@@ -1,0 +1,105 @@
+"""Training what the flags ask for: gated networks (one per estimator) and the Dense baseline, once per seed;
+or one gated network per rank."""
+
+import os
+
+import keras
+
+import lrc_keras
+from lrc_keras.audit import gated_layers
+from lrc_keras.callbacks import GateSummaries
+
+import measure
+import models
+import report
+
+
+def run(args, dataset, data):
+    """Train, print the report, write its files under --logdir, and return the runs (see report.py).
+
+    Every seed trains the Dense baseline (with --baseline) and one gated network per estimator
+    on the same split (--split-seed), so that seeds vary only initialisation and shuffling.
+    """
+    os.makedirs(args.logdir, exist_ok=True)
+    if args.sweep_ranks:
+        return sweep(args, dataset, data)
+    runs = []
+    for seed in args.seeds:
+        if args.baseline:
+            runs.append(train_and_measure(args, dataset, data, seed))
+        for estimator in args.estimators:
+            runs.append(train_and_measure(args, dataset, data, seed, per_layer(args.ranks, args.hidden), estimator))
+    summary = report.summarise(runs)
+    table = report.summary_table(summary)
+    print(table)
+    with open(os.path.join(args.logdir, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    report.write_summary_csv(summary, os.path.join(args.logdir, "summary.csv"))
+    report.write_runs_csv(runs, os.path.join(args.logdir, "runs.csv"))
+    print(f"wrote {args.logdir}/summary.md, summary.csv (mean and std over seeds) and runs.csv (one line per run)")
+    return runs
+
+
+def sweep(args, dataset, data):
+    """One gated network per rank: the paper-style table (Markdown, CSV) and a plot of error and speedup."""
+    from tqdm import tqdm
+
+    (seed,), (estimator,) = args.seeds, args.estimators
+    runs = []
+    if args.baseline:
+        runs.append(train_and_measure(args, dataset, data, seed, name=f"{dataset.name}_dense"))
+    for rank in tqdm(args.sweep_ranks, desc="rank sweep", unit="model"):
+        ranks = [min(rank, units) for units in args.hidden]
+        runs.append(train_and_measure(args, dataset, data, seed, ranks, estimator, name=f"{dataset.name}_rank{rank}"))
+    table = report.run_table(runs)
+    print(table)
+    with open(os.path.join(args.logdir, "sweep.md"), "w") as f:
+        f.write(table + "\n")
+    report.write_runs_csv(runs, os.path.join(args.logdir, "sweep.csv"))
+    report.plot_sweep(runs, args.sweep_ranks, os.path.join(args.logdir, "sweep.png"))
+    print(f"wrote {args.logdir}/sweep.md, sweep.csv and sweep.png")
+    return runs
+
+
+def per_layer(ranks, hidden):
+    """--ranks as one rank per hidden layer (a single value applies to all)."""
+    return ranks * len(hidden) if len(ranks) == 1 else ranks
+
+
+def train_and_measure(args, dataset, data, seed, ranks=None, estimator=None, name=None):
+    """Train one network, gated when `ranks` is given, and measure it on the test set.
+
+    `estimator` None leaves the layer's default; `name` is the run's directory under --logdir
+    (default: network, estimator and seed).
+    """
+    (x_train, y_train), (x_test, y_test) = data
+    keras.utils.set_random_seed(seed)
+    # Flags left unset are not passed: the layer's defaults apply.
+    gate_options = {key: value for key, value in
+                    (("estimator", estimator), ("refit_every", args.refit_every), ("margin", args.margin))
+                    if value is not None}
+    model = models.build_network(x_train.shape[1], dataset.classes, args.hidden, ranks, gate_options,
+                                 l1=args.l1, dropout=args.dropout, learning_rate=args.learning_rate)
+    gated = gated_layers(model)
+    network = f"{dataset.name}_{'gated' if gated else 'dense'}"
+    estimator = gated[0].estimator if gated else None
+    name = name or "_".join([network] + ([estimator] if estimator else []) + [f"seed{seed}"])
+    logdir = os.path.join(args.logdir, name)
+    callbacks = [keras.callbacks.TensorBoard(logdir)]
+    if gated:
+        callbacks.append(GateSummaries(logdir, x_test))
+        # Validation runs the inference path, which never computes z: audited, it measures
+        # the val_* gate metrics (logs and TensorBoard) instead of reporting them as NaN.
+        lrc_keras.set_audit(model, True)
+    model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
+              validation_data=(x_test, y_test), callbacks=callbacks, verbose=2)
+    accuracy = model.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"]
+    run = {"run": name, "network": network, "estimator": estimator, "seed": seed,
+           "rank": None if ranks is None else ",".join(map(str, ranks)), "test_error": 1.0 - accuracy,
+           "layers": [], "model": model}
+    if gated:
+        lrc_keras.set_audit(model, False)  # an audited network computes every unit: not what we time
+        run["layers"] = lrc_keras.measure_gates(model, x_test)
+        run["cost_model_speedup"] = measure.cost_model_speedup(model, run["layers"])
+        run["speed"] = measure.speedups(lrc_keras.to_dense(model), model, x_test, args.speed_batches)
+    return run

@@ -1,0 +1,36 @@
+"""The examples' network: fully connected ReLU layers, gated or Dense, compiled for classification."""
+
+import keras
+
+from lrc_keras import LowRankGatedDense
+
+
+def build_network(input_dim, classes, hidden, ranks=None, gate_options=None, l1=0.0, dropout=0.0,
+                  learning_rate=1e-3):
+    """Hidden layers `hidden_<i>` are LowRankGatedDense of rank `ranks[i]` when `ranks` is given, Dense otherwise.
+
+    `gate_options`: further LowRankGatedDense arguments (estimator, refit_every, margin); what it
+    leaves out takes the layer's default. `l1` is the paper's activity penalty, which makes the
+    hidden activations sparse and so the gated layers cheap; it applies to both kinds of network
+    so that they are compared at the same sparsity pressure.
+    """
+    layers = [keras.Input((input_dim,))]
+    for index, units in enumerate(hidden):
+        regularizer = keras.regularizers.L1(l1) if l1 else None
+        if ranks is None:
+            layers.append(keras.layers.Dense(units, activation="relu", activity_regularizer=regularizer,
+                                             name=f"hidden_{index}"))
+        else:
+            layers.append(LowRankGatedDense(units, rank=ranks[index], activity_regularizer=regularizer,
+                                            name=f"hidden_{index}", **(gate_options or {})))
+        if dropout:
+            layers.append(keras.layers.Dropout(dropout))
+    layers.append(keras.layers.Dense(classes, name="logits"))
+    model = keras.Sequential(layers)
+    model.compile(
+        keras.optimizers.Adam(learning_rate),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+

@@ -1,0 +1,191 @@
+"""Reporting trained runs: Markdown tables, CSV files, means and deviations over seeds, the rank-sweep plot.
+
+A run is a dict made by `experiment.train_and_measure`: "run" (its log directory), "network",
+"estimator" (None for Dense), "seed", "rank", "test_error", "layers" (lrc_keras.measure_gates
+reports; empty for Dense), and for gated runs "cost_model_speedup" and "speed"
+(measure.speedups against the Dense twin: the reference is "dense", the model "gated").
+"""
+
+import csv
+
+import numpy as np
+
+from measure import SPEED_KINDS
+
+IDENTITY = ("network", "estimator", "seed", "rank")
+LAYER_METRICS = ("recall", "predicted_density", "true_density")
+SPEED_HEADINGS = {"in_graph": "in-graph", "call": "tf.function call", "predict": "predict_on_batch"}
+
+
+def run_metrics(run):
+    """The run's numbers by column name: what the per-run CSV holds and what is averaged over seeds."""
+    metrics = {"test_error": run["test_error"]}
+    for report in run["layers"]:
+        metrics.update({f"{report['layer']}_{key}": report[key] for key in LAYER_METRICS})
+    if run["layers"]:
+        metrics["cost_model_speedup"] = run["cost_model_speedup"]
+        for batch, speed in run["speed"].items():
+            metrics.update({f"{kind}_speedup_b{batch}": speed[kind] for kind in SPEED_KINDS})
+            for kind in SPEED_KINDS:
+                metrics[f"{kind}_ms_b{batch}"] = 1e3 * speed["seconds"][kind]["model"]
+                metrics[f"dense_{kind}_ms_b{batch}"] = 1e3 * speed["seconds"][kind]["reference"]
+    return metrics
+
+
+def write_runs_csv(runs, path):
+    """One line per run; a gated run's columns are blank for Dense runs."""
+    columns = list(dict.fromkeys(key for run in runs for key in run_metrics(run)))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", *IDENTITY, *columns])
+        for run in runs:
+            metrics = run_metrics(run)
+            writer.writerow([run["run"], *(cell(run[key]) for key in IDENTITY),
+                             *(cell(metrics.get(column)) for column in columns)])
+
+
+def summarise(runs):
+    """Runs grouped by (network, estimator), in first-seen order, each number's mean and deviation over seeds.
+
+    The deviation is the sample standard deviation (ddof=1, as for a handful of seeds drawn from
+    many); None when there is one seed.
+    """
+    groups = {}
+    for run in runs:
+        groups.setdefault((run["network"], run["estimator"]), []).append(run)
+    summary = []
+    for (network, estimator), members in groups.items():
+        per_run = [run_metrics(run) for run in members]
+        statistics = {}
+        for key in per_run[0]:
+            values = np.array([metrics[key] for metrics in per_run], np.float64)
+            statistics[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None)
+        summary.append({"network": network, "estimator": estimator, "seeds": [run["seed"] for run in members],
+                        "layers": [report["layer"] for report in members[0]["layers"]],
+                        "batches": list(members[0].get("speed", {})), "statistics": statistics})
+    return summary
+
+
+def write_summary_csv(summary, path):
+    """One line per network: `<number>_mean` and `<number>_std` columns."""
+    columns = list(dict.fromkeys(key for group in summary for key in group["statistics"]))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["network", "estimator", "seeds"]
+                        + [f"{column}_{part}" for column in columns for part in ("mean", "std")])
+        for group in summary:
+            statistics = group["statistics"]
+            writer.writerow([group["network"], cell(group["estimator"]), " ".join(map(str, group["seeds"]))]
+                            + [cell(value) for column in columns for value in statistics.get(column, (None, None))])
+
+
+def summary_table(summary):
+    """Markdown: one line per network, every number as mean ± deviation over its seeds."""
+    batches = list(dict.fromkeys(batch for group in summary for batch in group["batches"]))
+    speed_heading = " / ".join(SPEED_HEADINGS[kind] for kind in SPEED_KINDS)
+    lines = [
+        "| network | estimator | seeds | test error (%) | recall (per layer) | predicted density | true density "
+        "| cost-model speedup |" + "".join(f" speedup b={batch} ({speed_heading}) |" for batch in batches),
+        "|---" * (8 + len(batches)) + "|",
+    ]
+    for group in summary:
+        statistics = group["statistics"]
+
+        def per_layer(key):
+            return ", ".join(mean_std(*statistics[f"{layer}_{key}"], "{:.3f}") for layer in group["layers"])
+
+        cells = [group["network"], group["estimator"] or "-", str(len(group["seeds"])),
+                 mean_std(*statistics["test_error"], "{:.2f}", scale=100)]
+        if group["layers"]:
+            cells += [per_layer(key) for key in LAYER_METRICS]
+            cells.append(mean_std(*statistics["cost_model_speedup"], "{:.2f}") + "x")
+            cells += [" / ".join(mean_std(*statistics[f"{kind}_speedup_b{batch}"], "{:.2f}") + "x"
+                                 for kind in SPEED_KINDS) for batch in batches]
+        else:
+            cells += ["-"] * (4 + len(batches))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_table(runs):
+    """Markdown: a line per gated layer of each run, and one for the whole network."""
+    lines = [
+        "| run | rank | test error | layer | recall | precision | predicted density | true density "
+        "| cost-model speedup | in-graph speedup b=1 | b=256 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        head = f"| {run['run']} | {run['rank'] or '-'} | {100 * run['test_error']:.2f}% "
+        if not run["layers"]:
+            lines.append(head + "| - | - | - | - | - | - | - | - |")
+            continue
+        for report in run["layers"]:
+            lines.append(
+                head + f"| {report['layer']} | {report['recall']:.3f} | {report['precision']:.3f} "
+                f"| {report['predicted_density']:.3f} | {report['true_density']:.3f} "
+                f"| {report['cost_model_speedup']:.2f}x | | |"
+            )
+        speed = run["speed"]
+        lines.append(
+            head + f"| whole network | | | | | {run['cost_model_speedup']:.2f}x "
+            f"| {speed_cell(speed, 1)} | {speed_cell(speed, 256)} |"
+        )
+    return "\n".join(lines)
+
+
+def speed_cell(speed, batch):
+    return f"{speed[batch]['in_graph']:.2f}x" if batch in speed else "-"
+
+
+def speed_kinds_cell(speed_at_batch):
+    """"in-graph / call / predict" speedups at one batch size (measure.speedups)."""
+    return " / ".join(f"{speed_at_batch[kind]:.2f}x" for kind in SPEED_KINDS)
+
+
+def plot_sweep(runs, ranks, path):
+    """Test error and speedups against the estimator rank (log scale), Dense's error as a dotted line."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gated = [run for run in runs if run["layers"]]
+    figure, error_axis = plt.subplots(figsize=(7, 4.5))
+    error_axis.plot(ranks, [100 * r["test_error"] for r in gated], "o-", color="tab:red", label="gated test error")
+    for run in runs:
+        if not run["layers"]:
+            error_axis.axhline(100 * run["test_error"], color="tab:red", linestyle=":", label="dense test error")
+    error_axis.set_xlabel("estimator rank")
+    error_axis.set_ylabel("test error (%)", color="tab:red")
+    speed_axis = error_axis.twinx()
+    speed_axis.plot(ranks, [r["cost_model_speedup"] for r in gated], "s--", color="tab:blue", label="cost-model speedup")
+    batch = min(gated[0]["speed"])
+    speed_axis.plot(ranks, [r["speed"][batch]["in_graph"] for r in gated], "^-", color="tab:green",
+                    label=f"in-graph speedup, batch {batch}")
+    speed_axis.plot(ranks, [r["speed"][batch]["call"] for r in gated], "v-", color="tab:olive",
+                    label=f"tf.function call speedup, batch {batch}")
+    speed_axis.set_ylabel("speedup over dense (x)")
+    handles = error_axis.get_legend_handles_labels()[0] + speed_axis.get_legend_handles_labels()[0]
+    error_axis.legend(handles, [h.get_label() for h in handles], loc="upper center", fontsize=8)
+    error_axis.set_xscale("log")
+    error_axis.set_xticks(ranks)
+    error_axis.set_xticklabels([str(r) for r in ranks])
+    error_axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    error_axis.set_title("Test error and speedup against estimator rank")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def mean_std(mean, std, number_format, scale=1.0):
+    """"mean ± std" in `number_format`; the mean alone when there is no deviation (one seed)."""
+    text = number_format.format(scale * mean)
+    return text if std is None else f"{text} ± {number_format.format(scale * std)}"
+
+
+def cell(value):
+    """A CSV cell: blank for None, full precision for numbers so that nothing is lost to rounding."""
+    if value is None:
+        return ""
+    return repr(float(value)) if isinstance(value, (float, np.floating)) else str(value)
