@@ -197,3 +197,20 @@ def test_exported_auto_path_keeps_the_exporting_machines_cost_model(
     assert report[runs] > 0 and report[not_run] == 0, report
     assert report["cost_models_read"] == [], report
     assert (tmp_path / "server_cache" / "cost_model.json").read_text() == server_file
+
+
+def test_dense_twin_exports_without_custom_ops(trained, tmp_path):
+    # The fallback where custom ops cannot run (XLA, TFLite, a server without the library).
+    model, x = trained
+    twin = lrc_keras.to_dense(model)
+    expected = twin(x).numpy()
+    h = x.astype(np.float64)
+    for layer in twin.layers:
+        h = h @ layer.kernel.numpy() + layer.bias.numpy()
+        h = np.maximum(h, 0.0) if layer.activation is keras.activations.relu else h
+    np.testing.assert_allclose(expected, h, rtol=1e-4, atol=1e-5)
+    twin.export(str(tmp_path / "export"), verbose=False)
+    assert not {GATED_OP, MASK_OP} & op_types(tmp_path / "export")
+    returncode, y, _, stderr = serve_in_new_process(tmp_path, tmp_path / "export", x, how="nothing")
+    assert returncode == 0, stderr[-3000:]
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
