@@ -42,7 +42,9 @@ def build_model():
     model = keras.Sequential([
         keras.Input((INPUT_DIM,)),
         # the default estimator, refitted every 2 steps from the all-reduced input statistics
-        LowRankGatedDense(64, rank=4, refit_every=2, name="gated_input_svd"),
+        LowRankGatedDense(
+            64, rank=4, refit_every=2, activity_regularizer=keras.regularizers.L1(1e-3), name="gated_input_svd"
+        ),
         # the paper's SVD of the kernel, refitted every 2 steps
         LowRankGatedDense(32, rank=4, estimator="svd", refit_every=2, name="gated_svd"),
         keras.layers.Dense(3, name="logits"),
@@ -104,6 +106,8 @@ def train_multi_worker(x, y):
                 # Sum over this replica's rows / global batch: the optimizer sums the replicas'
                 # gradients, which gives the gradient of the global batch's mean loss.
                 loss = tf.nn.compute_average_loss(per_example_loss(y, logits), global_batch_size=GLOBAL_BATCH)
+                # Layer losses (here the activity penalty, a mean over this replica's rows) / replicas.
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             variables = model.trainable_variables
             sgd.apply_gradients(zip(tape.gradient(loss, variables), variables))
 
