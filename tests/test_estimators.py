@@ -185,3 +185,26 @@ def test_a_new_estimator_is_one_registered_class(rng):
         assert LowRankGatedDense.from_config(layer.get_config()).estimator == "test_scaled_svd"
     finally:
         del estimators.ESTIMATORS["test_scaled_svd"]
+
+
+def test_joint_starts_from_the_input_aware_factors_of_its_first_batch(rng):
+    x = correlated_inputs(rng, 32, 8).astype(np.float32)
+    model = keras.Sequential([keras.Input((8,)), LowRankGatedDense(12, rank=3, estimator="joint"), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.0), "mse")  # no gradient step: U, V are the warm start
+    layer = model.layers[0]
+    model.fit(x, np.zeros(32), batch_size=32, epochs=1, verbose=0)
+    expected = whitened_svd_reference(layer.kernel.numpy(), x.T.astype(np.float64) @ x / 32, 3)
+    np.testing.assert_allclose(layer.estimator_u.numpy() @ layer.estimator_v.numpy(), expected, atol=1e-3 * np.abs(expected).max())
+
+
+def test_joint_trains_under_mirrored_strategy(rng, mirrored_strategy):
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    with mirrored_strategy.scope():
+        model = keras.Sequential([keras.Input((8,)), LowRankGatedDense(12, rank=3, estimator="joint"), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+    layer = model.layers[0]
+    model.fit(x, x[:, :1], batch_size=32, epochs=1, verbose=0)
+    start = layer.estimator_u.numpy().copy()
+    model.fit(x, x[:, :1], batch_size=32, epochs=2, verbose=0)
+    assert int(layer.training_steps.numpy()) == 6
+    assert np.all(np.isfinite(layer.estimator_u.numpy())) and not np.allclose(layer.estimator_u.numpy(), start)
