@@ -44,7 +44,8 @@ def main(argv=None):
                                  dropout=args.dropout, learning_rate=args.learning_rate)
     dense.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs, verbose=2)
 
-    converted = lrc_keras.convert(dense, rank=args.rank)
+    # The training digits are the inputs the default (input-aware) estimator fits to.
+    converted = lrc_keras.convert(dense, rank=args.rank, sample_inputs=x_train)
     # calibrate changes `converted` in place: measure each stage before the next.
     results = {"dense": accuracy(dense, x_test, y_test), "converted": accuracy(converted, x_test, y_test)}
     calibration = lrc_keras.calibrate(converted, x_train, target_recall=args.target_recall, ranks=args.ranks)
