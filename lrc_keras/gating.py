@@ -25,6 +25,11 @@ def masked_relu(z, mask):
     return tf.where(mask, tf.nn.relu(z), tf.zeros_like(z))
 
 
+def skipped_activity(z, mask):
+    """relu(z) where the mask skipped the unit, 0 where it computed it: what `masked_relu` lost."""
+    return tf.where(mask, tf.zeros_like(z), tf.nn.relu(z))
+
+
 def margin_for_density(z_hat, density):
     """The margin at which a fraction `density` of the estimates z_hat select their unit."""
     if density <= 0:

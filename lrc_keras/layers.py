@@ -57,6 +57,13 @@ class LowRankGatedDense(keras.layers.Layer):
         bias_regularizer: Regularizer for the bias vector.
         activity_regularizer: Regularizer for the output. The paper makes activations sparse,
             and so the layer cheap, with `keras.regularizers.L1(...)` here.
+        regularize_skipped_units: Boolean. In training, also charge the activity regularizer
+            on the truly active units the gate skipped (relu(z) where the mask is off), so that
+            it sees the layer's true activity relu(x·W + b), as on a Dense layer (for Keras'
+            L1, L2 and L1L2 the two charges add up to exactly that). Otherwise a unit the
+            estimator misses outputs 0, escapes the penalty and stays active, and the layer
+            grows denser than its estimate predicts. False is the paper's recipe: the penalty
+            sees the gated output only.
         estimator_loss_weight: Non-negative float, weight of the joint estimator's loss.
         estimator_positive_weight: Float ≥ 1, how much more a missed active unit costs than a
             wasted computation in the joint estimator's loss.
@@ -101,6 +108,7 @@ class LowRankGatedDense(keras.layers.Layer):
         estimator_loss_weight=1.0,
         estimator_positive_weight=4.0,
         inference_path="auto",
+        regularize_skipped_units=True,
         **kwargs,
     ):
         _check_positive_int("units", units)
@@ -111,6 +119,10 @@ class LowRankGatedDense(keras.layers.Layer):
         _check_number("margin", margin, lambda v: math.isfinite(v), "a finite number")
         _check_number("estimator_loss_weight", estimator_loss_weight, lambda v: v >= 0, ">= 0")
         _check_number("estimator_positive_weight", estimator_positive_weight, lambda v: v >= 1, ">= 1")
+        if not isinstance(regularize_skipped_units, (bool, np.bool_)):
+            raise ValueError(
+                f"regularize_skipped_units must be a boolean, got regularize_skipped_units={regularize_skipped_units!r}"
+            )
         if "activation" in kwargs:
             raise ValueError(
                 f"LowRankGatedDense is always a ReLU layer (skipping a unit is exact only when its "
@@ -130,6 +142,7 @@ class LowRankGatedDense(keras.layers.Layer):
         self.estimator_loss_weight = float(estimator_loss_weight)
         self.estimator_positive_weight = float(estimator_positive_weight)
         self.inference_path = inference_path
+        self.regularize_skipped_units = bool(regularize_skipped_units)
         self.estimator_rule = estimator_rule(self)
         self.gate_metric = GateStatistics(prefix=f"{self.name}_")
         self.audit = False  # lrc_keras.set_audit: measure the gate in inference too
@@ -169,7 +182,10 @@ class LowRankGatedDense(keras.layers.Layer):
             self.captured_inputs.append(x)
         if training:
             self.estimator_rule.observe(x)
-        y = self._dense_then_mask(x, training) if training or self.audit else self._gated_inference(x)
+        if training or self.audit:
+            y = self._dense_then_mask(x, training, batch_size=tf.shape(inputs)[0])
+        else:
+            y = self._gated_inference(x)
         if inputs.shape.rank != 2:
             y = tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0))
         return y
@@ -210,6 +226,7 @@ class LowRankGatedDense(keras.layers.Layer):
             "estimator_loss_weight": self.estimator_loss_weight,
             "estimator_positive_weight": self.estimator_positive_weight,
             "inference_path": self.inference_path,
+            "regularize_skipped_units": self.regularize_skipped_units,
         }
         return {**base_config, **config}
 
@@ -351,8 +368,9 @@ class LowRankGatedDense(keras.layers.Layer):
         self.observed_density.assign(tf.cast(density, tf.float32))
         return y
 
-    def _dense_then_mask(self, x, training):
-        """z computed densely, the estimator's mask and the gate metrics; its loss in training."""
+    def _dense_then_mask(self, x, training, batch_size):
+        """z computed densely, the estimator's mask and the gate metrics; in training, the
+        estimator's loss and the activity penalty on skipped active units."""
         bias = None if self.bias is None else tf.stop_gradient(self.bias)
         # The estimate sees no gradient from x or b: an estimator loss trains only U, V.
         z_hat = estimators.estimate(tf.stop_gradient(x), self.estimator_u, self.estimator_v, bias)
@@ -363,6 +381,10 @@ class LowRankGatedDense(keras.layers.Layer):
         loss = self.estimator_rule.loss(z_hat, z) if training else None
         if loss is not None:
             self.add_loss(loss)
+        if training and self.regularize_skipped_units and self.activity_regularizer is not None:
+            # Keras charges the output and divides by the batch size; this charges the rest.
+            skipped = tf.cast(gating.skipped_activity(z, mask), tf.float32)
+            self.add_loss(self.activity_regularizer(skipped) / tf.cast(batch_size, tf.float32))
         return gating.masked_relu(z, mask)
 
 

@@ -284,6 +284,7 @@ def test_save_and_load_round_trip(rng, tmp_path):
 CONSTRUCTOR_ARGUMENTS = {
     "units": 7, "rank": 2, "estimator": "joint", "refit_every": 13, "margin": 0.5, "use_bias": False,
     "estimator_loss_weight": 0.25, "estimator_positive_weight": 2.5, "inference_path": "gemm",
+    "regularize_skipped_units": False,
 }
 
 
@@ -309,11 +310,33 @@ def test_config_round_trip():
     assert parameters <= set(config), parameters - set(config)
 
 
-def test_activity_regularizer_adds_l1_loss(rng):
+@pytest.mark.parametrize("regularize_skipped_units", [True, False])
+@pytest.mark.parametrize("shape", [(6, 24), (3, 5, 24)])
+def test_activity_regularizer_charges_true_or_gated_activity(rng, regularize_skipped_units, shape):
+    """L1 on relu(z) of every unit (default) or of computed units only, per example of the batch."""
+    layer = built_layer(rng, activity_regularizer=keras.regularizers.L1(0.01),
+                        regularize_skipped_units=regularize_skipped_units)
+    x = rng.standard_normal(shape).astype("float32")
+    _, mask, z_hat, z = numpy_gated_dense(x.reshape(-1, 24), *weights_of(layer), 0.0)
+    assert away_from_boundary(z_hat, 0.0).all() and np.any(~mask & (z > 0)), "needs skipped active units"
+    charged = (z > 0) if regularize_skipped_units else (z > 0) & mask
+    with tf.GradientTape() as tape:
+        layer(x, training=True)
+        penalty = tf.add_n(layer.losses)
+    batch = shape[0]  # Keras divides activity penalties by the leading dimension
+    np.testing.assert_allclose(float(penalty), 0.01 * np.sum(np.where(charged, z, 0.0)) / batch, rtol=1e-4)
+    # d penalty / d b_j = 0.01 · (number of charged entries of unit j) / batch
+    np.testing.assert_allclose(tape.gradient(penalty, layer.bias).numpy(), 0.01 * charged.sum(axis=0) / batch,
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_skipped_units_are_not_charged_in_inference(rng):
     layer = built_layer(rng, activity_regularizer=keras.regularizers.L1(0.01))
     x = rng.standard_normal((6, 24)).astype("float32")
-    y = layer(x, training=True)
-    np.testing.assert_allclose(float(tf.add_n(layer.losses)), 0.01 * np.abs(y.numpy()).sum() / 6, rtol=1e-4)
+    expected, _, z_hat, _ = numpy_gated_dense(x, *weights_of(layer), 0.0)
+    assert away_from_boundary(z_hat, 0.0).all()
+    layer(x, training=False)
+    np.testing.assert_allclose(float(tf.add_n(layer.losses)), 0.01 * expected.sum() / 6, rtol=1e-4)
 
 
 def test_rank_3_inputs_act_on_last_axis(rng):
@@ -370,6 +393,7 @@ def test_fit_under_mirrored_strategy(rng, mirrored_strategy):
         ({"units": 4, "rank": 2, "margin": float("nan")}, "margin must be a finite number"),
         ({"units": 4, "rank": 2, "estimator_loss_weight": -1}, "estimator_loss_weight must be >= 0"),
         ({"units": 4, "rank": 2, "activation": "tanh"}, "ReLU layer.*activation='tanh'"),
+        ({"units": 4, "rank": 2, "regularize_skipped_units": "yes"}, "regularize_skipped_units=.yes."),
     ],
 )
 def test_bad_constructor_arguments(kwargs, message):
