@@ -80,6 +80,10 @@ class ExampleParser(argparse.ArgumentParser):
                               help="training steps between SVD refits (default: the layer's default)")
             self.add_argument("--margin", type=float, default=None,
                               help="compute units with estimate > -margin (default: the layer's default)")
+            self.add_argument("--gated-output-penalty", dest="regularize_skipped_units", action="store_const",
+                              const=False, default=None,
+                              help="charge --l1 on the gated output only, as the paper does (default: also on "
+                              "the active units the gate skipped)")
             self.add_argument("--seeds", type=seed_list, default=None,
                               help="train every network once per seed, e.g. 0,1,2, and report mean ± std "
                               "(default: --seed; --seeds overrides it)")
