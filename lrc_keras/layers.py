@@ -25,7 +25,9 @@ class LowRankGatedDense(keras.layers.Layer):
 
     Training (`training=True`) computes z densely (a GEMM is cheapest while gradients are
     needed), applies the estimator's mask and returns `relu(z)·mask`: the network learns to live
-    with the estimator's mistakes, and gradients reach W and b only through computed units.
+    with the estimator's mistakes. The task's gradients reach W and b only through computed
+    units; the activity penalty also reaches the active units the gate skipped
+    (`regularize_skipped_units`) and pushes them below zero.
     Inference runs the compiled op (`lrc_keras.dispatch` chooses the implementation), which
     never computes a skipped unit. NaN estimates count as "compute", so NaN inputs give NaN
     outputs rather than being hidden as zeros.
