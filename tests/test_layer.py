@@ -331,10 +331,12 @@ def test_activity_regularizer_charges_true_or_gated_activity(rng, regularize_ski
 
 
 def test_skipped_units_are_not_charged_in_inference(rng):
+    """Audited inference computes z too, but charges only the output, as Keras does."""
     layer = built_layer(rng, activity_regularizer=keras.regularizers.L1(0.01))
+    layer.audit = True
     x = rng.standard_normal((6, 24)).astype("float32")
-    expected, _, z_hat, _ = numpy_gated_dense(x, *weights_of(layer), 0.0)
-    assert away_from_boundary(z_hat, 0.0).all()
+    expected, mask, z_hat, z = numpy_gated_dense(x, *weights_of(layer), 0.0)
+    assert away_from_boundary(z_hat, 0.0).all() and np.any(~mask & (z > 0)), "needs skipped active units"
     layer(x, training=False)
     np.testing.assert_allclose(float(tf.add_n(layer.losses)), 0.01 * expected.sum() / 6, rtol=1e-4)
 
