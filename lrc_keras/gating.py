@@ -31,11 +31,13 @@ def skipped_activity(z, mask):
 
 
 def margin_for_density(z_hat, density):
-    """The margin at which a fraction `density` of the estimates z_hat select their unit."""
+    """The finite margin at which a fraction `density` of the (finite) estimates z_hat select
+    their unit: just past the largest estimate for 0, just past the smallest for 1."""
+    z_hat = np.asarray(z_hat, np.float32)
     if density <= 0:
-        return -float("inf")
+        return -float(np.max(z_hat))
     if density >= 1:
-        return float("inf")
+        return -float(np.nextafter(np.min(z_hat), np.float32(-np.inf)))
     return -float(np.quantile(z_hat, 1.0 - density))
 
 
