@@ -69,8 +69,8 @@ TINY_GRID = {"batches": (0, 3), "input_dims": (40,), "units": (9,), "densities":
     [
         # 1e-3 on an output of size ~1: ten times the tolerance. Density 1 computes every unit.
         (dict(unit=4, error=1e-3), "gated_dense batch=3 input_dim=40 units=9 density=1.0: 1 of 27 outputs wrong; first [0, 4]"),
-        (dict(row=1, unit=8, error=np.nan), "1 of 27 outputs wrong; first [1, 8]"),
-        (dict(fraction_error=1 / 27), "density=1.0: active fraction 1.037"),
+        (dict(row=1, unit=8, error=np.nan), "density=1.0: 1 of 27 outputs wrong; first [1, 8]"),
+        (dict(fraction_error=1 / 27), "density=1.0: active fraction 1.037037, expected 1"),
     ],
 )
 def test_gpu_check_reports_a_wrong_kernel(gpu_check, shim_library, fault, message):

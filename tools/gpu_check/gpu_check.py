@@ -278,16 +278,17 @@ def compare(name, y, z, bias, product, margin, fraction):
     problems = []
     if wrong.any():
         i, j = np.argwhere(wrong)[0]
+        expected = relu[i, j] if selected[i, j] else 0.0
         problems.append(f"{name}: {wrong.sum()} of {wrong.size} outputs wrong; first [{i}, {j}]: "
-                        f"y={y[i, j]!r}, expected {relu[i, j] if selected[i, j] else 0.0!r} "
-                        f"(estimate {z_hat[i, j]!r}, margin {margin!r})")
+                        f"y={float(y[i, j]):.7g}, expected {expected:.7g} "
+                        f"(estimate {z_hat[i, j]:.7g}, margin {margin:.7g})")
     if y.size:
         low, high = (selected & ~undecided).sum() / y.size, (selected | undecided).sum() / y.size
     else:
         low = high = 0.0
     if not low - 1e-6 <= fraction <= high + 1e-6:
-        problems.append(f"{name}: active fraction {fraction!r}, expected {low!r}" +
-                        (f" to {high!r}" if high != low else ""))
+        problems.append(f"{name}: active fraction {fraction:.7g}, expected {low:.7g}" +
+                        (f" to {high:.7g}" if high != low else ""))
     return problems
 
 
