@@ -172,17 +172,24 @@ class ShimDevice:
         return float(np.median(times))
 
 
+def import_torch():
+    """PyTorch with a GPU, or exit with a one-line reason."""
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("gpu_check: PyTorch is not installed; without a GPU, run with --shim") from None
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check: PyTorch sees no GPU (torch.cuda.is_available() is False); "
+                         "without one, run with --shim")
+    return torch
+
+
 class TorchGpu:
     """PyTorch tensors on the first GPU, its current stream, CUDA events."""
 
     WARMUP_CALLS = 3
 
-    def __init__(self, library):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("gpu_check: PyTorch sees no GPU (torch.cuda.is_available() is False); "
-                             "without one, run with --shim")
+    def __init__(self, torch, library):
         self.torch = torch
         self.library = library
         self.spin_ns = 2_000_000  # doubled whenever the host falls behind (see seconds_per_call)
@@ -424,11 +431,12 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the mismatches and the timings to this file")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    torch = None if args.shim or args.build_only else import_torch()  # before the build: fail fast
     build_dir = args.build_dir or tempfile.mkdtemp(prefix="lrc_gpu_check_")
     library = Library(build(args.shim, build_dir))
     if args.build_only:
         return 0
-    device = ShimDevice() if args.shim else TorchGpu(library)
+    device = ShimDevice() if args.shim else TorchGpu(torch, library)
     log(f"device: {device.label}")
     log("1. correctness against float64 numpy")
     problems = check_kernels(device, library, SHIM_CHECK_GRID if args.shim else GPU_CHECK_GRID)
