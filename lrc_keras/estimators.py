@@ -91,24 +91,17 @@ def reduced_rank_factors(kernel, rows, rank, seed, warm_start=None, power_iterat
 
     Reduced-rank regression: the minimiser is W·P·Pᵀ, P the top-r right singular vectors of
     A = [X·W; √λ·W], λ = ridge·‖X‖²_F/d (`ridge` relative to the mean eigenvalue of XᵀX): the
-    whitened SVD of W under the second moment XᵀX + λI, without forming it. P comes from a randomized subspace iteration (Halko, Martinsson & Tropp
-    2011) on A, through products with W, Wᵀ, X and Xᵀ only: no d×d matrix, no Cholesky, no
-    triangular solve. X and W are scaled to a largest magnitude of 1 first, which leaves P
-    unchanged and keeps every product finite for any finite input. `seed` (two ints) fixes the
-    random start so that every replica and worker computes the same factors. `warm_start`, an
-    (n, r) matrix whose columns span the previous P (the current Vᵀ), joins the random start:
-    the weights move little between refits, so one iteration from there tracks the subspace.
+    whitened SVD of W under the second moment XᵀX + λI, without forming it. P comes from
+    `top_right_singular_vectors`, through products with W, Wᵀ, X and Xᵀ only: no d×d matrix, no
+    Cholesky, no triangular solve. X and W are scaled to a largest magnitude of 1 first, which
+    leaves P unchanged and keeps every product finite for any finite input.
     """
     w = tf.transpose(tf.cast(kernel, tf.float32))  # (d, n)
     x = tf.cast(rows, tf.float32)
     x = x / tf.maximum(tf.reduce_max(tf.abs(x)), 1e-30)
     w_scaled = w / tf.maximum(tf.reduce_max(tf.abs(w)), 1e-30)
-    m, d, n = tf.shape(x)[0], tf.shape(w)[0], tf.shape(w)[1]
+    m, d = tf.shape(x)[0], tf.shape(w)[0]
     root_ridge = tf.sqrt(ridge * tf.reduce_sum(tf.square(x)) / tf.cast(d, tf.float32) + 1e-30)
-    columns = tf.minimum(rank + oversampling, tf.minimum(d, n))
-    start = tf.random.stateless_normal(tf.stack([n, columns]), seed=seed)
-    if warm_start is not None:
-        start = tf.concat([tf.cast(warm_start, tf.float32), start[:, tf.shape(warm_start)[1]:]], axis=1)
 
     def times_a(q):  # A·q = [X·(W·q); √λ·W·q]
         wq = tf.matmul(w_scaled, q)
@@ -117,12 +110,46 @@ def reduced_rank_factors(kernel, rows, rank, seed, warm_start=None, power_iterat
     def times_a_transposed(p):  # Aᵀ·p = Wᵀ·(Xᵀ·p₁ + √λ·p₂)
         return tf.matmul(w_scaled, tf.matmul(x, p[:m], transpose_a=True) + root_ridge * p[m:], transpose_a=True)
 
+    right = top_right_singular_vectors(
+        times_a, times_a_transposed, w, rank, seed, warm_start, power_iterations, oversampling
+    )
+    return balanced_factors(w, right)
+
+
+def subspace_svd_factors(kernel, rank, seed, warm_start, power_iterations=1, oversampling=10):
+    """The truncated SVD factors of W = kernelᵀ by `top_right_singular_vectors` from a warm
+    start: what the svd estimator refits with in training, where an exact SVD of a wide kernel
+    (seconds) would cost more than the steps between refits."""
+    w = tf.transpose(tf.cast(kernel, tf.float32))
+    w_scaled = w / tf.maximum(tf.reduce_max(tf.abs(w)), 1e-30)
+    right = top_right_singular_vectors(
+        lambda q: tf.matmul(w_scaled, q), lambda p: tf.matmul(w_scaled, p, transpose_a=True),
+        w, rank, seed, warm_start, power_iterations, oversampling,
+    )
+    return balanced_factors(w, right)
+
+
+def top_right_singular_vectors(times_a, times_a_transposed, w, rank, seed, warm_start, power_iterations,
+                               oversampling):
+    """(n, rank) top right singular vectors of the operator A (n columns, as W's), by a randomized
+    subspace iteration (Halko, Martinsson & Tropp 2011) of `power_iterations` passes.
+
+    `seed` (two ints) fixes the random start so that every replica and worker computes the same
+    vectors. `warm_start`, an (n, r) matrix whose columns span the last fit's vectors (the
+    current Vᵀ), replaces its first r columns: weights move little between refits, so one pass
+    from there tracks the subspace.
+    """
+    d, n = tf.shape(w)[0], tf.shape(w)[1]
+    columns = tf.minimum(rank + oversampling, tf.minimum(d, n))
+    start = tf.random.stateless_normal(tf.stack([n, columns]), seed=seed)
+    if warm_start is not None:
+        start = tf.concat([tf.cast(warm_start, tf.float32), start[:, tf.shape(warm_start)[1]:]], axis=1)
     basis, _ = tf.linalg.qr(times_a(start))
     for _ in range(power_iterations):
         basis, _ = tf.linalg.qr(times_a(tf.linalg.qr(times_a_transposed(basis))[0]))
     # A ≈ Q·(Qᵀ·A): the right singular vectors of the small (columns × n) matrix Qᵀ·A are A's.
     _, _, right = tf.linalg.svd(tf.transpose(times_a_transposed(basis)), full_matrices=False)
-    return balanced_factors(w, right[:, :rank])
+    return right[:, :rank]
 
 
 def refit_multiply_adds(input_dim, units, rank, rows, power_iterations=3, oversampling=10):
@@ -196,6 +223,11 @@ def _current_factors(layer):
     return tf.cast(layer.estimator_u, tf.float32), tf.cast(layer.estimator_v, tf.float32)
 
 
+def _warm_start(layer):
+    """The current Vᵀ, whose columns span the last fit's top right singular vectors."""
+    return tf.transpose(tf.cast(layer.estimator_v, tf.float32))
+
+
 def _add_step_counter(layer):
     layer.training_steps = layer.add_weight(
         name="training_steps", shape=(), initializer="zeros", dtype="int64", trainable=False,
@@ -206,18 +238,21 @@ def _add_step_counter(layer):
 def refit_when(layer, condition, factors):
     """U, V ← factors() where `condition` and the result is finite, else unchanged, in a graph.
 
-    Non-finite factors (a kernel that diverged) never replace the last good ones. The assignment
-    stays outside tf.cond: under a distribution strategy it synchronises the replicas
-    (merge_call), which control flow cannot contain.
+    Non-finite factors (a kernel that diverged) never replace the last good ones. Under a
+    distribution strategy the assignment stays outside tf.cond, as it synchronises the replicas
+    (merge_call), which control flow cannot contain; without one, steps that do not refit skip
+    it (and its reads) altogether.
     """
-    current = _current_factors(layer)
 
     def finite_factors():
         new = factors()
         finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(new[0])), tf.reduce_all(tf.math.is_finite(new[1])))
-        return tf.cond(finite, lambda: new, lambda: current)
+        return tf.cond(finite, lambda: new, lambda: _current_factors(layer))
 
-    layer.assign_estimator(*tf.cond(condition, finite_factors, lambda: current))
+    if tf.distribute.has_strategy():
+        layer.assign_estimator(*tf.cond(condition, finite_factors, lambda: _current_factors(layer)))
+    else:
+        tf.cond(condition, lambda: layer.assign_estimator(*finite_factors()), lambda: None)
 
 
 def _check_refit_every(refit_every, allow_auto):
@@ -234,9 +269,12 @@ def _check_refit_every(refit_every, allow_auto):
 class SVDEstimator(Estimator):
     """The paper's estimator: the truncated SVD of W, the best rank-r U·V ≈ W for any input.
 
+    `refit()` computes it exactly; refits inside training track it by one subspace iteration
+    from the current factors (`subspace_svd_factors`), as an exact SVD of a wide kernel costs
+    seconds.
+
     Args:
-        refit_every: Training steps between refits inside the train step (an exact SVD of the
-            kernel, whose cost grows as d·n·min(d, n)), or None: never inside training.
+        refit_every: Training steps between refits inside the train step, or None: never.
     """
 
     name = "svd"
@@ -255,7 +293,8 @@ class SVDEstimator(Estimator):
         if self.refit_every is None:
             return
         steps = layer.training_steps.assign_add(1)
-        refit_when(layer, tf.equal(steps % self.refit_every, 0), lambda: self.factors(layer))
+        refit_when(layer, tf.equal(steps % self.refit_every, 0), lambda: subspace_svd_factors(
+            layer.kernel, layer.rank, tf.stack([tf.cast(steps, tf.int32), 0]), warm_start=_warm_start(layer)))
 
 
 @register
@@ -326,16 +365,10 @@ class InputSVDEstimator(Estimator):
         return tf.cond(
             filled > 0,
             lambda: reduced_rank_factors(layer.kernel, layer.input_rows[:filled], rank, seed,
-                                         warm_start=self._warm_start(layer, rank),
+                                         warm_start=_warm_start(layer) if rank == layer.rank else None,
                                          power_iterations=self.power_iterations),
             lambda: truncated_svd_factors(layer.kernel, rank),
         )
-
-    def _warm_start(self, layer, rank):
-        """The current Vᵀ, whose columns span the last fit's subspace (None at another rank)."""
-        if rank != layer.rank:
-            return None
-        return tf.transpose(tf.cast(layer.estimator_v, tf.float32))
 
     def observe(self, layer, x):
         context = tf.distribute.get_replica_context()

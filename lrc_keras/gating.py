@@ -25,9 +25,10 @@ def masked_relu(z, mask):
     return tf.where(mask, tf.nn.relu(z), tf.zeros_like(z))
 
 
-def skipped_activity(z, mask):
-    """relu(z) where the mask skipped the unit, 0 where it computed it: what `masked_relu` lost."""
-    return tf.where(mask, tf.zeros_like(z), tf.nn.relu(z))
+def skipped_activity(z, masked):
+    """relu(z) where the mask skipped the unit, 0 where it computed it: what `masked_relu` lost,
+    from its output `masked` (one subtraction; relu(z) is shared with `masked_relu`)."""
+    return tf.nn.relu(z) - masked
 
 
 def margin_for_density(z_hat, density):

@@ -438,11 +438,12 @@ class LowRankGatedDense(keras.layers.Layer):
         loss = self.estimator.loss(self, z_hat, z) if training else None
         if loss is not None:
             self.add_loss(loss)
+        y = gating.masked_relu(z, mask)
         if training and self.regularize_skipped_units and self.activity_regularizer is not None:
             # Keras charges the output and divides by the batch size; this charges the rest.
-            skipped = tf.cast(gating.skipped_activity(z, mask), tf.float32)
+            skipped = tf.cast(gating.skipped_activity(z, y), tf.float32)
             self.add_loss(self.activity_regularizer(skipped) / tf.cast(batch_size, tf.float32))
-        return gating.masked_relu(z, mask)
+        return y
 
 
 # Settings of 449377d's layer that belong to an estimator now, and where they went.

@@ -64,6 +64,18 @@ def test_reduced_rank_factors_match_numpy(rng, input_dim, units, rank):
     assert np.linalg.norm(x @ (w - actual)) < 0.9 * np.linalg.norm(x @ (w - plain))
 
 
+def test_svd_refits_in_training_track_the_exact_truncated_svd(rng):
+    """One subspace iteration from the factors of a nearby kernel (the last refit's) gives the
+    truncated SVD of the kernel now, as numpy's full SVD computes it."""
+    kernel = decaying_kernel(rng, 40, 30)
+    moved = kernel + 0.01 * rng.standard_normal(kernel.shape).astype(np.float32) * np.abs(kernel).max()
+    _, _, previous_vt = np.linalg.svd(kernel.T.astype(np.float64), full_matrices=False)
+    actual = product(estimators.subspace_svd_factors(moved, 5, seed=[3, 0], warm_start=previous_vt[:5].T))
+    u, s, vt = np.linalg.svd(moved.T.astype(np.float64), full_matrices=False)
+    expected = u[:, :5] * s[:5] @ vt[:5]
+    np.testing.assert_allclose(actual, expected, atol=1e-4 * np.abs(expected).max())
+
+
 def test_huge_finite_rows_cannot_overflow_the_fit(rng):
     """Rows of 1e30 would overflow any float32 moment; scaled first, the fit stays exact."""
     x = correlated_inputs(rng, 200, 12)

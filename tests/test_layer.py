@@ -103,9 +103,18 @@ def small_classifier(rng, estimator=None, refit_every=200, **kwargs):
     return model, x, y
 
 
+def with_decaying_spectrum(rng, layer):
+    """A kernel whose singular values decay, as trained layers' do: the svd estimator's
+    in-training refits (one subspace iteration from the last factors) then equal the exact SVD."""
+    units, input_dim = layer.kernel.shape
+    layer.kernel.assign((rng.standard_normal((units, input_dim)) * 0.7 ** np.arange(input_dim)).astype("float32"))
+    layer.refit()
+
+
 def test_refit_runs_every_n_steps_inside_fit(rng):
     model, x, y = small_classifier(rng, refit_every=3)
     layer = model.layers[0]
+    with_decaying_spectrum(rng, layer)
     snapshots = []
 
     class Record(keras.callbacks.Callback):
@@ -402,6 +411,7 @@ def test_fit_under_mirrored_strategy(rng, mirrored_strategy):
     with mirrored_strategy.scope():
         model, x, y = small_classifier(rng, refit_every=2)
     layer = model.layers[0]
+    with_decaying_spectrum(rng, layer)
     kernels = []
 
     class Record(keras.callbacks.Callback):
