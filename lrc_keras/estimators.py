@@ -215,7 +215,8 @@ class Estimator:
     def observe(self, layer, x):
         """Called with every 2-D training batch inside the train step."""
 
-    def loss(self, layer, z_hat, z):
+    def loss(self, layer, z_hat, positive):
+        """An auxiliary loss from the estimate ẑ and the truth z > 0 (`positive`), or None."""
         return None
 
 
@@ -453,20 +454,20 @@ class JointEstimator(Estimator):
         refit_when(layer, tf.logical_and(tf.equal(steps, 1), tf.shape(rows)[0] > 0),
                    lambda: self.factors(layer, rows))
 
-    def loss(self, layer, z_hat, z):
+    def loss(self, layer, z_hat, positive):
         if self.loss_weight == 0:
             return None
-        return self.loss_weight * estimator_loss(z_hat, z, self.positive_weight)
+        return self.loss_weight * estimator_loss(z_hat, positive, self.positive_weight)
 
 
-def estimator_loss(z_hat, z, positive_weight):
-    """Recall-weighted binary cross-entropy teaching ẑ the sign of z.
+def estimator_loss(z_hat, positive, positive_weight):
+    """Recall-weighted binary cross-entropy teaching ẑ the sign of z (`positive`: z > 0).
 
-    The labels (z > 0) carry no gradient, so this loss never pulls the network's kernel toward
-    the estimator; `positive_weight` > 1 charges a missed active unit more than a wasted
+    The labels carry no gradient, so this loss never pulls the network's kernel toward the
+    estimator; `positive_weight` > 1 charges a missed active unit more than a wasted
     computation, as recall is what protects accuracy.
     """
-    labels = tf.cast(tf.stop_gradient(z) > 0, z_hat.dtype)
+    labels = tf.cast(positive, z_hat.dtype)
     return tf.reduce_mean(
         tf.nn.weighted_cross_entropy_with_logits(labels=labels, logits=z_hat, pos_weight=positive_weight)
     )

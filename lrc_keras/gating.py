@@ -25,12 +25,6 @@ def masked_relu(z, mask):
     return tf.where(mask, tf.nn.relu(z), tf.zeros_like(z))
 
 
-def skipped_activity(z, masked):
-    """relu(z) where the mask skipped the unit, 0 where it computed it: what `masked_relu` lost,
-    from its output `masked` (one subtraction; relu(z) is shared with `masked_relu`)."""
-    return tf.nn.relu(z) - masked
-
-
 def margin_for_density(z_hat, density):
     """The finite margin at which a fraction `density` of the (finite) estimates z_hat select
     their unit: just past the largest estimate for 0, just past the smallest for 1."""

@@ -189,8 +189,9 @@ class LowRankGatedDense(keras.layers.Layer):
         self._check_traced_rank()
         if training:
             self.estimator.observe(self, x)
-        if training or self.audit:
-            y = self._dense_then_mask(x, training, batch_size=tf.shape(inputs)[0])
+            y = self._training_forward(x, batch_size=tf.shape(inputs)[0])
+        elif self.audit:
+            y = self._audited_inference(x)
         else:
             y = self._gated_inference(x)
         if inputs.shape.rank != 2:
@@ -423,27 +424,40 @@ class LowRankGatedDense(keras.layers.Layer):
         self.observed_density.assign(tf.cast(density, tf.float32))
         return y
 
-    def _dense_then_mask(self, x, training, batch_size):
-        """z computed densely, the estimator's mask and the gate metrics; in training, the
-        estimator's loss and the activity penalty on skipped active units."""
+    def _estimate_and_mask(self, x):
+        """ẑ and the gate's mask. The estimate sees no gradient from x or b: an estimator loss
+        trains only U, V."""
         bias = None if self.bias is None else tf.stop_gradient(self.bias)
-        # The estimate sees no gradient from x or b: an estimator loss trains only U, V.
         z_hat = estimators.estimate(tf.stop_gradient(x), self.estimator_u, self.estimator_v, bias)
-        mask = tf.stop_gradient(gating.gate_mask(z_hat, tf.cast(self.gate_margin, z_hat.dtype)))
+        return z_hat, tf.stop_gradient(gating.gate_mask(z_hat, tf.cast(self.gate_margin, z_hat.dtype)))
+
+    def _training_forward(self, x, batch_size):
+        """Training: z by a GEMM (cheapest while gradients are needed), masked by the gate; the
+        gate metrics, the estimator's loss and the activity penalty on skipped active units."""
+        z_hat, mask = self._estimate_and_mask(x)
+        y, skipped = ops.masked_dense_for_training(x, self.kernel, self.bias, mask)
+        positive = tf.stop_gradient(y + skipped) > 0  # z > 0: y and skipped never overlap
+        self._record_gate(mask, positive)
+        loss = self.estimator.loss(self, z_hat, positive)
+        if loss is not None:
+            self.add_loss(loss)
+        if self.regularize_skipped_units and self.activity_regularizer is not None:
+            # Keras charges the output and divides by the batch size; this charges the rest.
+            self.add_loss(self.activity_regularizer(tf.cast(skipped, tf.float32)) / tf.cast(batch_size, tf.float32))
+        return y
+
+    def _audited_inference(self, x):
+        """Inference that also computes z densely to measure the gate (`lrc_keras.set_audit`)."""
+        _, mask = self._estimate_and_mask(x)
         z = ops.dense_preactivation(x, self.kernel, self.bias)
-        counts = confusion_counts(mask, tf.stop_gradient(z) > 0)
+        self._record_gate(mask, z > 0)
+        return gating.masked_relu(z, mask)
+
+    def _record_gate(self, mask, positive):
+        counts = confusion_counts(mask, positive)
         self.gate_metric.add_counts(counts)
         # tp + fp over all entries: the density, without another pass over the mask.
         self.observed_density.assign(tf.cast((counts[0] + counts[1]) / tf.reduce_sum(counts), tf.float32))
-        loss = self.estimator.loss(self, z_hat, z) if training else None
-        if loss is not None:
-            self.add_loss(loss)
-        y = gating.masked_relu(z, mask)
-        if training and self.regularize_skipped_units and self.activity_regularizer is not None:
-            # Keras charges the output and divides by the batch size; this charges the rest.
-            skipped = tf.cast(gating.skipped_activity(z, y), tf.float32)
-            self.add_loss(self.activity_regularizer(skipped) / tf.cast(batch_size, tf.float32))
-        return y
 
 
 # Settings of 449377d's layer that belong to an estimator now, and where they went.
