@@ -371,6 +371,29 @@ def test_activity_regularizer_charges_true_or_gated_activity(rng, regularize_ski
                                rtol=1e-4, atol=1e-7)
 
 
+def test_the_sampled_skipped_unit_penalty_is_the_full_one_in_expectation(rng):
+    """Past 32 rows the skipped units are charged on the first 32, scaled to the batch: over the
+    two halves of a 64-row batch in turn, penalty and gradient average to the full ones."""
+    layer = built_layer(rng, activity_regularizer=keras.regularizers.L1(0.01))
+    for _ in range(50):  # inputs whose gate decisions float32 rounding cannot flip
+        x = rng.standard_normal((64, 24)).astype("float32")
+        _, mask, z_hat, z = numpy_gated_dense(x, *weights_of(layer), 0.0)
+        if away_from_boundary(z_hat, 0.0, tolerance=1e-4).all():
+            break
+    assert away_from_boundary(z_hat, 0.0, tolerance=1e-4).all() and np.any(~mask[:32] & (z[:32] > 0))
+    skipped = np.where(~mask & (z > 0), z, 0.0)
+    penalties, gradients = [], []
+    for order in (x, np.roll(x, 32, axis=0)):
+        with tf.GradientTape() as tape:
+            layer(order, training=True)
+            skipped_penalty = layer.losses[0]  # Keras adds its own output penalty after call()
+        penalties.append(float(skipped_penalty))
+        gradients.append(tape.gradient(skipped_penalty, layer.bias).numpy())
+    np.testing.assert_allclose(penalties[0], 0.01 * skipped[:32].sum() * 2 / 64, rtol=1e-4)
+    np.testing.assert_allclose(np.mean(penalties), 0.01 * skipped.sum() / 64, rtol=1e-4)
+    np.testing.assert_allclose(np.mean(gradients, axis=0), 0.01 * (skipped > 0).sum(axis=0) / 64, rtol=1e-4, atol=1e-7)
+
+
 def test_skipped_units_are_not_charged_in_inference(rng):
     """Audited inference computes z too, but charges only the output, as Keras does."""
     layer = built_layer(rng, activity_regularizer=keras.regularizers.L1(0.01))
