@@ -4,6 +4,7 @@ This module imports neither Keras nor TensorFlow at its top, so that both checks
 """
 
 import contextlib
+import json
 import os
 import re
 import sys
@@ -27,17 +28,35 @@ def start():
     """Before the layer and its ops are imported: the backend check, then TensorFlow and Keras.
 
     An ImportError, in one line, unless Keras runs on TensorFlow: the layer's ops are TensorFlow
-    custom ops. KERAS_BACKEND is checked before Keras is imported (Keras would import that
-    backend, which may not even be installed), Keras' configuration file after.
+    custom ops. The backend is checked before Keras is imported, which would import that backend
+    (not even installed, perhaps), and, should Keras choose otherwise, after.
     """
-    requested = os.environ.get("KERAS_BACKEND")
-    if requested and requested != "tensorflow":
-        raise ImportError(_backend_message(f"KERAS_BACKEND={requested}"))
+    backend, source = _requested_backend()
+    if backend != "tensorflow":
+        raise ImportError(_backend_message(source))
     import_tensorflow()
     import keras
 
     if keras.backend.backend() != "tensorflow":
-        raise ImportError(_backend_message(f"Keras' configured backend is {keras.backend.backend()!r}"))
+        raise ImportError(_backend_message(f"Keras chose the backend {keras.backend.backend()!r}"))
+
+
+def _requested_backend():
+    """(backend, where it is set) as Keras 3 will read it: KERAS_BACKEND, else the configuration file."""
+    requested = os.environ.get("KERAS_BACKEND")
+    if requested:
+        return requested, f"KERAS_BACKEND={requested}"
+    home = os.environ.get("KERAS_HOME")
+    if not home:
+        user_home = os.path.expanduser("~")
+        home = os.path.join(user_home if os.access(user_home, os.W_OK) else "/tmp", ".keras")
+    path = os.path.join(home, "keras.json")
+    try:
+        with open(path) as f:
+            backend = json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow", None
+    return backend, f"{path} sets the backend {backend!r}"
 
 
 def _backend_message(cause):
