@@ -148,7 +148,7 @@ class BuildWithOps(build):
     sub_commands = build.sub_commands + [("build_ops", None)]
 
 
-EXAMPLES = ["tensorflow-datasets>=4.9", "importlib_resources", "tensorboard", "matplotlib", "tqdm"]
+EXAMPLES = ["tensorflow-datasets>=4.9", "importlib_resources", "tensorboard", "matplotlib"]
 
 setup(
     name="lrc-keras",
