@@ -67,8 +67,7 @@ def network_gate_rates(logs, units, prefix=""):
     computed = sum(units[name] * logs[f"{prefix}{name}_predicted_density"] for name in units)
     active = sum(units[name] * logs[f"{prefix}{name}_true_density"] for name in units)
     caught = sum(units[name] * logs[f"{prefix}{name}_true_density"] * logs[f"{prefix}{name}_recall"] for name in units)
-    n = len(units)
-    return sum(logs[f"{prefix}{name}_predicted_density"] for name in units) / n, sum(logs[f"{prefix}{name}_recall"] for name in units) / n
+    return computed / total, caught / active if active else 1.0
 
 
 class TensorBoard(keras.callbacks.TensorBoard):
