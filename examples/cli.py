@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+import textwrap
 
 from lrc_keras.estimators import ESTIMATORS
 
@@ -53,12 +54,16 @@ def comma_separated(values):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default in --help, except where there is none to show (None, False) or the help says it."""
+    """Every flag's default in --help, except where there is none to show (None, False) or the help says it;
+    lines wrapped between words only, so that no flag's name is cut at its hyphen."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 class ExampleParser(argparse.ArgumentParser):

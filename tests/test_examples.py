@@ -390,6 +390,20 @@ def test_bad_experiment_flags_name_the_value(capsys, flags, message):
     assert message.format(names=", ".join(ESTIMATORS)) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script", ["mnist", "svhn", "convert_mnist"])
+def test_help_names_only_its_own_flags_each_with_help(capsys, script):
+    module = __import__(script)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = capsys.readouterr().out
+    options = text[text.index("options:"):]
+    defined = set(re.findall(r"^  (--[a-z][a-z-]*)", options, re.MULTILINE))
+    assert set(re.findall(r"--[a-z][a-z-]*", text)) <= defined | {"--help"}
+    # Every flag is followed by its help: on its own line, or beside it.
+    for entry in re.split(r"\n(?=  -)", options)[1:]:
+        assert len(entry.split()) > 2, entry
+
+
 def test_flags_left_out_take_the_layer_defaults():
     parser = cli.ExampleParser("", data.MNIST, hidden=[8], epochs=1, l1=0.0, ranks=[2])
     args = parser.parse_args(["--seed", "5"])
@@ -404,7 +418,11 @@ def test_convert_mnist_end_to_end(tmp_path):
 
     npz = patch_images(tmp_path / "patches.npz", data.MNIST.image_shape, mislabelled=0.3)
     result = convert_mnist.main(["--npz", npz, "--hidden", "40,30", "--epochs", "5", "--learning-rate", "1e-2",
-                                 "--batch-size", "16", "--rank", "4", "--ranks", "2,4,8"])
+                                 "--batch-size", "16", "--rank", "4", "--ranks", "2,4,8", "--logdir", str(tmp_path)])
+    import matplotlib.image
+
+    picture = matplotlib.image.imread(tmp_path / "convert_mnist.png")
+    assert picture.shape[1] == 10 * 110 and picture[..., :3].std() > 0.05
     _, (x_test, y_test) = data.load(data.MNIST, npz, None, 0)
     assert [row["layer"] for row in result["report"].rows] == ["hidden_0", "hidden_1"]
     for stage, model in result["models"].items():
