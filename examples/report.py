@@ -238,12 +238,14 @@ def plot_error_against_speedup(runs, path, kind="in_graph"):
             axis.errorbar(speeds.mean(), errors.mean(), xerr=spread(speeds), yerr=spread(errors), fmt="s" if
                           estimator is None else "o", capsize=4, label=_label(network, estimator, rank, ranks_vary))
         axis.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        axis.margins(0.15)
         axis.set_xlabel(f"speedup over Dense, batch {batch} ({SPEED_HEADINGS[kind]})")
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("test error (%)")
     axes[0][0].legend(fontsize=8)
     seeds = max(len(members) for members in groups.values())
-    figure.suptitle(f"Test error against measured speedup ({seeds} seed{'s' if seeds > 1 else ''}; bars: std)")
+    figure.suptitle("Test error against measured speedup" + (f" (mean of {seeds} seeds; bars: std)" if seeds > 1
+                                                             else " (1 seed)"))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -257,7 +259,7 @@ def plot_gates_over_epochs(runs, path):
     plt = _pyplot()
     groups = {key: members for key, members in _groups(runs).items() if members[0]["layers"]}
     ranks_vary = len({rank for _, _, rank in groups}) > 1
-    figure, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False, sharey=True)
+    figure, axes = plt.subplots(1, len(groups), figsize=(max(7, 5 * len(groups)), 4), squeeze=False, sharey=True)
     for axis, ((network, estimator, rank), members) in zip(axes[0], groups.items()):
         layers = [report["layer"] for report in members[0]["layers"]]
         validation = members[0]["history"].get(f"val_{layers[0]}_recall")
@@ -277,7 +279,7 @@ def plot_gates_over_epochs(runs, path):
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel(("test set" if prefix else "training batches") + ": recall, predicted density")
     axes[0][0].legend(fontsize=8)
-    figure.suptitle("Gates over training: recall (solid) and predicted density (dashed) per layer"
+    figure.suptitle("Gates over training: recall (solid), predicted density (dashed)"
                     + ("; band: seeds' range" if max(len(m) for m in groups.values()) > 1 else ""))
     figure.tight_layout()
     figure.savefig(path, dpi=110)

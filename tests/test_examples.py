@@ -116,7 +116,7 @@ def check_pictures(logdir, panels):
     import matplotlib.image
 
     for name, width in (("error_vs_speedup.png", 4.2 * panels["batches"]), ("gates_over_epochs.png",
-                                                                             5 * panels["networks"])):
+                                                                             max(7, 5 * panels["networks"]))):
         image = matplotlib.image.imread(os.path.join(logdir, name))
         assert image.shape[1] == pytest.approx(width * 110, abs=2), name
         assert image[..., :3].std() > 0.05, name  # not a blank canvas
