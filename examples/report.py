@@ -266,20 +266,22 @@ def plot_gates_over_epochs(runs, path):
         prefix = "val_" if validation is not None and not np.isnan(validation).any() else ""
         for index, layer in enumerate(layers):
             color = f"C{index}"
-            for key, style in (("recall", "-"), ("predicted_density", "--")):
+            for key, style, marker in (("recall", "-", "o"), ("predicted_density", "--", "s")):
                 values = np.array([run["history"][f"{prefix}{layer}_{key}"] for run in members])
                 epochs = np.arange(1, values.shape[1] + 1)
-                axis.plot(epochs, values.mean(axis=0), style, color=color, label=f"{layer} {key.replace('_', ' ')}")
+                axis.plot(epochs, values.mean(axis=0), style, marker=marker, markersize=4, color=color,
+                          label=f"{layer} {key.replace('_', ' ')}")
                 if len(members) > 1:
                     axis.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=color, alpha=0.15)
         axis.set_title(f"{network}, {_label(network, estimator, rank, ranks_vary)}", fontsize=10)
         axis.set_xlabel("epoch")
-        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.set_xticks(epochs[:: max(1, len(epochs) // 10)])
+        axis.set_xlim(0.5, epochs[-1] + 0.5)
         axis.set_ylim(0, 1.02)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel(("test set" if prefix else "training batches") + ": recall, predicted density")
     axes[0][0].legend(fontsize=8)
-    figure.suptitle("Gates over training: recall (solid), predicted density (dashed)"
+    figure.suptitle("Gates over training: recall (solid, circles), predicted density (dashed, squares)"
                     + ("; band: seeds' range" if max(len(m) for m in groups.values()) > 1 else ""))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
