@@ -91,7 +91,8 @@ def import_tensorflow():
 def _running_command():
     """True while `python -m <one of COMMANDS>` imports this package (sys.orig_argv: Python 3.10+)."""
     argv = getattr(sys, "orig_argv", [])
-    return any(argv[i:i + 2] == ["-m", command] for command in COMMANDS for i in range(len(argv)))
+    module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
+    return module in COMMANDS
 
 
 def _log_level():
