@@ -2,16 +2,20 @@
 //
 // Design. The estimate's two thin GEMMs, (x·U)·V, run in TensorFlow's own matmul (cuBLAS) on
 // the op's stream, as on the CPU; this file does the part no library does:
-//   LrcGatedDense: one warp per unit j walks the batch. For each row i, lane 0 reads the
-//     estimate and broadcasts it with a shuffle; a skipped (i, j) costs that one read and a
-//     store of 0. A selected (i, j) is a dot product of length d: the 32 lanes stride the
-//     input dimension (coalesced 128-byte reads of x_i and W_j) and reduce with 5 shuffles.
-//     W_j is re-read for each selected row, from L1/L2 after the first, so DRAM traffic is
-//     about n·d (the weights of units selected anywhere in the batch) + B·d (x) floats, and
-//     the work ρ·B·n·d/32 warp-steps: the gated cost ρ·d·n per row, spread over all SMs.
+//   LrcGatedDense: blocks of 8 units × tiles of up to 32 rows; one warp takes one unit on one
+//     tile. Each lane reads the estimate of its own row, a ballot gives the warp the tile's
+//     selected rows, and a skipped (i, j) costs that one read and a store of 0. Selected rows
+//     are computed 4 at a time: the 32 lanes stride the input dimension (coalesced 128-byte
+//     reads of W_j and the x rows), each W_j element read once for the 4 rows, and reduce with
+//     5 shuffles a row. Tiles are as tall as the grid allows while it still has ~8k warps (a
+//     full H100/H200), so a batch of 16 spreads over every SM and a batch of 256 reads W_j
+//     once per 4 selected rows of a 32-row tile, from L2. DRAM traffic is about n·d (the
+//     weights of units selected anywhere in the batch) + B·d (x) floats, and the work
+//     ρ·B·n·d/32 warp-steps spread over all SMs.
 //     Expected: memory-bound near bandwidth at small batches (as the CPU's gathered GEMV);
 //     at large batches cuBLAS' dense GEMM (tensor cores) wins unit for unit above some
 //     density, and the layer's dispatch (lrc_keras/dispatch.py) then takes the GEMM path.
+//     tools/gpu_check/ checks and times these kernels on a GPU without TensorFlow.
 //   LrcMaskedRelu: that GEMM path's epilogue, one grid-stride elementwise pass.
 // Counts of computed pairs are warp-reduced and added atomically to one uint64; a one-thread
 // kernel turns the count into the active fraction on the device, so nothing waits on the host.
@@ -32,7 +36,7 @@ const char* LaunchOnStream(const Args& a, unsigned long long* scratch, cudaStrea
   cudaError_t error = cudaMemsetAsync(scratch, 0, sizeof(*scratch), stream);
   if (error == cudaSuccess) {
     launches(a, scratch, [stream](auto kernel, gpu::Geometry geometry, auto... args) {
-      kernel<<<geometry.grid, geometry.block, 0, stream>>>(args...);
+      kernel<<<dim3(geometry.grid, geometry.grid_y), geometry.block, 0, stream>>>(args...);
     });
     error = cudaGetLastError();  // the launches' own errors, which <<<>>> does not return
   }

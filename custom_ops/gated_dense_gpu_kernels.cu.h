@@ -14,20 +14,37 @@ constexpr unsigned kFullWarp = 0xffffffffu;
 // 8 warps a block: one unit per warp.
 constexpr int kGatedThreads = 256;
 constexpr int kElementwiseThreads = 256;
+// A warp takes a tile of rows for its unit, at most one row per lane. Tiles are as tall as the
+// grid allows while it still holds kWarpsToFillGpu warps (about 64 per SM of an H100: 132 SMs),
+// because the selected rows of one tile share the reads of W_j; below that, shorter tiles trade
+// that sharing for warps, down to kMinRowsPerTile.
+constexpr int kMaxRowsPerTile = kWarpSize;
+constexpr int kMinRowsPerTile = 4;
+constexpr int64_t kWarpsToFillGpu = 8192;
+// Selected rows whose dot products with W_j are computed together, each W_j element read once
+// for all of them; 4 accumulators a lane keep the loop in registers.
+constexpr int kRowsPerPass = 4;
+constexpr unsigned kMaxGridY = 65535;  // CUDA's limit on gridDim.y
 
+// Butterfly reduction: the sum is complete in every lane.
 template <typename T>
 __device__ __forceinline__ T WarpSum(T value) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value += __shfl_down_sync(kFullWarp, value, offset);
+    value += __shfl_xor_sync(kFullWarp, value, offset);
   }
-  return value;  // complete in lane 0
+  return value;
 }
 
-// One warp per unit j. The warp walks the batch; lane 0 reads the estimate and broadcasts it
-// (y may be product's own buffer, so only the lane that writes y[i, j] reads product[i, j]).
-// For a selected row the 32 lanes stride the input dimension, so that reads of x_i and W_j
-// are coalesced, and reduce with shuffles. The branch is warp-uniform: no divergence.
-__global__ void GatedDenseKernel(GatedDenseArgs a, unsigned long long* computed) {
+// Blocks of 8 units along x, tiles of `rows_per_tile` (<= 32) rows along y: warp w of block
+// (bx, by) takes unit 8·bx + w on tiles by, by + gridDim.y, ... (more tiles than CUDA allows
+// along y are strided). Lane r owns row r of the tile: it alone reads the estimate of
+// (row, unit) and writes y there (y may be product's own buffer), so the whole tile's
+// estimates are read at once and a ballot gives the warp its selected rows. Those are then
+// computed kRowsPerPass at a time: the 32 lanes stride the input dimension (coalesced reads of
+// W_j and the x rows), each W_j element read once for the pass, and each sum is reduced with
+// shuffles; lane r keeps the sum of its own row. Every branch is warp-uniform. A row's sum has
+// the same order of additions whatever the tile or pass, so y does not depend on the geometry.
+__global__ void GatedDenseKernel(GatedDenseArgs a, int rows_per_tile, unsigned long long* computed) {
   const int64_t unit = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) +
                        threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -35,21 +52,40 @@ __global__ void GatedDenseKernel(GatedDenseArgs a, unsigned long long* computed)
   const float* w = a.kernel + unit * a.input_dim;
   const float b = a.bias[unit];
   unsigned long long count = 0;
-  for (int64_t i = 0; i < a.batch; ++i) {
-    const int64_t k = i * a.units + unit;
-    float estimate = 0.f;
-    if (lane == 0) estimate = a.product[k] + b;
-    estimate = __shfl_sync(kFullWarp, estimate, 0);
-    if (!UnitIsComputed(estimate, a.margin)) {
-      if (lane == 0) a.y[k] = 0.f;
-      continue;
+  for (int64_t first = static_cast<int64_t>(blockIdx.y) * rows_per_tile; first < a.batch;
+       first += static_cast<int64_t>(gridDim.y) * rows_per_tile) {
+    const bool owner = lane < rows_per_tile && first + lane < a.batch;
+    const int64_t k = (first + lane) * a.units + unit;  // used only by an owner
+    const bool selected = owner && UnitIsComputed(a.product[k] + b, a.margin);
+    unsigned pending = __ballot_sync(kFullWarp, selected);
+    count += __popc(pending);
+    float dot = 0.f;  // x_(first + lane) · W_j, once computed
+    while (pending) {
+      int row_lane[kRowsPerPass];  // -1: no row in this slot of the pass
+      const float* row[kRowsPerPass];
+      float partial[kRowsPerPass];
+#pragma unroll
+      for (int p = 0; p < kRowsPerPass; ++p) {
+        row_lane[p] = pending ? __ffs(pending) - 1 : -1;
+        pending &= pending - 1;
+        row[p] = a.x + (first + (row_lane[p] < 0 ? 0 : row_lane[p])) * a.input_dim;
+        partial[p] = 0.f;
+      }
+      for (int64_t c = lane; c < a.input_dim; c += kWarpSize) {
+        const float weight = __ldg(w + c);
+#pragma unroll
+        for (int p = 0; p < kRowsPerPass; ++p) {
+          if (row_lane[p] >= 0) partial[p] += __ldg(row[p] + c) * weight;
+        }
+      }
+#pragma unroll
+      for (int p = 0; p < kRowsPerPass; ++p) {
+        if (row_lane[p] < 0) continue;
+        const float sum = WarpSum(partial[p]);
+        if (lane == row_lane[p]) dot = sum;
+      }
     }
-    const float* x = a.x + i * a.input_dim;
-    float partial = 0.f;
-    for (int64_t c = lane; c < a.input_dim; c += kWarpSize) partial += __ldg(x + c) * __ldg(w + c);
-    const float dot = WarpSum(partial);
-    if (lane == 0) a.y[k] = MaskedRelu(dot + b, true);
-    ++count;
+    if (owner) a.y[k] = MaskedRelu(dot + b, selected);
   }
   if (lane == 0 && count) atomicAdd(computed, count);
 }
@@ -83,12 +119,27 @@ __global__ void ActiveFractionKernel(const unsigned long long* computed, int64_t
 struct Geometry {
   unsigned grid;
   unsigned block;
+  unsigned grid_y = 1;  // blocks along y
 };
 
-// One warp per unit.
-inline Geometry GatedDenseGeometry(const GatedDenseArgs& a) {
+struct GatedDenseLayout {
+  Geometry geometry;
+  int rows_per_tile;  // 1 to kMaxRowsPerTile
+};
+
+// Blocks of 8 units × tiles of rows: the tallest tiles that still give the grid
+// kWarpsToFillGpu warps, so that a batch of 16 is spread over every SM and a batch of 256
+// shares each read of W_j among up to 32 rows.
+inline GatedDenseLayout GatedDenseGeometry(const GatedDenseArgs& a) {
   const int64_t warps_per_block = kGatedThreads / kWarpSize;
-  return {static_cast<unsigned>((a.units + warps_per_block - 1) / warps_per_block), kGatedThreads};
+  const int64_t unit_blocks = (a.units + warps_per_block - 1) / warps_per_block;
+  const auto tiles = [&](int64_t rows) { return (a.batch + rows - 1) / rows; };
+  int rows = kMaxRowsPerTile;
+  while (rows > kMinRowsPerTile && unit_blocks * warps_per_block * tiles(rows) < kWarpsToFillGpu) {
+    rows /= 2;
+  }
+  const int64_t grid_y = tiles(rows) < kMaxGridY ? tiles(rows) : kMaxGridY;
+  return {{static_cast<unsigned>(unit_blocks), kGatedThreads, static_cast<unsigned>(grid_y)}, rows};
 }
 
 // One thread per element, up to 4096 blocks that then stride over the rest.
@@ -97,10 +148,19 @@ inline Geometry MaskedReluGeometry(const MaskedReluArgs& a) {
   return {static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kElementwiseThreads};
 }
 
+// With a layout of the caller's: the tests pass short grids and tiles, to run the strides.
+template <typename Launch>
+void LaunchGatedDenseKernels(const GatedDenseArgs& a, unsigned long long* computed, Launch launch,
+                             GatedDenseLayout layout) {
+  if (a.batch > 0 && a.units > 0) {
+    launch(GatedDenseKernel, layout.geometry, a, layout.rows_per_tile, computed);
+  }
+  launch(ActiveFractionKernel, Geometry{1, 1}, computed, a.batch * a.units, a.active_fraction);
+}
+
 template <typename Launch>
 void LaunchGatedDenseKernels(const GatedDenseArgs& a, unsigned long long* computed, Launch launch) {
-  if (a.batch > 0 && a.units > 0) launch(GatedDenseKernel, GatedDenseGeometry(a), a, computed);
-  launch(ActiveFractionKernel, Geometry{1, 1}, computed, a.batch * a.units, a.active_fraction);
+  LaunchGatedDenseKernels(a, computed, launch, GatedDenseGeometry(a));
 }
 
 // With a geometry of the caller's: the tests pass small grids, to run the grid-stride loop.

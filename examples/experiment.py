@@ -7,6 +7,7 @@ import keras
 
 import lrc_keras
 from lrc_keras.audit import gated_layers
+from lrc_keras import estimators
 from lrc_keras.callbacks import GateSummaries
 
 import measure
@@ -79,16 +80,20 @@ def train_and_measure(args, dataset, data, seed, ranks=None, estimator=None, nam
     """
     (x_train, y_train), (x_test, y_test) = data
     keras.utils.set_random_seed(seed)
+    if args.refit_every is not None:  # a setting of the estimator (joint has no refits)
+        estimator = estimators.get(estimator or "input_svd")
+        if hasattr(estimator, "refit_every"):
+            estimator = type(estimator)(**{**estimator.get_config(), "refit_every": args.refit_every})
     # Flags left unset are not passed: the layer's defaults apply.
     gate_options = {key: value for key, value in
-                    (("estimator", estimator), ("refit_every", args.refit_every), ("margin", args.margin),
+                    (("estimator", estimator), ("margin", args.margin),
                      ("regularize_skipped_units", args.regularize_skipped_units))
                     if value is not None}
     model = models.build_network(x_train.shape[1], dataset.classes, args.hidden, ranks, gate_options,
                                  l1=args.l1, dropout=args.dropout, learning_rate=args.learning_rate)
     gated = gated_layers(model)
     network = f"{dataset.name}_{'gated' if gated else 'dense'}"
-    estimator = gated[0].estimator if gated else None
+    estimator = gated[0].estimator.name if gated else None
     name = name or "_".join([network] + ([estimator] if estimator else []) + [f"seed{seed}"])
     logdir = os.path.join(args.logdir, name)
     print(f"\n{name}: training {progress.describe(model)}, L1 {args.l1:g}, on {len(x_train)} rows, "

@@ -9,7 +9,7 @@ def build_network(input_dim, classes, hidden, ranks=None, gate_options=None, l1=
                   learning_rate=1e-3):
     """Hidden layers `hidden_<i>` are LowRankGatedDense of rank `ranks[i]` when `ranks` is given, Dense otherwise.
 
-    `gate_options`: further LowRankGatedDense arguments (estimator, refit_every, margin); what it
+    `gate_options`: further LowRankGatedDense arguments (estimator, margin); what it
     leaves out takes the layer's default. `l1` is the paper's activity penalty, which makes the
     hidden activations sparse and so the gated layers cheap; it applies to both kinds of network
     so that they are compared at the same sparsity pressure.

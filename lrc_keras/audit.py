@@ -9,6 +9,7 @@ from lrc_keras import ops
 from lrc_keras.gating import gate_mask
 from lrc_keras.estimators import estimate
 from lrc_keras.layers import LowRankGatedDense
+from lrc_keras.metrics import GATE_RATES
 from lrc_keras.metrics import confusion_counts
 from lrc_keras.cost import cost_model_speedup
 from lrc_keras.metrics import rates_from_counts
@@ -69,8 +70,8 @@ def measure_gates(model, x):
         z_hat = estimate(inputs, layer.estimator_u, layer.estimator_v, layer.bias)
         z = ops.dense_preactivation(inputs, layer.kernel, layer.bias)
         mask = gate_mask(z_hat, layer.margin)
-        counts = [float(c) for c in confusion_counts(mask, z > 0)]
-        report = {"layer": layer.name, **rates_from_counts(*counts)}
+        rates = rates_from_counts(confusion_counts(mask, z > 0)).numpy()
+        report = {"layer": layer.name, **{key: float(rate) for key, rate in zip(GATE_RATES, rates)}}
         singular_values = np.linalg.svd(layer.kernel.numpy().astype(np.float64), compute_uv=False)
         energy = singular_values**2
         report.update(

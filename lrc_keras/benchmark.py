@@ -1,4 +1,4 @@
-"""python -m lrc_keras.benchmark: gated inference against keras.layers.Dense with the same weights.
+"""python -m lrc_keras.benchmark: gated inference (or, with --training, a training step) against Dense.
 
 For each layer shape, batch size and predicted density ρ (set exactly through the margin), it
 times Dense and LowRankGatedDense inference inside tf.function (many calls per graph, the two
@@ -6,11 +6,20 @@ interleaved, median of repeats), and prints and saves the ratio next to the cost
 d·n / (r·(d + n) + ρ·d·n). With --npz (MNIST digits), it also trains a 784-1000-1000-10 gated
 network with an L1 activity penalty and benchmarks its two hidden layers on their real inputs.
 Where TensorFlow sees a GPU, the synthetic rows are measured there too, labelled "GPU".
+
+With --training it times a training step instead (`train_on_batch`, fixed random data, L1 1e-3
+activity penalty, batch 128) of the paper's two networks, 784-1000-1000-10 at rank 20 and
+3072-4000-2000-1000-10 at ranks 50/40/30, for the Dense twin and a gated network per estimator,
+all interleaved in rounds so that drift on the machine reaches every network alike. Refits are
+rare, expensive steps, so each network's figure is its mean step over all rounds: the default
+20 rounds of 20 steps (after 3 untimed) hold the svd estimator's refits at steps 200 and 400 and
+input_svd's every ~55 steps in proportion. The median of the per-round means is printed beside.
 """
 
 import argparse
 import json
 import os
+import time
 
 import keras
 import numpy as np
@@ -92,6 +101,72 @@ def trained_rows(npz, rng, repeats, calls, l1=3e-4, epochs=10):
     return rows
 
 
+TRAINING_NETWORKS = (
+    ("784-1000-1000-10", (784, 1000, 1000, 10), (20, 20)),
+    ("3072-4000-2000-1000-10", (3072, 4000, 2000, 1000, 10), (50, 40, 30)),
+)
+TRAINING_VARIANTS = ("dense", "input_svd", "svd", "joint")
+
+
+def training_network(shape, ranks, variant):
+    """The Dense twin (variant "dense") or a gated network with `variant`'s default estimator."""
+    layers = [keras.Input((shape[0],))]
+    for units, rank in zip(shape[1:-1], ranks):
+        penalty = keras.regularizers.L1(1e-3)
+        if variant == "dense":
+            layers.append(keras.layers.Dense(units, activation="relu", activity_regularizer=penalty))
+        else:
+            layers.append(LowRankGatedDense(units, rank=rank, estimator=variant, activity_regularizer=penalty))
+    layers.append(keras.layers.Dense(shape[-1]))
+    model = keras.Sequential(layers)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def training_steps(shape, ranks, rng, rounds, steps, batch=128, variants=TRAINING_VARIANTS):
+    """{variant: (mean seconds a step over all rounds, median of the rounds' means)}."""
+    x = rng.random((batch, shape[0]), np.float32)
+    y = rng.integers(0, shape[-1], batch)
+    models = {variant: training_network(shape, ranks, variant) for variant in variants}
+    for model in models.values():  # trace, and take Adam's first steps out of the timing
+        for _ in range(3):
+            model.train_on_batch(x, y)
+    rounds_seconds = {variant: [] for variant in variants}
+    for _ in range(rounds):
+        for variant, model in models.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.train_on_batch(x, y)
+            rounds_seconds[variant].append((time.perf_counter() - start) / steps)
+    return {variant: (float(np.mean(times)), float(np.median(times))) for variant, times in rounds_seconds.items()}
+
+
+def training_rows(rng, rounds, steps):
+    rows = []
+    for label, shape, ranks in TRAINING_NETWORKS:
+        times = training_steps(shape, ranks, rng, rounds, steps)
+        dense_mean, dense_median = times["dense"]
+        row = {"network": label, "ranks": list(ranks), "dense_ms": dense_mean * 1e3,
+               "dense_median_ms": dense_median * 1e3, "rounds": rounds, "steps": steps}
+        for variant in TRAINING_VARIANTS[1:]:
+            row[f"{variant}_ratio"] = times[variant][0] / dense_mean
+            row[f"{variant}_median_ratio"] = times[variant][1] / dense_median
+        rows.append(row)
+        print(format_training_row(row), flush=True)
+    return rows
+
+
+def format_training_row(row):
+    cells = " | ".join(f"{row[f'{v}_ratio']:.2f}x ({row[f'{v}_median_ratio']:.2f}x)" for v in TRAINING_VARIANTS[1:])
+    return f"| {row['network']}, ranks {'/'.join(map(str, row['ranks']))} | {row['dense_ms']:.1f} | {cells} |"
+
+
+TRAINING_HEADER = (
+    "| network | Dense step ms | input_svd (default) | svd | joint |\n"
+    "|---|---|---|---|---|"
+)
+
+
 def format_row(row):
     return (
         f"| {row['layer']} | {row['batch']} | {row['density']:.3f} | {row['dense_us']:.0f} | "
@@ -115,10 +190,22 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmark.json", help="where to save the table as JSON")
     parser.add_argument("--repeats", type=int, default=9, help="timed graphs per row; the median is reported")
     parser.add_argument("--calls", type=int, default=20, help="calls per timed graph")
+    parser.add_argument("--training", action="store_true",
+                        help="time training steps of the paper's two networks instead (see above)")
+    parser.add_argument("--rounds", type=int, default=20, help="--training: interleaved rounds")
+    parser.add_argument("--steps", type=int, default=20, help="--training: steps per network per round")
     args = parser.parse_args(argv)
     if not ops.is_compiled():
         parser.error("the compiled op is not loaded; the benchmark would only time the pure-TF path")
     rng = np.random.default_rng(0)
+    if args.training:
+        print("training step time against the Dense twin: mean over all steps (median of rounds)")
+        print(TRAINING_HEADER)
+        rows = training_rows(rng, args.rounds, args.steps)
+        with open(args.out, "w") as f:
+            json.dump({"tensorflow": tf.__version__, "cpus": os.cpu_count(), "training_rows": rows}, f, indent=1)
+        print(f"saved {args.out}")
+        return
     print(HEADER)
     with tf.device("/CPU:0"):
         rows = synthetic_rows(rng, args.repeats, args.calls)

@@ -12,13 +12,13 @@ from lrc_keras.metrics import GATE_RATES
 
 
 class SVDRefit(keras.callbacks.Callback):
-    """Refit every LowRankGatedDense's estimator by its own rule from the callback loop.
+    """Refit every LowRankGatedDense's fitted estimator by its own rule from the callback loop.
 
-    (Named for the paper's truncated SVD; an input_svd layer refits from its gathered input
-    statistics, a joint layer restarts from the truncated SVD.)
+    (Named for the paper's truncated SVD; an input_svd layer refits from its buffered input
+    rows. A joint layer's factors are trained by gradient: it is left alone.)
 
-    The layer already refits inside the train step (`refit_every`); this is for
-    users who prefer to schedule it from Python, e.g. with `refit_every=None`.
+    The layers already refit inside the train step (their estimator's `refit_every`); this is
+    for users who prefer to schedule it from Python, e.g. with `SVDEstimator(refit_every=None)`.
 
     Args:
         every_n_steps: Positive integer or None: refit after every n-th batch.
@@ -42,7 +42,8 @@ class SVDRefit(keras.callbacks.Callback):
 
     def _refit(self):
         for layer in gated_layers(self.model):
-            layer.refit()
+            if not layer.estimator.trainable:
+                layer.refit()
 
 
 class GateSummaries(keras.callbacks.Callback):

@@ -6,29 +6,50 @@ Stored layout (shared with the compiled ops, see `custom_ops/gated_dense.h`):
     estimator_v  (rank, units)       V as the paper writes it: the second GEMM needs no transpose
 so W = kernel^T and ẑ = (x·U)·V + b.
 
-Each rule is a small strategy class registered under the name `LowRankGatedDense(estimator=...)`
-takes: it creates its variables on the layer, says what to do in each training step, how to
-refit, and which auxiliary loss (if any) trains U, V. A new estimator is one class here
-decorated with `@register`; the layer needs no change.
+An estimator is a small object holding its own settings (`get_config`), passed to the layer as
+`LowRankGatedDense(estimator=InputSVDEstimator(refit_every=50))` or by name
+(`estimator="input_svd"`, its defaults). The layer owns the variables; the estimator creates the
+ones it needs on the layer (`build`), says what to do with each training batch (`observe`), how
+to compute new factors (`factors`) and which auxiliary loss, if any, trains U, V (`loss`). Every
+method receives the layer, so one estimator object may serve several layers. A new estimator is
+one class decorated with `@register`; the layer needs no change.
 """
 
+import math
+import numbers
+import warnings
+
+import keras
 import tensorflow as tf
 
 ESTIMATORS = {}
-# Ridge added to the inputs' second moment, relative to its mean eigenvalue trace(C)/d.
+# Ridge added to the inputs' second moment, relative to its mean eigenvalue trace(C)/d: it keeps
+# the fit defined for dead or constant inputs and ties it to W in directions no input spans.
 RIDGE = 1e-3
+# A refit's thin products, QR factorisations and small SVD run several times slower per
+# multiply-add than a layer's training GEMMs (measured on 2 cores: 6x for 784→1000 at rank 20,
+# 2.4x for 3072→4000 at rank 50); the "auto" refit schedule weighs refits by this factor.
+REFIT_SLOWDOWN = 4.0
 
 
 def register(cls):
-    """Make `cls` available as `LowRankGatedDense(estimator=cls.name)`."""
-    ESTIMATORS[cls.name] = cls
+    """Make `cls` available by `cls.name` and serialisable inside a layer's config."""
+    ESTIMATORS[cls.name] = keras.saving.register_keras_serializable(package="lrc_keras")(cls)
     return cls
 
 
-def get(name):
-    if name not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got estimator={name!r}")
-    return ESTIMATORS[name]
+def get(identifier):
+    """An estimator object from a name, an estimator object or a serialised config."""
+    if isinstance(identifier, Estimator):
+        return identifier
+    if isinstance(identifier, dict):
+        return keras.saving.deserialize_keras_object(identifier)
+    if isinstance(identifier, str) and identifier in ESTIMATORS:
+        return ESTIMATORS[identifier]()
+    raise ValueError(
+        f"estimator must be one of {tuple(ESTIMATORS)} or an lrc_keras.estimators.Estimator, "
+        f"got estimator={identifier!r}"
+    )
 
 
 def low_rank_product(x, estimator_u, estimator_v):
@@ -42,213 +63,349 @@ def estimate(x, estimator_u, estimator_v, bias):
     return z_hat if bias is None else z_hat + bias
 
 
-def truncated_svd_factors(kernel, rank):
-    """Best rank-`rank` factors of W = kernel^T, in the stored layout, in float32.
+def balanced_factors(w, basis):
+    """U = W·P·D⁻¹, V = D·Pᵀ for an orthonormal (n, r) basis P, D the root of ‖W·pᵢ‖.
 
-    Returns `(estimator_u, estimator_v)` with estimator_u @ estimator_v the truncated SVD of W
-    (Eckart-Young: the best rank-r approximation in Frobenius and spectral norm). The singular
-    values are split as sqrt(s) on both sides so that U and V have the same scale, which keeps
-    the joint estimator's gradients balanced.
+    U·V = W·P·Pᵀ whatever D; this D gives each column of U and row of V the same norm, which
+    keeps the joint estimator's gradients balanced.
     """
-    s, left, right = tf.linalg.svd(tf.cast(kernel, tf.float32), full_matrices=False)
-    # kernel = left·diag(s)·right^T, so W = kernel^T = right·diag(s)·left^T.
-    root = tf.sqrt(s[:rank])
-    return right[:, :rank] * root, tf.transpose(left[:, :rank] * root)
+    projected = tf.matmul(w, basis)
+    root = tf.sqrt(tf.maximum(tf.norm(projected, axis=0), 1e-30))
+    return projected / root, tf.transpose(basis * root)
 
 
-def ridge_cholesky(moment, ridge):
-    """L with L·Lᵀ = C + λI, λ = ridge·trace(C)/d (and a floor), so dead or constant inputs,
-    which make C singular, cannot make the factorisation fail."""
-    d = tf.shape(moment)[0]
-    scale = tf.linalg.trace(moment) / tf.cast(d, moment.dtype)
-    shift = ridge * scale + 1e-12
-    return tf.linalg.cholesky(moment + shift * tf.eye(d, dtype=moment.dtype))
+def truncated_svd_factors(kernel, rank):
+    """Best rank-`rank` factors of W = kernel^T (the exact truncated SVD), float32, stored layout.
+
+    Eckart-Young: the best rank-r approximation of W in Frobenius and spectral norm.
+    """
+    kernel = tf.cast(kernel, tf.float32)
+    # kernel = left·diag(s)·rightᵀ, so the right singular vectors of W = kernelᵀ are `left`.
+    _, left, _ = tf.linalg.svd(kernel, full_matrices=False)
+    return balanced_factors(tf.transpose(kernel), left[:, :rank])
 
 
-def input_aware_factors(kernel, moment, rank, seed, power_iterations=4, oversampling=10):
-    """Rank-`rank` U, V minimising E‖x·W − x·U·V‖² over inputs with second moment C = `moment`.
+def reduced_rank_factors(kernel, rows, rank, seed, warm_start=None, power_iterations=3, oversampling=10,
+                         ridge=RIDGE):
+    """Rank-`rank` U, V minimising ‖X·(W − U·V)‖² + λ‖W − U·V‖² over the rows X.
 
-    Reduced-rank regression ("whitened" SVD): with C = L·Lᵀ, E‖x·A‖² = ‖Lᵀ·A‖²_F, so the best
-    U·V is L⁻ᵀ times the truncated SVD of M = Lᵀ·W. The SVD is randomized (Halko, Martinsson &
-    Tropp 2011): a subspace iteration with `power_iterations` passes over M from a
-    `rank + oversampling`-column start, then an exact SVD of M projected on that subspace. It
-    needs only products with W, Wᵀ, L and Lᵀ, never M itself. Measured on two cores (Cholesky
-    included): 17 ms for 784→1000 at rank 20 and 0.56 s for 3072→4000 at rank 50, against 150 ms
-    and 9.2 s for an exact SVD of W alone, which is what lets the estimator be refitted every few
-    dozen steps. `seed` (two ints) fixes the start so that every replica and
-    worker computes the same factors. A zero or identity C gives the plain truncated SVD.
+    Reduced-rank regression: the minimiser is W·P·Pᵀ, P the top-r right singular vectors of
+    A = [X·W; √λ·W], λ = ridge·‖X‖²_F/d (`ridge` relative to the mean eigenvalue of XᵀX): the
+    whitened SVD of W under the second moment XᵀX + λI, without forming it. P comes from
+    `top_right_singular_vectors`, through products with W, Wᵀ, X and Xᵀ only: no d×d matrix, no
+    Cholesky, no triangular solve. X and W are scaled to a largest magnitude of 1 first, which
+    leaves P unchanged and keeps every product finite for any finite input.
     """
     w = tf.transpose(tf.cast(kernel, tf.float32))  # (d, n)
-    lower = ridge_cholesky(tf.cast(moment, tf.float32), ridge=RIDGE)
+    x = tf.cast(rows, tf.float32)
+    x = x / tf.maximum(tf.reduce_max(tf.abs(x)), 1e-30)
+    w_scaled = w / tf.maximum(tf.reduce_max(tf.abs(w)), 1e-30)
+    m, d = tf.shape(x)[0], tf.shape(w)[0]
+    root_ridge = tf.sqrt(ridge * tf.reduce_sum(tf.square(x)) / tf.cast(d, tf.float32) + 1e-30)
+
+    def times_a(q):  # A·q = [X·(W·q); √λ·W·q]
+        wq = tf.matmul(w_scaled, q)
+        return tf.concat([tf.matmul(x, wq), root_ridge * wq], axis=0)
+
+    def times_a_transposed(p):  # Aᵀ·p = Wᵀ·(Xᵀ·p₁ + √λ·p₂)
+        return tf.matmul(w_scaled, tf.matmul(x, p[:m], transpose_a=True) + root_ridge * p[m:], transpose_a=True)
+
+    right = top_right_singular_vectors(
+        times_a, times_a_transposed, w, rank, seed, warm_start, power_iterations, oversampling
+    )
+    return balanced_factors(w, right)
+
+
+def subspace_svd_factors(kernel, rank, seed, warm_start, power_iterations=1, oversampling=10):
+    """The truncated SVD factors of W = kernelᵀ by `top_right_singular_vectors` from a warm
+    start: what the svd estimator refits with in training, where an exact SVD of a wide kernel
+    (seconds) would cost more than the steps between refits."""
+    w = tf.transpose(tf.cast(kernel, tf.float32))
+    w_scaled = w / tf.maximum(tf.reduce_max(tf.abs(w)), 1e-30)
+    right = top_right_singular_vectors(
+        lambda q: tf.matmul(w_scaled, q), lambda p: tf.matmul(w_scaled, p, transpose_a=True),
+        w, rank, seed, warm_start, power_iterations, oversampling,
+    )
+    return balanced_factors(w, right)
+
+
+def top_right_singular_vectors(times_a, times_a_transposed, w, rank, seed, warm_start, power_iterations,
+                               oversampling):
+    """(n, rank) top right singular vectors of the operator A (n columns, as W's), by a randomized
+    subspace iteration (Halko, Martinsson & Tropp 2011) of `power_iterations` passes.
+
+    `seed` (two ints) fixes the random start so that every replica and worker computes the same
+    vectors. `warm_start`, an (n, r) matrix whose columns span the last fit's vectors (the
+    current Vᵀ), replaces its first r columns: weights move little between refits, so one pass
+    from there tracks the subspace.
+    """
     d, n = tf.shape(w)[0], tf.shape(w)[1]
     columns = tf.minimum(rank + oversampling, tf.minimum(d, n))
-
-    def times_m(a):  # M·a = Lᵀ·(W·a)
-        return tf.matmul(lower, tf.matmul(w, a), transpose_a=True)
-
-    def times_m_transposed(b):  # Mᵀ·b = Wᵀ·(L·b)
-        return tf.matmul(w, tf.matmul(lower, b), transpose_a=True)
-
-    basis = tf.random.stateless_normal(tf.stack([n, columns]), seed=seed)
-    basis, _ = tf.linalg.qr(times_m(basis))
+    start = tf.random.stateless_normal(tf.stack([n, columns]), seed=seed)
+    if warm_start is not None:
+        start = tf.concat([tf.cast(warm_start, tf.float32), start[:, tf.shape(warm_start)[1]:]], axis=1)
+    basis, _ = tf.linalg.qr(times_a(start))
     for _ in range(power_iterations):
-        basis, _ = tf.linalg.qr(times_m_transposed(basis))
-        basis, _ = tf.linalg.qr(times_m(basis))
-    # M ≈ Q·(Qᵀ·M); the SVD of the small (columns × n) matrix Qᵀ·M gives M's leading triplets.
-    s, left, right = tf.linalg.svd(tf.transpose(times_m_transposed(basis)), full_matrices=False)
-    root = tf.sqrt(s[:rank])
-    whitened_u = tf.matmul(basis, left[:, :rank]) * root  # Lᵀ·U
-    estimator_u = tf.linalg.triangular_solve(lower, whitened_u, lower=True, adjoint=True)
-    return estimator_u, tf.transpose(right[:, :rank] * root)
+        basis, _ = tf.linalg.qr(times_a(tf.linalg.qr(times_a_transposed(basis))[0]))
+    # A ≈ Q·(Qᵀ·A): the right singular vectors of the small (columns × n) matrix Qᵀ·A are A's.
+    _, _, right = tf.linalg.svd(tf.transpose(times_a_transposed(basis)), full_matrices=False)
+    return right[:, :rank]
+
+
+def refit_multiply_adds(input_dim, units, rank, rows, power_iterations=3, oversampling=10):
+    """Multiply-adds of `reduced_rank_factors` on `rows` buffered rows: its products with A and
+    Aᵀ, the QR factorisations and the small SVD."""
+    columns = min(rank + oversampling, input_dim, units)
+    products = 2 * power_iterations + 2
+    tall = rows + input_dim
+    return (products * (input_dim * units + rows * input_dim) * columns
+            + (power_iterations + 1) * 2 * (tall + units) * columns**2 + 4 * units * columns**2)
 
 
 class Estimator:
     """A rule for the estimator's factors U, V. Subclasses set `name` and override what differs.
 
-    The layer calls `build` once (after its kernel and bias exist), `factors` for new U, V (at
-    build, from `layer.refit()`, and on the refit schedule inside the compiled train step),
-    `observe` with each training batch, and adds `loss` to its losses when it is not None.
-    Refits inside training are computed identically by every replica and every worker (from the
-    same kernel and all-reduced statistics) and kept from the first replica.
+    The layer calls `build(layer, input_dim)` once (after its kernel and bias exist),
+    `factors(layer, ...)` for new U, V (at build, from `layer.refit()`, and on the refit
+    schedule inside the compiled train step), `observe(layer, x)` with each training batch, and
+    adds `loss(layer, z_hat, z)` to its losses when it is not None. Refits inside training are
+    computed identically by every replica and every worker (from the same kernel and the same
+    gathered rows) and kept from the first replica.
     """
 
     name = None
     trainable = False  # whether U, V are trained by gradient
-    default_refit_every = None  # training steps between refits when refit_every="auto"
 
-    def __init__(self, layer):
-        self.layer = layer
+    def get_config(self):
+        return {}
 
-    def build(self, input_dim):
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        settings = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
+        return f"{type(self).__name__}({settings})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash((type(self), tuple(sorted(self.get_config().items()))))
+
+    def build(self, layer, input_dim):
         # Assigned inside the (possibly replicated) train step: the first replica's value is kept.
-        self.layer.estimator_u = self.layer.add_weight(
-            name="estimator_u", shape=(input_dim, self.layer.rank), initializer="zeros",
+        layer.estimator_u = layer.add_weight(
+            name="estimator_u", shape=(input_dim, layer.rank), initializer="zeros",
             trainable=self.trainable, aggregation="only_first_replica",
         )
-        self.layer.estimator_v = self.layer.add_weight(
-            name="estimator_v", shape=(self.layer.rank, self.layer.units), initializer="zeros",
+        layer.estimator_v = layer.add_weight(
+            name="estimator_v", shape=(layer.rank, layer.units), initializer="zeros",
             trainable=self.trainable, aggregation="only_first_replica",
         )
 
-    def factors(self, sample_inputs=None, rank=None):
+    def factors(self, layer, sample_inputs=None, rank=None):
         """New float32 (U, V) of rank `rank` (default the layer's) from the current kernel.
 
         Rules that use inputs fit them to `sample_inputs` when given (2-D, float32). Nothing is
         assigned: `LowRankGatedDense.assign_estimator` stores the result.
         """
-        return truncated_svd_factors(self.layer.kernel, rank or self.layer.rank)
+        return truncated_svd_factors(layer.kernel, rank or layer.rank)
 
-    def observe(self, x):
+    def observe(self, layer, x):
         """Called with every 2-D training batch inside the train step."""
 
-    def loss(self, z_hat, z):
+    def loss(self, layer, z_hat, positive):
+        """An auxiliary loss from the estimate ẑ and the truth z > 0 (`positive`), or None."""
         return None
 
-    def _current_factors(self):
-        return tf.cast(self.layer.estimator_u, tf.float32), tf.cast(self.layer.estimator_v, tf.float32)
 
-    def _add_step_counter(self):
-        self.layer.training_steps = self.layer.add_weight(
-            name="training_steps", shape=(), initializer="zeros", dtype="int64", trainable=False,
-            aggregation="only_first_replica",
-        )
+def _current_factors(layer):
+    return tf.cast(layer.estimator_u, tf.float32), tf.cast(layer.estimator_v, tf.float32)
 
-    def _refit_when(self, condition, factors):
-        """U, V ← factors() where `condition`, else unchanged, in a graph.
 
-        The assignment stays outside tf.cond: under a distribution strategy it synchronises the
-        replicas (merge_call), which control flow cannot contain.
-        """
-        self.layer.assign_estimator(*tf.cond(condition, factors, self._current_factors))
+def _warm_start(layer):
+    """The current Vᵀ, whose columns span the last fit's top right singular vectors."""
+    return tf.transpose(tf.cast(layer.estimator_v, tf.float32))
+
+
+def _add_step_counter(layer):
+    layer.training_steps = layer.add_weight(
+        name="training_steps", shape=(), initializer="zeros", dtype="int64", trainable=False,
+        aggregation="only_first_replica",
+    )
+
+
+def refit_when(layer, condition, factors):
+    """U, V ← factors() where `condition` and the result is finite, else unchanged, in a graph.
+
+    Non-finite factors (a kernel that diverged) never replace the last good ones. Under a
+    distribution strategy the assignment stays outside tf.cond, as it synchronises the replicas
+    (merge_call), which control flow cannot contain; without one, steps that do not refit skip
+    it (and its reads) altogether.
+    """
+
+    def finite_factors():
+        new = factors()
+        finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(new[0])), tf.reduce_all(tf.math.is_finite(new[1])))
+        return tf.cond(finite, lambda: new, lambda: _current_factors(layer))
+
+    if tf.distribute.has_strategy():
+        layer.assign_estimator(*tf.cond(condition, finite_factors, lambda: _current_factors(layer)))
+    else:
+        tf.cond(condition, lambda: layer.assign_estimator(*finite_factors()), lambda: None)
+
+
+def _check_refit_every(refit_every, allow_auto):
+    allowed = (None, "auto") if allow_auto else (None,)
+    if refit_every in allowed and not isinstance(refit_every, bool):
+        return refit_every
+    if isinstance(refit_every, bool) or not isinstance(refit_every, numbers.Integral) or refit_every < 1:
+        choices = 'a positive integer, "auto" or None' if allow_auto else "a positive integer or None"
+        raise ValueError(f"refit_every must be {choices}, got refit_every={refit_every!r}")
+    return int(refit_every)
 
 
 @register
 class SVDEstimator(Estimator):
     """The paper's estimator: the truncated SVD of W, the best rank-r U·V ≈ W for any input.
 
-    Refitted every `refit_every` training steps inside the train step. Refit cost: an exact SVD
-    of the kernel (~150 ms for 784×1000, ~9 s for 3072×4000 on two cores), hence the default of
-    200 steps between refits.
+    `refit()` computes it exactly; refits inside training track it by one subspace iteration
+    from the current factors (`subspace_svd_factors`), as an exact SVD of a wide kernel costs
+    seconds.
+
+    Args:
+        refit_every: Training steps between refits inside the train step, or None: never.
     """
 
     name = "svd"
-    default_refit_every = 200
 
-    def build(self, input_dim):
-        super().build(input_dim)
-        self._add_step_counter()
+    def __init__(self, refit_every=200):
+        self.refit_every = _check_refit_every(refit_every, allow_auto=False)
 
-    def observe(self, x):
-        every = self.layer.resolved_refit_every
-        if every is None:
+    def get_config(self):
+        return {"refit_every": self.refit_every}
+
+    def build(self, layer, input_dim):
+        super().build(layer, input_dim)
+        _add_step_counter(layer)
+
+    def observe(self, layer, x):
+        if self.refit_every is None:
             return
-        steps = self.layer.training_steps.assign_add(1)
-        self._refit_when(tf.equal(steps % every, 0), self.factors)
+        steps = layer.training_steps.assign_add(1)
+        refit_when(layer, tf.equal(steps % self.refit_every, 0), lambda: subspace_svd_factors(
+            layer.kernel, layer.rank, tf.stack([tf.cast(steps, tf.int32), 0]), warm_start=_warm_start(layer)))
 
 
 @register
-class InputSVDEstimator(SVDEstimator):
-    """U·V minimising E‖x·W − x·U·V‖² over the layer's own inputs (see `input_aware_factors`).
+class InputSVDEstimator(Estimator):
+    """U·V minimising ‖X·(W − U·V)‖² over the layer's own recent inputs X (`reduced_rank_factors`).
 
-    Training gathers C = E[xᵀx], the second moment of the inputs, from `moment_rows` rows of each
-    batch (an exponential moving average, `decay` per step, whose normalisation is tracked so
-    that early estimates are unbiased; non-finite rows are left out), and each refit, every
-    `refit_every` steps, solves the reduced-rank regression. Memory: d² floats for C (2.5 MB for
-    d = 784, 38 MB for d = 3072). Cost per training step: moment_rows·d² multiply-adds and a pass
-    over C, 1/12 of the layer's own forward and backward multiply-adds at batch 128 (measured
-    0.8 ms for d = 784, 12 ms for d = 3072). Refit cost: a Cholesky of C and a randomized SVD
-    (17 ms for 784→1000, see `input_aware_factors`), under 1 ms a step at the default of a
-    refit every 25 steps: about once an epoch of 3000 examples at batch 128, often enough to
-    follow the weights, and the inputs of deeper layers as the L1 penalty makes them sparse. Under a distribution strategy the
-    statistics are summed over replicas and workers (an all-reduce), so every replica and worker
-    computes the same factors from the same C.
+    Training keeps the last `buffer_rows` finite input rows (`rows_per_step` of each replica's
+    batch per step, gathered from every replica and worker, so all compute the same factors) and
+    refits from them. Memory: buffer_rows·d floats. Before any row is seen the factors are the
+    exact truncated SVD of W.
+
+    Args:
+        refit_every: `"auto"` (default): refit once the layer's training multiply-adds since the
+            last refit reach 1/`refit_budget` of the refit's own (`refit_multiply_adds`, weighed
+            by `REFIT_SLOWDOWN`), so refits cost about `refit_budget` of the layer's training
+            whatever its width (784→1000 at rank 20: every ~6800 rows, 53 steps of 128); a
+            positive int: every that many training steps; None: never inside training.
+        buffer_rows: Positive int, how many recent input rows the refit fits.
+        rows_per_step: Positive int, rows of each replica's batch added to the buffer per step.
+        refit_budget: Float in (0, 1], the share of the layer's training work refits may take
+            when `refit_every="auto"`.
     """
 
     name = "input_svd"
-    default_refit_every = 25
-    moment_rows = 32
-    decay = 0.98
+    # Subspace iterations per refit in training, starting from the last fit's subspace.
+    power_iterations = 1
 
-    def build(self, input_dim):
-        super().build(input_dim)
-        self.layer.input_moment = self.layer.add_weight(
-            name="input_moment", shape=(input_dim, input_dim), initializer="zeros",
-            dtype="float32", trainable=False, aggregation="sum", autocast=False,
+    def __init__(self, refit_every="auto", buffer_rows=1024, rows_per_step=32, refit_budget=0.05):
+        self.refit_every = _check_refit_every(refit_every, allow_auto=True)
+        for key, value in (("buffer_rows", buffer_rows), ("rows_per_step", rows_per_step)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {key}={value!r}")
+        if (isinstance(refit_budget, bool) or not isinstance(refit_budget, numbers.Real)
+                or not 0 < refit_budget <= 1):
+            raise ValueError(f"refit_budget must be a number in (0, 1], got refit_budget={refit_budget!r}")
+        self.buffer_rows = int(buffer_rows)
+        self.rows_per_step = int(rows_per_step)
+        self.refit_budget = float(refit_budget)
+
+    def get_config(self):
+        return {"refit_every": self.refit_every, "buffer_rows": self.buffer_rows,
+                "rows_per_step": self.rows_per_step, "refit_budget": self.refit_budget}
+
+    def build(self, layer, input_dim):
+        super().build(layer, input_dim)
+        _add_step_counter(layer)
+        # Every replica writes the same gathered rows: the first replica's write is kept.
+        layer.input_rows = layer.add_weight(
+            name="input_rows", shape=(self.buffer_rows, input_dim), initializer="zeros",
+            dtype="float32", trainable=False, aggregation="only_first_replica", autocast=False,
         )
-        self.layer.input_count = self.layer.add_weight(
-            name="input_count", shape=(), initializer="zeros", dtype="float32", trainable=False,
-            aggregation="sum", autocast=False,  # float32 statistics under mixed precision too
+        layer.input_rows_seen = layer.add_weight(
+            name="input_rows_seen", shape=(), initializer="zeros", dtype="int64", trainable=False,
+            aggregation="only_first_replica",
+        )
+        # Training rows (of every replica) since the last refit: what the "auto" schedule weighs.
+        layer.rows_since_refit = layer.add_weight(
+            name="rows_since_refit", shape=(), initializer="zeros", dtype="float32", trainable=False,
+            aggregation="only_first_replica", autocast=False,
         )
 
-    def factors(self, sample_inputs=None, rank=None):
+    def factors(self, layer, sample_inputs=None, rank=None):
+        rank = rank or layer.rank
         if sample_inputs is not None:
-            moment, count = second_moment(sample_inputs)
-        else:
-            moment, count = self.layer.input_moment, self.layer.input_count
-        count = tf.convert_to_tensor(count)
-        moment = tf.convert_to_tensor(moment)
-        # Before any input is seen, C = I: the plain truncated SVD.
-        moment = tf.where(count > 0, moment / tf.maximum(count, 1e-30), tf.eye(tf.shape(moment)[0]))
-        seed = tf.stack([tf.cast(self.layer.training_steps, tf.int32), 0])
-        return input_aware_factors(self.layer.kernel, moment, rank or self.layer.rank, seed)
+            return reduced_rank_factors(layer.kernel, sample_inputs, rank, seed=[0, 0])
+        filled = tf.minimum(tf.convert_to_tensor(layer.input_rows_seen), self.buffer_rows)
+        seed = tf.stack([tf.cast(layer.training_steps, tf.int32), 0])
+        return tf.cond(
+            filled > 0,
+            lambda: reduced_rank_factors(layer.kernel, layer.input_rows[:filled], rank, seed,
+                                         warm_start=_warm_start(layer) if rank == layer.rank else None,
+                                         power_iterations=self.power_iterations),
+            lambda: truncated_svd_factors(layer.kernel, rank),
+        )
 
-    def observe(self, x):
-        moment, rows = second_moment(x[: self.moment_rows])
-        # m ← decay·m + Σ_replicas xᵀx. Under a distribution strategy an assignment to these
-        # "sum" variables stores the sum of what every replica assigns (Keras' assign_add is an
-        # assign too), so each replica assigns its own xᵀx plus its share of decay·m.
-        share = self.decay / tf.distribute.get_replica_context().num_replicas_in_sync
-        self.layer.input_moment.assign(share * self.layer.input_moment + moment)
-        self.layer.input_count.assign(share * self.layer.input_count + rows)
-        super().observe(x)
+    def observe(self, layer, x):
+        context = tf.distribute.get_replica_context()
+        rows = tf.cast(x[: self.rows_per_step], tf.float32)
+        batch_rows = tf.cast(tf.shape(x)[0], tf.float32)
+        if context.num_replicas_in_sync > 1:
+            rows = context.all_gather(rows, axis=0)
+            batch_rows = context.all_reduce(tf.distribute.ReduceOp.SUM, batch_rows)
+        # A zero row adds nothing to ‖X·(W − U·V)‖²: non-finite rows are stored as zeros.
+        rows = tf.where(tf.reduce_all(tf.math.is_finite(rows), axis=1, keepdims=True), rows, 0.0)[: self.buffer_rows]
+        count = tf.shape(rows, out_type=tf.int64)[0]
+        slots = (layer.input_rows_seen + tf.range(count)) % self.buffer_rows
+        layer.input_rows.value.scatter_update(tf.IndexedSlices(rows, slots))
+        layer.input_rows_seen.assign_add(count)
+        steps = layer.training_steps.assign_add(1)
+        since = layer.rows_since_refit + batch_rows
+        due = self._refit_due(layer, steps, since)
+        refit_when(layer, due, lambda: self.factors(layer))
+        layer.rows_since_refit.assign(tf.where(due, 0.0, since))
 
+    def _refit_due(self, layer, steps, rows_since_refit):
+        if self.refit_every is None:
+            return tf.constant(False)
+        if self.refit_every != "auto":
+            return tf.equal(steps % self.refit_every, 0)
+        return rows_since_refit >= self.rows_between_refits(layer)
 
-def second_moment(x):
-    """(Σ xᵀx, rows) in float32 over the rows of x whose values are all finite."""
-    x = tf.cast(x, tf.float32)
-    finite = tf.reduce_all(tf.math.is_finite(x), axis=1)
-    x = tf.where(finite[:, None], x, 0.0)
-    return tf.matmul(x, x, transpose_a=True), tf.reduce_sum(tf.cast(finite, tf.float32))
+    def rows_between_refits(self, layer):
+        """Training rows after which an "auto" refit has cost `refit_budget` of the training."""
+        input_dim, units = layer.kernel.shape[1], layer.units
+        # Per row, training costs the forward GEMM, its two gradients and the estimate.
+        per_row = 3 * input_dim * units + layer.rank * (input_dim + units)
+        refit = REFIT_SLOWDOWN * refit_multiply_adds(
+            input_dim, units, layer.rank, self.buffer_rows, self.power_iterations
+        )
+        return math.ceil(refit / (self.refit_budget * per_row))
 
 
 @register
@@ -256,46 +413,68 @@ class JointEstimator(Estimator):
     """U, V trained with the network through an auxiliary loss (`estimator_loss`).
 
     Gradients of that loss reach only U and V, never W, b or the layer's input. U, V start from
-    the input-aware factors (`input_aware_factors`) of the first training batch, or of the
+    the input-aware factors (`reduced_rank_factors`) of the first training batch, or of the
     sample inputs given to `refit`, `from_dense` or `convert`; before that, from the truncated
     SVD of the kernel.
+
+    Args:
+        loss_weight: Non-negative float, weight of the estimator's loss.
+        positive_weight: Float ≥ 1, how much more a missed active unit costs than a wasted
+            computation.
     """
 
     name = "joint"
     trainable = True
 
-    def build(self, input_dim):
-        super().build(input_dim)
-        self._add_step_counter()
+    def __init__(self, loss_weight=1.0, positive_weight=4.0):
+        for key, value, valid, requirement in (
+            ("loss_weight", loss_weight, lambda v: v >= 0, ">= 0"),
+            ("positive_weight", positive_weight, lambda v: v >= 1, ">= 1"),
+        ):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not valid(value):
+                raise ValueError(f"{key} must be a finite number {requirement}, got {key}={value!r}")
+        self.loss_weight = float(loss_weight)
+        self.positive_weight = float(positive_weight)
 
-    def factors(self, sample_inputs=None, rank=None):
+    def get_config(self):
+        return {"loss_weight": self.loss_weight, "positive_weight": self.positive_weight}
+
+    def build(self, layer, input_dim):
+        super().build(layer, input_dim)
+        _add_step_counter(layer)
+
+    def factors(self, layer, sample_inputs=None, rank=None):
         if sample_inputs is None:
-            return super().factors(rank=rank)
-        moment, count = second_moment(sample_inputs)
-        return input_aware_factors(
-            self.layer.kernel, moment / tf.maximum(count, 1.0), rank or self.layer.rank, seed=[0, 0]
-        )
+            return super().factors(layer, rank=rank)
+        return reduced_rank_factors(layer.kernel, sample_inputs, rank or layer.rank, seed=[0, 0])
 
-    def observe(self, x):
-        steps = self.layer.training_steps.assign_add(1)
-        self._refit_when(tf.equal(steps, 1), lambda: self.factors(x))
+    def observe(self, layer, x):
+        steps = layer.training_steps.assign_add(1)
+        rows = tf.boolean_mask(x, tf.reduce_all(tf.math.is_finite(x), axis=1))
+        refit_when(layer, tf.logical_and(tf.equal(steps, 1), tf.shape(rows)[0] > 0),
+                   lambda: self.factors(layer, rows))
 
-    def loss(self, z_hat, z):
-        if self.layer.estimator_loss_weight == 0:
+    def loss(self, layer, z_hat, positive):
+        if self.loss_weight == 0:
             return None
-        return self.layer.estimator_loss_weight * estimator_loss(
-            z_hat, z, self.layer.estimator_positive_weight
-        )
+        return self.loss_weight * estimator_loss(z_hat, positive, self.positive_weight)
 
 
-def estimator_loss(z_hat, z, positive_weight):
-    """Recall-weighted binary cross-entropy teaching ẑ the sign of z.
+def estimator_loss(z_hat, positive, positive_weight):
+    """Recall-weighted binary cross-entropy teaching ẑ the sign of z (`positive`: z > 0).
 
-    The labels (z > 0) carry no gradient, so this loss never pulls the network's kernel toward
-    the estimator; `positive_weight` > 1 charges a missed active unit more than a wasted
+    The labels carry no gradient, so this loss never pulls the network's kernel toward the
+    estimator; `positive_weight` > 1 charges a missed active unit more than a wasted
     computation, as recall is what protects accuracy.
     """
-    labels = tf.cast(tf.stop_gradient(z) > 0, z_hat.dtype)
+    labels = tf.cast(positive, z_hat.dtype)
     return tf.reduce_mean(
         tf.nn.weighted_cross_entropy_with_logits(labels=labels, logits=z_hat, pos_weight=positive_weight)
+    )
+
+
+def warn_non_finite(layer_name):
+    warnings.warn(
+        f"{layer_name}: the refit gave non-finite factors (is the kernel finite?); the last good "
+        f"ones are kept", RuntimeWarning, stacklevel=3,
     )

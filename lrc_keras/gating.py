@@ -25,17 +25,14 @@ def masked_relu(z, mask):
     return tf.where(mask, tf.nn.relu(z), tf.zeros_like(z))
 
 
-def skipped_activity(z, mask):
-    """relu(z) where the mask skipped the unit, 0 where it computed it: what `masked_relu` lost."""
-    return tf.where(mask, tf.zeros_like(z), tf.nn.relu(z))
-
-
 def margin_for_density(z_hat, density):
-    """The margin at which a fraction `density` of the estimates z_hat select their unit."""
+    """The finite margin at which a fraction `density` of the (finite) estimates z_hat select
+    their unit: just past the largest estimate for 0, just past the smallest for 1."""
+    z_hat = np.asarray(z_hat, np.float32)
     if density <= 0:
-        return -float("inf")
+        return -float(np.max(z_hat))
     if density >= 1:
-        return float("inf")
+        return -float(np.nextafter(np.min(z_hat), np.float32(-np.inf)))
     return -float(np.quantile(z_hat, 1.0 - density))
 
 

@@ -12,6 +12,7 @@ from lrc_keras import estimators
 from lrc_keras import gating
 from lrc_keras import ops
 from lrc_keras.metrics import GateStatistics
+from lrc_keras.metrics import confusion_counts
 
 
 @keras.saving.register_keras_serializable(package="lrc_keras")
@@ -35,22 +36,23 @@ class LowRankGatedDense(keras.layers.Layer):
     Stored layout (the compiled ops read it as is): `kernel` is `(units, input_dim)` (W
     transposed, each unit's weights contiguous), `estimator_u` `(input_dim, rank)` and
     `estimator_v` `(rank, units)`, so that `ẑ = (x·estimator_u)·estimator_v + bias`. The
-    estimator adds its own state after them (`lrc_keras.estimators`), then `observed_density`.
+    layer's `gate_margin` and `estimator_rank` come before them (they outlive `set_rank`), the
+    estimator's own state after them (`lrc_keras.estimators`), then `observed_density`.
 
     Args:
         units: Positive integer, dimensionality of the output space.
         rank: Positive integer, rank r of the sign estimator; at most `min(input_dim, units)`
             (checked at build).
-        estimator: Name of the rule that fits U and V (`lrc_keras.estimators.ESTIMATORS`):
-            `"input_svd"` (default): the U·V that best reproduces x·W on the layer's own inputs,
-            refitted during training from their second moment. `"svd"`: the paper's truncated
-            SVD of W, refitted during training. `"joint"`: trained with the network through an
-            auxiliary loss (see `estimator_loss_weight`).
-        refit_every: Training steps between refits, `"auto"` (the estimator's own default:
-            25 for input_svd, 200 for svd; see their docstrings for the cost), or None (never
-            refit automatically; `refit()` and `callbacks.SVDRefit` still do).
-        margin: Float, a unit is computed when `ẑ > -margin`. 0 is the paper's pure sign test;
-            a positive margin buys recall with compute.
+        estimator: The rule that fits U and V, an object of `lrc_keras.estimators` with its own
+            settings, or its name for the defaults (`lrc_keras.estimators.ESTIMATORS`):
+            `"input_svd"` / `InputSVDEstimator(refit_every="auto", ...)` (default): the U·V that
+            best reproduces x·W on the layer's recent inputs, refitted during training.
+            `"svd"` / `SVDEstimator(refit_every=200)`: the paper's truncated SVD of W, refitted
+            during training. `"joint"` / `JointEstimator(loss_weight=1.0, positive_weight=4.0)`:
+            trained with the network through an auxiliary loss.
+        margin: Finite float, a unit is computed when `ẑ > -margin`. 0 is the paper's pure sign
+            test; a positive margin buys recall with compute. Held in a variable, so assigning
+            `layer.margin` takes effect in functions Keras has already compiled.
         use_bias: Boolean, whether the layer uses a bias vector (shared by z and its estimate).
         kernel_initializer: Initializer for the kernel, applied with Dense's
             `(input_dim, units)` fan-in/fan-out and stored transposed.
@@ -66,9 +68,6 @@ class LowRankGatedDense(keras.layers.Layer):
             estimator misses outputs 0, escapes the penalty and stays active, and the layer
             grows denser than its estimate predicts. False is the paper's recipe: the penalty
             sees the gated output only.
-        estimator_loss_weight: Non-negative float, weight of the joint estimator's loss.
-        estimator_positive_weight: Float ≥ 1, how much more a missed active unit costs than a
-            wasted computation in the joint estimator's loss.
         inference_path: `"auto"` (the cost model chooses per batch), `"gated"` (the compiled
             gated op) or `"gemm"` (TF's GEMM, then the compiled mask); see `lrc_keras.dispatch`.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`. float32 runs the
@@ -99,7 +98,6 @@ class LowRankGatedDense(keras.layers.Layer):
         units,
         rank,
         estimator="input_svd",
-        refit_every="auto",
         margin=0.0,
         use_bias=True,
         kernel_initializer="glorot_uniform",
@@ -107,20 +105,19 @@ class LowRankGatedDense(keras.layers.Layer):
         kernel_regularizer=None,
         bias_regularizer=None,
         activity_regularizer=None,
-        estimator_loss_weight=1.0,
-        estimator_positive_weight=4.0,
         inference_path="auto",
         regularize_skipped_units=True,
         **kwargs,
     ):
+        moved = sorted(set(kwargs) & set(_MOVED_TO_ESTIMATOR))
+        if moved:
+            raise ValueError(
+                f"{moved[0]} is a setting of the estimator now: pass estimator="
+                f"{_MOVED_TO_ESTIMATOR[moved[0]]} from lrc_keras.estimators (got {moved[0]}={kwargs[moved[0]]!r})"
+            )
         _check_positive_int("units", units)
         _check_positive_int("rank", rank)
-        estimator_rule = estimators.get(estimator)
-        if refit_every not in (None, "auto"):
-            _check_positive_int("refit_every", refit_every)
-        _check_number("margin", margin, lambda v: math.isfinite(v), "a finite number")
-        _check_number("estimator_loss_weight", estimator_loss_weight, lambda v: v >= 0, ">= 0")
-        _check_number("estimator_positive_weight", estimator_positive_weight, lambda v: v >= 1, ">= 1")
+        _check_margin(margin)
         if not isinstance(regularize_skipped_units, (bool, np.bool_)):
             raise ValueError(
                 f"regularize_skipped_units must be a boolean, got regularize_skipped_units={regularize_skipped_units!r}"
@@ -133,19 +130,15 @@ class LowRankGatedDense(keras.layers.Layer):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         self.units = int(units)
         self.rank = int(rank)
-        self.estimator = estimator
-        self.refit_every = refit_every if refit_every in (None, "auto") else int(refit_every)
-        self.margin = float(margin)
+        self.estimator = estimators.get(estimator)
+        self._margin = float(margin)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.estimator_loss_weight = float(estimator_loss_weight)
-        self.estimator_positive_weight = float(estimator_positive_weight)
         self.inference_path = inference_path
         self.regularize_skipped_units = bool(regularize_skipped_units)
-        self.estimator_rule = estimator_rule(self)
         self.gate_metric = GateStatistics(prefix=f"{self.name}_")
         self.audit = False  # lrc_keras.set_audit: measure the gate in inference too
         self.captured_inputs = None  # a list while lrc_keras.audit.capture_inputs records inputs
@@ -172,6 +165,17 @@ class LowRankGatedDense(keras.layers.Layer):
                 name="bias", shape=(self.units,), initializer=self.bias_initializer,
                 regularizer=self.bias_regularizer,
             )
+        # Read by compiled functions at every call, so that a margin change reaches them.
+        self.gate_margin = self.add_weight(
+            name="gate_margin", shape=(), initializer=keras.initializers.Constant(self._margin),
+            dtype="float32", trainable=False, aggregation="only_first_replica", autocast=False,
+        )
+        # Functions check the rank they were traced for against this at every call: set_rank
+        # assigns it (it outlives set_rank's new variables), so functions traced before fail.
+        self.estimator_rank = self.add_weight(
+            name="estimator_rank", shape=(), initializer=keras.initializers.Constant(self.rank),
+            dtype="int32", trainable=False, aggregation="only_first_replica",
+        )
         self._build_estimator(input_dim)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
         self.refit()
@@ -182,10 +186,12 @@ class LowRankGatedDense(keras.layers.Layer):
         x = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]]) if inputs.shape.rank != 2 else inputs
         if self.captured_inputs is not None:
             self.captured_inputs.append(x)
+        self._check_traced_rank()
         if training:
-            self.estimator_rule.observe(x)
-        if training or self.audit:
-            y = self._dense_then_mask(x, training, batch_size=tf.shape(inputs)[0])
+            self.estimator.observe(self, x)
+            y = self._training_forward(x, batch_size=tf.shape(inputs)[0])
+        elif self.audit:
+            y = self._audited_inference(x)
         else:
             y = self._gated_inference(x)
         if inputs.shape.rank != 2:
@@ -206,31 +212,42 @@ class LowRankGatedDense(keras.layers.Layer):
         self._inference_path = path
 
     @property
-    def resolved_refit_every(self):
-        """Training steps between refits, "auto" resolved for this layer's estimator (or None)."""
-        if self.refit_every == "auto":
-            return self.estimator_rule.default_refit_every
-        return self.refit_every
+    def margin(self):
+        """A unit is computed when ẑ > -margin; assigning it updates compiled functions too."""
+        return self._margin
+
+    @margin.setter
+    def margin(self, margin):
+        _check_margin(margin, self.name)
+        self._margin = float(margin)
+        if self.built:
+            self.gate_margin.assign(self._margin)
 
     def get_config(self):
         base_config = super().get_config()
         config = {
             "units": self.units,
             "rank": self.rank,
-            "estimator": self.estimator,
-            "refit_every": self.refit_every,
+            "estimator": keras.saving.serialize_keras_object(self.estimator),
             "margin": self.margin,
             "use_bias": self.use_bias,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
             "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
-            "estimator_loss_weight": self.estimator_loss_weight,
-            "estimator_positive_weight": self.estimator_positive_weight,
             "inference_path": self.inference_path,
             "regularize_skipped_units": self.regularize_skipped_units,
         }
         return {**base_config, **config}
+
+    @classmethod
+    def from_config(cls, config):
+        """Also reads configs saved by lrc-keras 449377d, whose estimator settings were the
+        layer's own (`refit_every`, `estimator_loss_weight`, `estimator_positive_weight`)."""
+        config = dict(config)
+        if set(config) & set(_MOVED_TO_ESTIMATOR):
+            config["estimator"] = _estimator_of_449377d(config)
+        return cls(**config)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
@@ -308,7 +325,11 @@ class LowRankGatedDense(keras.layers.Layer):
         gathered in training; they are checked before any weight changes.
         """
         sample_inputs = _checked_sample_inputs(sample_inputs, self.kernel.shape[1], self.name)
-        self.assign_estimator(*self.estimator_rule.factors(sample_inputs))
+        estimator_u, estimator_v = self.estimator.factors(self, sample_inputs)
+        if not (np.all(np.isfinite(estimator_u)) and np.all(np.isfinite(estimator_v))):
+            estimators.warn_non_finite(self.name)
+            return
+        self.assign_estimator(estimator_u, estimator_v)
 
     def assign_estimator(self, estimator_u, estimator_v):
         """Store float32 factors in the variables' dtype (bfloat16/float16 layers fit in float32)."""
@@ -319,16 +340,17 @@ class LowRankGatedDense(keras.layers.Layer):
         """Change the estimator's rank of a built layer and refit U, V (see `refit`).
 
         The estimator's variables are re-created in build order, so saving and loading keep
-        working, and its state (counters, input statistics) keeps its values. Keras offers no
-        public way to replace a built layer's variables, hence the tracker calls. Compile the
-        model again before training it further.
+        working, and its state (counters, input rows) keeps its values. Keras offers no
+        public way to replace a built layer's variables, hence the tracker calls. Functions
+        Keras compiled before (`predict`, `evaluate`, `fit`) still hold the old variables: they
+        fail with a message saying to compile the model again, never answer with the old rank.
         """
         _check_positive_int("rank", rank)
         input_dim = self.kernel.shape[1]
         self._check_rank_fits(rank, input_dim)
         sample_inputs = _checked_sample_inputs(sample_inputs, input_dim, self.name)
         first = next(i for i, v in enumerate(self.variables) if v is self.estimator_u)
-        kept = self.variables[first:]
+        kept = [v for v in self.variables[first:] if v is not self.gate_margin and v is not self.estimator_rank]
         state = {v.name: v.numpy() for v in kept if v.name not in ("estimator_u", "estimator_v")}
         for variable in kept:
             self._untrack_variable(variable)
@@ -339,15 +361,47 @@ class LowRankGatedDense(keras.layers.Layer):
         for variable in self.variables:
             if variable.name in state:
                 variable.assign(state[variable.name])
+        self.estimator_rank.assign(self.rank)
         self.refit(sample_inputs)
 
     def _build_estimator(self, input_dim):
-        self.estimator_rule.build(input_dim)
+        self.estimator.build(self, input_dim)
         # The density seen at the last call, which the dispatch's cost model compares.
         self.observed_density = self.add_weight(
             name="observed_density", shape=(), initializer="zeros", dtype="float32",
             trainable=False, aggregation="only_first_replica",
         )
+
+    def _check_traced_rank(self):
+        """Functions traced before a `set_rank` hold the old factors: make them fail clearly."""
+        tf.debugging.assert_equal(
+            self.estimator_rank, self.rank,
+            message=f"{self.name}: set_rank changed the rank of the estimator after this function was "
+                    f"traced; compile the model again (model.compile(...)) before predict, evaluate or fit",
+        )
+
+    def load_own_variables(self, store):
+        """Loads this version's variables, or those of a model saved by lrc-keras 449377d."""
+        if len(store) == len(self.variables):
+            return super().load_own_variables(store)
+        names = self._variables_saved_by_449377d()
+        if len(store) != len(names):
+            raise ValueError(
+                f"{self.name}: the saved layer has {len(store)} variables; this version expects "
+                f"{len(self.variables)} ({', '.join(v.name for v in self.variables)}) and reads the "
+                f"{len(names)} of lrc-keras 449377d. Re-save the model with the version that wrote it."
+            )
+        by_name = {v.name: v for v in self.variables}
+        for index, name in enumerate(names):
+            if name in by_name:  # the old d×d input moment has no place here: the buffer refills
+                by_name[name].assign(store[str(index)])
+
+    def _variables_saved_by_449377d(self):
+        """The order in which lrc-keras 449377d saved this layer's variables (trainable first)."""
+        trainable = ["kernel"] + (["bias"] if self.use_bias else [])
+        # joint's factors are trainable, the others' are not: either way they follow the bias.
+        state = ["training_steps"] + (["input_moment", "input_count"] if self.estimator.name == "input_svd" else [])
+        return trainable + ["estimator_u", "estimator_v"] + state + ["observed_density"]
 
     def _check_rank_fits(self, rank, input_dim):
         if rank > min(input_dim, self.units):
@@ -364,30 +418,77 @@ class LowRankGatedDense(keras.layers.Layer):
         )
         y, density = dispatch.run(
             path, crossover, self.observed_density, x, self.kernel, self.bias,
-            self.estimator_u, self.estimator_v, self.margin,
+            self.estimator_u, self.estimator_v, tf.cast(self.gate_margin, x.dtype),
         )
         # Outside tf.cond: under a distribution strategy the assignment synchronises replicas.
         self.observed_density.assign(tf.cast(density, tf.float32))
         return y
 
-    def _dense_then_mask(self, x, training, batch_size):
-        """z computed densely, the estimator's mask and the gate metrics; in training, the
-        estimator's loss and the activity penalty on skipped active units."""
+    def _estimate_and_mask(self, x):
+        """ẑ and the gate's mask. The estimate sees no gradient from x or b: an estimator loss
+        trains only U, V."""
         bias = None if self.bias is None else tf.stop_gradient(self.bias)
-        # The estimate sees no gradient from x or b: an estimator loss trains only U, V.
         z_hat = estimators.estimate(tf.stop_gradient(x), self.estimator_u, self.estimator_v, bias)
-        mask = tf.stop_gradient(gating.gate_mask(z_hat, self.margin))
-        z = ops.dense_preactivation(x, self.kernel, self.bias)
-        self.gate_metric.update_state(mask, tf.stop_gradient(z) > 0)
-        self.observed_density.assign(tf.reduce_mean(tf.cast(mask, tf.float32)))
-        loss = self.estimator_rule.loss(z_hat, z) if training else None
+        return z_hat, tf.stop_gradient(gating.gate_mask(z_hat, tf.cast(self.gate_margin, z_hat.dtype)))
+
+    def _training_forward(self, x, batch_size):
+        """Training: z by a GEMM (cheapest while gradients are needed), masked by the gate; the
+        gate metrics, the estimator's loss and the activity penalty on skipped active units."""
+        z_hat, mask = self._estimate_and_mask(x)
+        y, skipped = ops.masked_dense_for_training(x, self.kernel, self.bias, mask)
+        positive = tf.stop_gradient(y + skipped) > 0  # z > 0: y and skipped never overlap
+        self._record_gate(mask, positive)
+        loss = self.estimator.loss(self, z_hat, positive)
         if loss is not None:
             self.add_loss(loss)
-        if training and self.regularize_skipped_units and self.activity_regularizer is not None:
+        if self.regularize_skipped_units and self.activity_regularizer is not None:
             # Keras charges the output and divides by the batch size; this charges the rest.
-            skipped = tf.cast(gating.skipped_activity(z, mask), tf.float32)
-            self.add_loss(self.activity_regularizer(skipped) / tf.cast(batch_size, tf.float32))
+            self.add_loss(self.activity_regularizer(tf.cast(skipped, tf.float32)) / tf.cast(batch_size, tf.float32))
+        return y
+
+    def _audited_inference(self, x):
+        """Inference that also computes z densely to measure the gate (`lrc_keras.set_audit`)."""
+        _, mask = self._estimate_and_mask(x)
+        z = ops.dense_preactivation(x, self.kernel, self.bias)
+        self._record_gate(mask, z > 0)
         return gating.masked_relu(z, mask)
+
+    def _record_gate(self, mask, positive):
+        counts = confusion_counts(mask, positive)
+        self.gate_metric.add_counts(counts)
+        # tp + fp over all entries: the density, without another pass over the mask.
+        self.observed_density.assign(tf.cast((counts[0] + counts[1]) / tf.reduce_sum(counts), tf.float32))
+
+
+# Settings of 449377d's layer that belong to an estimator now, and where they went.
+_MOVED_TO_ESTIMATOR = {
+    "refit_every": "InputSVDEstimator(refit_every=...) or SVDEstimator(refit_every=...)",
+    "estimator_loss_weight": "JointEstimator(loss_weight=...)",
+    "estimator_positive_weight": "JointEstimator(positive_weight=...)",
+}
+
+
+def _estimator_of_449377d(config):
+    """The estimator object a 449377d config describes; pops the layer-level settings."""
+    name = config.get("estimator", "input_svd")
+    refit_every = config.pop("refit_every", "auto")
+    loss_weight = config.pop("estimator_loss_weight", 1.0)
+    positive_weight = config.pop("estimator_positive_weight", 4.0)
+    if name == "joint":
+        return estimators.JointEstimator(loss_weight, positive_weight)
+    if name == "svd":
+        return estimators.SVDEstimator(200 if refit_every == "auto" else refit_every)
+    if name == "input_svd":  # its "auto" schedule is now bounded by cost rather than 25 steps
+        return estimators.InputSVDEstimator(refit_every)
+    return estimators.get(name)
+
+
+def _check_margin(margin, name=None):
+    """A finite Python or numpy number (a non-finite margin would make the model unloadable)."""
+    if (isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Real)
+            or not math.isfinite(float(margin))):
+        prefix = f"{name}: " if name else ""
+        raise ValueError(f"{prefix}margin must be a finite number, got margin={margin!r}")
 
 
 def _check_positive_int(name, value):
@@ -395,17 +496,14 @@ def _check_positive_int(name, value):
         raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
 
 
-def _check_number(name, value, valid, requirement):
-    """Python and numpy numbers are accepted; bools, strings and the rest are not."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not valid(float(value)):
-        raise ValueError(f"{name} must be {requirement}, got {name}={value!r}")
-
-
 def _checked_sample_inputs(sample_inputs, input_dim, name):
     """None, or sample inputs as a float32 2-D array of width `input_dim` without NaN or inf."""
     if sample_inputs is None:
         return None
-    array = np.asarray(sample_inputs)
+    try:
+        array = np.asarray(sample_inputs)
+    except ValueError as error:  # ragged nested lists
+        raise ValueError(f"{name}: sample_inputs must be a 2-D array of numbers ({error})") from None
     if array.ndim != 2 or array.shape[1] != input_dim or array.shape[0] == 0:
         raise ValueError(
             f"{name}: sample_inputs must be a non-empty 2-D array of width {input_dim} (the layer's "
@@ -416,6 +514,13 @@ def _checked_sample_inputs(sample_inputs, input_dim, name):
         raise ValueError(
             f"{name}: sample_inputs must be finite numbers; got {array.dtype}"
             + (f" with {array[tuple(bad)]} at {tuple(int(i) for i in bad)}" if bad is not None else "")
+        )
+    largest = float(np.max(np.abs(array))) if array.size else 0.0
+    if largest > np.finfo(np.float32).max:
+        row = int(np.argwhere(np.abs(array) == largest)[0][0])
+        raise ValueError(
+            f"{name}: sample_inputs row {row} holds {largest:g}, beyond float32's range: the layer "
+            f"computes in float32"
         )
     return array.astype(np.float32)
 

@@ -11,80 +11,65 @@ GATE_RATES = (
     "predicted_density",
     "true_density",
 )
+# Each rate is (weights · counts) / (weights · counts) over the counts (tp, fp, fn, tn), with its
+# value for an empty denominator: 1 for recall and precision (nothing was missed, nothing
+# wasted), 0 for the others.
+_NUMERATORS = ((1, 0, 0, 1), (1, 0, 0, 0), (1, 0, 0, 0), (0, 0, 1, 0), (1, 1, 0, 0), (1, 0, 1, 0))
+_DENOMINATORS = ((1, 1, 1, 1), (1, 0, 1, 0), (1, 1, 0, 0), (1, 0, 1, 0), (1, 1, 1, 1), (1, 1, 1, 1))
+_EMPTY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0)
 
 
-def rates_from_counts(tp, fp, fn, tn):
-    """The rates of GATE_RATES from confusion counts (numbers or tensors).
-
-    A rate with an empty denominator (no positive unit, nothing computed) is 1
-    for recall and precision (nothing was missed, nothing wasted) and 0 for the
-    false-negative rate.
-    """
-    total = tp + fp + fn + tn
-    positives = tp + fn
-    predicted = tp + fp
-    return {
-        "sign_accuracy": _ratio(tp + tn, total, 1.0),
-        "recall": _ratio(tp, positives, 1.0),
-        "precision": _ratio(tp, predicted, 1.0),
-        "false_negative_rate": _ratio(fn, positives, 0.0),
-        "predicted_density": _ratio(predicted, total, 0.0),
-        "true_density": _ratio(positives, total, 0.0),
-    }
+def rates_from_counts(counts):
+    """The GATE_RATES rates, as a float64 vector in that order, from counts (tp, fp, fn, tn)."""
+    counts = tf.cast(counts, tf.float64)
+    numerators = tf.linalg.matvec(tf.constant(_NUMERATORS, tf.float64), counts)
+    denominators = tf.linalg.matvec(tf.constant(_DENOMINATORS, tf.float64), counts)
+    return tf.where(denominators > 0, numerators / tf.maximum(denominators, 1.0), tf.constant(_EMPTY, tf.float64))
 
 
-def _ratio(numerator, denominator, empty):
-    if isinstance(denominator, (int, float)):
-        return numerator / denominator if denominator else empty
-    return tf.where(denominator > 0, numerator / tf.maximum(denominator, 1), empty)
+# (tp, fp, fn, tn) from (mask ∧ positive, mask, positive, all entries).
+_COUNTS_FROM_TOTALS = ((1, 0, 0, 0), (-1, 1, 0, 0), (-1, 0, 1, 0), (1, -1, -1, 1))
 
 
 def confusion_counts(mask, positive):
-    """(tp, fp, fn, tn) of a boolean mask against the boolean truth z > 0."""
+    """(tp, fp, fn, tn) of a boolean 2-D mask against the boolean truth z > 0, float64.
 
-    def count(a, b):
-        return tf.reduce_sum(tf.cast(tf.logical_and(a, b), tf.float64))
-
-    computed, skipped = mask, tf.logical_not(mask)
-    negative = tf.logical_not(positive)
-    return (
-        count(computed, positive),
-        count(computed, negative),
-        count(skipped, positive),
-        count(skipped, negative),
-    )
+    One counting pass over (mask ∧ positive, mask, positive) in int64, exact past 2²⁴ entries,
+    and a handful of ops: this runs in every training step of every gated layer.
+    """
+    flags = tf.cast(tf.stack([tf.logical_and(mask, positive), mask, positive]), tf.int64)
+    totals = tf.concat([tf.reduce_sum(flags, axis=[1, 2]), [tf.size(mask, out_type=tf.int64)]], axis=0)
+    return tf.linalg.matvec(tf.constant(_COUNTS_FROM_TOTALS, tf.float64), tf.cast(totals, tf.float64))
 
 
 class GateStatistics(keras.metrics.Metric):
     """Confusion counts of a layer's gate, reported as the GATE_RATES rates.
 
-    `result()` is a dict keyed `"{prefix}{statistic}"`, so one object puts all
-    six rates in the `fit`/`evaluate` logs and in TensorBoard. Counts are
-    float64 so that they stay exact past 2**24 units per epoch.
+    `result()` is a dict keyed `"{prefix}{statistic}"`, so one object puts all six rates in the
+    `fit`/`evaluate` logs and in TensorBoard. The counts are one float64 vector (tp, fp, fn, tn),
+    exact past 2**24 units per epoch, updated and read with a handful of ops: Keras reads every
+    metric's result at every training step, and a dozen small ops per layer showed in a step.
     """
 
     def __init__(self, prefix, name=None, **kwargs):
         super().__init__(name=name or f"{prefix}gate", **kwargs)
         self.prefix = prefix
-        self.counts = [
-            self.add_variable(
-                shape=(), initializer="zeros", dtype="float64", name=name, aggregation="sum"
-            )
-            for name in ("true_positives", "false_positives", "false_negatives", "true_negatives")
-        ]
+        self.counts = self.add_variable(
+            shape=(4,), initializer="zeros", dtype="float64", name="confusion_counts", aggregation="sum"
+        )
 
     def update_state(self, mask, positive):
-        for variable, count in zip(self.counts, confusion_counts(mask, positive)):
-            variable.assign_add(count)
+        self.add_counts(confusion_counts(mask, positive))
+
+    def add_counts(self, counts):
+        """Adds counts (tp, fp, fn, tn) that the caller already has (`confusion_counts`)."""
+        self.counts.assign_add(counts)
 
     def result(self):
         """The rates; NaN where nothing was measured (e.g. validation without an audit)."""
-        counts = [tf.convert_to_tensor(v) for v in self.counts]
-        measured = tf.add_n(counts) > 0
-        return {
-            self.prefix + key: tf.where(measured, tf.cast(value, tf.float32), float("nan"))
-            for key, value in rates_from_counts(*counts).items()
-        }
+        counts = tf.convert_to_tensor(self.counts)
+        rates = tf.cast(tf.where(tf.reduce_sum(counts) > 0, rates_from_counts(counts), float("nan")), tf.float32)
+        return dict(zip((self.prefix + key for key in GATE_RATES), tf.unstack(rates)))
 
     def get_config(self):
         return {"prefix": self.prefix, "name": self.name}

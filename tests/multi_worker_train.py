@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from lrc_keras import LowRankGatedDense
+from lrc_keras.estimators import InputSVDEstimator, SVDEstimator
 
 # At most InputSVDEstimator.moment_rows (32): then every row of every replica enters the input
 # statistics, in the cluster as in the reference, and the sums can agree.
@@ -41,12 +42,13 @@ def global_batches():
 def build_model():
     model = keras.Sequential([
         keras.Input((INPUT_DIM,)),
-        # the default estimator, refitted every 2 steps from the all-reduced input statistics
+        # the default estimator, refitted every 2 steps from the input rows gathered from every worker
         LowRankGatedDense(
-            64, rank=4, refit_every=2, activity_regularizer=keras.regularizers.L1(1e-3), name="gated_input_svd"
+            64, rank=4, estimator=InputSVDEstimator(refit_every=2), activity_regularizer=keras.regularizers.L1(1e-3),
+            name="gated_input_svd",
         ),
         # the paper's SVD of the kernel, refitted every 2 steps
-        LowRankGatedDense(32, rank=4, estimator="svd", refit_every=2, name="gated_svd"),
+        LowRankGatedDense(32, rank=4, estimator=SVDEstimator(refit_every=2), name="gated_svd"),
         keras.layers.Dense(3, name="logits"),
     ])
     # The same start in every process, whatever the initialisers' seeding under a strategy.

@@ -255,6 +255,21 @@ def test_calibration_to_a_target_density(rng):
     assert "predicted density 0.2" in str(report)
 
 
+@pytest.mark.parametrize("density", [1.0, 1e-9])
+def test_calibration_to_every_unit_or_none_keeps_a_finite_margin_and_loads(rng, tmp_path, density):
+    """A margin of ±inf once made the calibrated model unloadable."""
+    model, x = synthetic_task(rng)
+    converted = convert(model, rank=4)
+    calibrate(converted, x, target_density=density)
+    layer = converted.get_layer("wide")
+    assert np.isfinite(layer.margin)
+    _, mask, _, _ = numpy_gated_dense(x, *(w.numpy() for w in (layer.kernel, layer.bias, layer.estimator_u, layer.estimator_v)), layer.margin)
+    assert mask.mean() == (1.0 if density == 1.0 else 1 / mask.size)
+    converted.save(tmp_path / "calibrated.keras")
+    loaded = keras.models.load_model(tmp_path / "calibrated.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), converted.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
+
+
 def test_convert_fits_the_input_aware_estimator_to_sample_inputs(rng):
     """With sample inputs, each layer's U·V is the whitened SVD for the inputs that layer sees."""
     from test_estimators import whitened_svd_reference

@@ -31,7 +31,7 @@ def shim(tmp_path_factory):
     )
     shim = ctypes.CDLL(library)
     shim.run_gated_dense.restype = ctypes.c_float
-    shim.run_gated_dense.argtypes = [ctypes.c_int64] * 3 + [FLOAT_P] * 4 + [ctypes.c_float, FLOAT_P]
+    shim.run_gated_dense.argtypes = [ctypes.c_int64] * 3 + [FLOAT_P] * 4 + [ctypes.c_float, FLOAT_P] + [ctypes.c_uint] * 2 + [ctypes.c_int]
     shim.run_masked_relu.restype = ctypes.c_float
     shim.run_masked_relu.argtypes = [ctypes.c_int64] * 2 + [FLOAT_P] * 3 + [ctypes.c_float, FLOAT_P] + [ctypes.c_uint] * 2
     return shim
@@ -54,19 +54,35 @@ def expected_output(z, bias, product, margin):
     return np.where(selected, np.maximum(z.astype(np.float64) + bias, 0.0), 0.0), selected
 
 
-@pytest.mark.parametrize("batch", [0, 1, 2, 33])
-@pytest.mark.parametrize("input_dim, units", [(1, 7), (37, 1), (131, 70), (64, 9)])
-@pytest.mark.parametrize("margin", [-0.5, 0.0, 0.7])
-def test_cuda_gated_dense_kernel_matches_numpy(shim, rng, batch, input_dim, units, margin):
+def check_gated_dense(shim, rng, batch, input_dim, units, margin, layout=(0, 0, 0)):
+    """Runs the gated kernel with `layout` (grid, grid_y, rows_per_tile; 0s: the op's own)."""
     x, kernel, bias, product = inputs(rng, batch, input_dim, units)
     y = np.full((batch, units), np.nan, np.float32)  # every element must be written
     fraction = shim.run_gated_dense(batch, input_dim, units, pointer(x), pointer(kernel), pointer(bias),
-                                    pointer(product), margin, pointer(y))
+                                    pointer(product), margin, pointer(y), *layout)
     expected, selected = expected_output(x.astype(np.float64) @ kernel.T.astype(np.float64), bias, product, margin)
     keep = away_from_boundary(product.astype(np.float64) + bias, margin)
     np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)
     assert np.all(y[~selected & keep] == 0.0)
     assert fraction == pytest.approx(selected.mean() if batch else 0.0, abs=np.mean(~keep) + 1e-6 if batch else 0)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 2, 33])
+@pytest.mark.parametrize("input_dim, units", [(1, 7), (37, 1), (131, 70), (64, 9)])
+@pytest.mark.parametrize("margin", [-0.5, 0.0, 0.7])
+def test_cuda_gated_dense_kernel_matches_numpy(shim, rng, batch, input_dim, units, margin):
+    check_gated_dense(shim, rng, batch, input_dim, units, margin)
+
+
+# Row tiles of the shipped heights (4 to 32) with batches that end inside a tile, one row a
+# tile, and fewer blocks along y than tiles (the stride over tiles); margin -0.5 selects ~70%,
+# so passes of 4 selected rows end part-filled.
+@pytest.mark.parametrize(
+    "batch, units, grid, grid_y, rows_per_tile",
+    [(33, 9, 2, 2, 32), (70, 16, 2, 3, 32), (37, 9, 2, 3, 4), (19, 8, 1, 4, 8), (5, 9, 2, 2, 1), (45, 3, 1, 1, 16)],
+)
+def test_cuda_gated_dense_row_tiles_match_numpy(shim, rng, batch, units, grid, grid_y, rows_per_tile):
+    check_gated_dense(shim, rng, batch, 45, units, -0.5, (grid, grid_y, rows_per_tile))
 
 
 # grid 0: the op's own launch geometry.
@@ -90,7 +106,7 @@ def test_cuda_gated_dense_kernel_propagates_nan(shim, rng):
     x[1, 3] = np.nan
     product[1, :] = np.nan  # a NaN input makes its estimates NaN, which select every unit
     y = np.zeros((2, 9), np.float32)
-    shim.run_gated_dense(2, 40, 9, pointer(x), pointer(kernel), pointer(bias), pointer(product), 0.0, pointer(y))
+    shim.run_gated_dense(2, 40, 9, pointer(x), pointer(kernel), pointer(bias), pointer(product), 0.0, pointer(y), 0, 0, 0)
     assert np.all(np.isnan(y[1])) and not np.any(np.isnan(y[0]))
 
 

@@ -1,6 +1,5 @@
 """The estimate stage: the estimator rules against float64 numpy references."""
 
-import os
 import warnings
 
 import keras
@@ -9,11 +8,22 @@ import pytest
 import tensorflow as tf
 
 from lrc_keras import LowRankGatedDense, estimators
-from lrc_keras.estimators import InputSVDEstimator, input_aware_factors
+from lrc_keras.estimators import InputSVDEstimator, JointEstimator, SVDEstimator, reduced_rank_factors
+
+
+def reduced_rank_reference(kernel, rows, rank, ridge=1e-3):
+    """float64 reduced-rank regression: the rank-r B minimising ‖X(W − B)‖² + λ‖W − B‖²,
+    λ = ridge·‖X‖²_F/d, is W·P·Pᵀ with P the top right singular vectors of [X·W; √λ·W]."""
+    w = kernel.T.astype(np.float64)
+    x = np.asarray(rows, np.float64)
+    ridge_term = ridge * np.sum(x**2) / w.shape[0] + 1e-30
+    _, _, right_t = np.linalg.svd(np.vstack([x @ w, np.sqrt(ridge_term) * w]), full_matrices=False)
+    return w @ right_t[:rank].T @ right_t[:rank]
 
 
 def whitened_svd_reference(kernel, moment, rank, ridge=1e-3):
-    """float64: U·V minimising ‖Lᵀ(W − U·V)‖ with L·Lᵀ = C + ridge·tr(C)/d·I, by a full SVD."""
+    """float64: U·V minimising ‖Lᵀ(W − U·V)‖ with L·Lᵀ = C + ridge·tr(C)/d·I, by Cholesky and a
+    full SVD (the d×d formulation the estimator avoids; an independent check of the same optimum)."""
     w = kernel.T.astype(np.float64)
     moment = moment.astype(np.float64)
     d = moment.shape[0]
@@ -28,19 +38,24 @@ def correlated_inputs(rng, count, input_dim):
     return rng.standard_normal((count, input_dim)) @ mixing
 
 
+def decaying_kernel(rng, units, input_dim):
+    """A kernel with a decaying spectrum, as trained layers have: the subspace iteration converges."""
+    return (rng.standard_normal((units, input_dim)) * 0.7 ** np.arange(input_dim)).astype(np.float32)
+
+
 def product(factors):
     u, v = factors
-    return u.numpy().astype(np.float64) @ v.numpy().astype(np.float64)
+    return np.asarray(u, np.float64) @ np.asarray(v, np.float64)
 
 
 @pytest.mark.parametrize("input_dim, units, rank", [(30, 40, 5), (50, 20, 8)])
-def test_input_aware_factors_match_the_whitened_svd(rng, input_dim, units, rank):
+def test_reduced_rank_factors_match_numpy(rng, input_dim, units, rank):
     x = correlated_inputs(rng, 400, input_dim)
-    moment = x.T @ x / len(x)
-    # A kernel with a decaying spectrum, as trained layers have: the randomized SVD is then exact.
-    kernel = (rng.standard_normal((units, input_dim)) * 0.7 ** np.arange(input_dim)).astype(np.float32)
-    expected = whitened_svd_reference(kernel, moment, rank)
-    actual = product(input_aware_factors(kernel, moment.astype(np.float32), rank, seed=[1, 2]))
+    kernel = decaying_kernel(rng, units, input_dim)
+    expected = reduced_rank_reference(kernel, x, rank)
+    # The same optimum through the inputs' second moment, C = XᵀX (ridge relative to its trace).
+    np.testing.assert_allclose(whitened_svd_reference(kernel, x.T @ x, rank), expected, atol=1e-9 * np.abs(expected).max())
+    actual = product(reduced_rank_factors(kernel, x.astype(np.float32), rank, seed=[1, 2]))
     np.testing.assert_allclose(actual, expected, atol=2e-4 * np.abs(expected).max())
     # What it is for: x·U·V reproduces x·W better than the plain SVD does on these inputs.
     w = kernel.T.astype(np.float64)
@@ -49,11 +64,33 @@ def test_input_aware_factors_match_the_whitened_svd(rng, input_dim, units, rank)
     assert np.linalg.norm(x @ (w - actual)) < 0.9 * np.linalg.norm(x @ (w - plain))
 
 
+def test_svd_refits_in_training_track_the_exact_truncated_svd(rng):
+    """One subspace iteration from the factors of a nearby kernel (the last refit's) gives the
+    truncated SVD of the kernel now, as numpy's full SVD computes it."""
+    kernel = decaying_kernel(rng, 40, 30)
+    moved = kernel + 0.01 * rng.standard_normal(kernel.shape).astype(np.float32) * np.abs(kernel).max()
+    _, _, previous_vt = np.linalg.svd(kernel.T.astype(np.float64), full_matrices=False)
+    actual = product(estimators.subspace_svd_factors(moved, 5, seed=[3, 0], warm_start=previous_vt[:5].T))
+    u, s, vt = np.linalg.svd(moved.T.astype(np.float64), full_matrices=False)
+    expected = u[:, :5] * s[:5] @ vt[:5]
+    np.testing.assert_allclose(actual, expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_huge_finite_rows_cannot_overflow_the_fit(rng):
+    """Rows of 1e30 would overflow any float32 moment; scaled first, the fit stays exact."""
+    x = correlated_inputs(rng, 200, 12)
+    kernel = decaying_kernel(rng, 10, 12)
+    expected = reduced_rank_reference(kernel, x, 3)
+    actual = product(reduced_rank_factors(kernel, (1e30 * x).astype(np.float32), 3, seed=[0, 0]))
+    assert np.all(np.isfinite(actual))
+    np.testing.assert_allclose(actual, expected, atol=2e-4 * np.abs(expected).max())
+
+
 def test_white_inputs_give_the_plain_truncated_svd(rng):
     kernel = (rng.standard_normal((40, 30)) * 0.8 ** np.arange(30)).astype(np.float32)
     u, s, vt = np.linalg.svd(kernel.T.astype(np.float64), full_matrices=False)
     expected = u[:, :6] * s[:6] @ vt[:6]
-    actual = product(input_aware_factors(kernel, np.eye(30, dtype=np.float32), 6, seed=[0, 0]))
+    actual = product(reduced_rank_factors(kernel, np.eye(30, dtype=np.float32), 6, seed=[0, 0]))
     np.testing.assert_allclose(actual, expected, atol=1e-4 * np.abs(expected).max())
 
 
@@ -71,74 +108,109 @@ def test_singular_inputs_do_not_fail(rng, inputs):
     layer.refit(x)
     factors = (layer.estimator_u.numpy(), layer.estimator_v.numpy())
     assert all(np.all(np.isfinite(f)) for f in factors)
-    expected = whitened_svd_reference(layer.kernel.numpy(), x.T.astype(np.float64) @ x / len(x), 3)
+    expected = reduced_rank_reference(layer.kernel.numpy(), x, 3)
     np.testing.assert_allclose(factors[0] @ factors[1], expected, atol=1e-3 * max(np.abs(expected).max(), 1e-6))
 
 
-def moment_reference(batches, decay=InputSVDEstimator.decay, rows=InputSVDEstimator.moment_rows):
-    moment, count = 0.0, 0.0
+def buffer_reference(batches, buffer_rows, rows_per_step=InputSVDEstimator().rows_per_step):
+    """float64: the ring buffer after these batches (first rows of each; non-finite rows as zeros)."""
+    buffer, seen = np.zeros((buffer_rows, batches[0].shape[1])), 0
     for batch in batches:
-        sample = batch[:rows].astype(np.float64)
-        moment = decay * moment + sample.T @ sample
-        count = decay * count + len(sample)
-    return moment, count
+        for row in batch[:rows_per_step]:
+            buffer[seen % buffer_rows] = row if np.all(np.isfinite(row)) else 0.0
+            seen += 1
+    return buffer, seen
 
 
-def gathering_model(input_dim=6):
-    model = keras.Sequential([keras.Input((input_dim,)), LowRankGatedDense(5, rank=2, refit_every=None), keras.layers.Dense(1)])
+def gathering_model(input_dim=6, buffer_rows=100, refit_every=None):
+    estimator = InputSVDEstimator(refit_every=refit_every, buffer_rows=buffer_rows)
+    model = keras.Sequential([keras.Input((input_dim,)), LowRankGatedDense(5, rank=2, estimator=estimator),
+                              keras.layers.Dense(1)])
     model.compile(keras.optimizers.SGD(0.01), "mse")
     return model
 
 
-def test_second_moment_is_gathered_in_the_train_step(rng):
+def test_input_rows_are_buffered_in_the_train_step(rng):
     x = rng.standard_normal((5 * 48, 6)).astype(np.float32)
-    x[7, 2] = np.nan  # a non-finite row is left out of the statistics
+    x[4 * 48 + 2, 2] = np.nan  # a non-finite row is stored as zeros, which add nothing to the fit
     model = gathering_model()
     layer = model.layers[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.fit(x, np.zeros(len(x)), batch_size=48, epochs=1, shuffle=False, verbose=0)
-    batches = [np.where(np.isfinite(b).all(1, keepdims=True), b, 0.0) for b in np.split(x, 5)]
-    moment, count = moment_reference(batches)
-    count -= InputSVDEstimator.decay ** 4  # the NaN row of the first batch
-    np.testing.assert_allclose(layer.input_count.numpy(), count, rtol=1e-5)
-    np.testing.assert_allclose(layer.input_moment.numpy(), moment, rtol=1e-4, atol=1e-3)
+    buffer, seen = buffer_reference(np.split(x, 5), 100)  # 160 rows seen: the ring wrapped
+    assert int(layer.input_rows_seen.numpy()) == seen == 160
+    np.testing.assert_array_equal(layer.input_rows.numpy(), buffer.astype(np.float32))
 
 
-def test_second_moment_under_mirrored_strategy_is_all_reduced(rng, mirrored_strategy):
+def test_input_rows_under_mirrored_strategy_are_gathered(rng, mirrored_strategy):
     x = rng.standard_normal((4 * 32, 6)).astype(np.float32)
     with mirrored_strategy.scope():
-        model = gathering_model()
+        model = gathering_model(buffer_rows=128)
     model.fit(x, np.zeros(len(x)), batch_size=32, epochs=1, shuffle=False, verbose=0)
     layer = model.layers[0]
-    # Each replica sees 16 rows of each global batch of 32: together, the whole batch.
-    moment, count = moment_reference(np.split(x, 4))
-    np.testing.assert_allclose(layer.input_count.numpy(), count, rtol=1e-5)
-    np.testing.assert_allclose(layer.input_moment.numpy(), moment, rtol=1e-4, atol=1e-3)
+    # Each replica takes its 16 rows of each global batch of 32: gathered, the whole batch.
+    buffer, seen = buffer_reference(np.split(x, 4), 128)
+    assert int(layer.input_rows_seen.numpy()) == seen == 128
+    np.testing.assert_array_equal(layer.input_rows.numpy(), buffer.astype(np.float32))
 
 
-def test_refit_in_training_uses_the_gathered_moment(rng):
+def test_refit_in_training_fits_the_buffered_rows(rng):
     x = correlated_inputs(rng, 96, 8).astype(np.float32)
-    model = keras.Sequential([keras.Input((8,)), LowRankGatedDense(12, rank=3, refit_every=3), keras.layers.Dense(1)])
+    model = gathering_model(input_dim=8, refit_every=3)
+    layer = model.layers[0]
+    layer.kernel.assign(decaying_kernel(rng, 5, 8))
     model.compile(keras.optimizers.SGD(0.0), "mse")  # weights fixed: the refit sees this kernel
     model.fit(x, np.zeros(96), batch_size=32, epochs=1, shuffle=False, verbose=0)
-    layer = model.layers[0]
-    moment, count = moment_reference(np.split(x, 3))
-    expected = whitened_svd_reference(layer.kernel.numpy(), moment / count, 3)
+    expected = reduced_rank_reference(layer.kernel.numpy(), x, 2)
     actual = layer.estimator_u.numpy() @ layer.estimator_v.numpy()
     np.testing.assert_allclose(actual, expected, atol=1e-3 * np.abs(expected).max())
 
 
-def test_save_and_load_keep_the_input_statistics(rng, tmp_path):
+@pytest.mark.parametrize("shape, rows", [((784, 1000, 20), 6840), ((3072, 4000, 50), 8337)])
+def test_auto_refit_intervals_are_the_documented_ones(shape, rows):
+    """The schedule InputSVDEstimator's docstring and BENCHMARKS.md state (54 and 66 steps of 128)."""
+    input_dim, units, rank = shape
+    layer = LowRankGatedDense(units, rank=rank)
+    layer.build((None, input_dim))
+    assert layer.estimator.rows_between_refits(layer) == rows
+
+
+def test_auto_refits_happen_when_the_rows_add_up(rng):
+    x = rng.standard_normal((10 * 16, 6)).astype(np.float32)
+    model = gathering_model(refit_every="auto")
+    layer = model.layers[0]
+    estimator = layer.estimator
+    estimator.refit_budget = estimator.rows_between_refits(layer) * estimator.refit_budget / 31.9
+    interval = estimator.rows_between_refits(layer)
+    assert interval == 32  # two steps of 16 rows: a refit at steps 2, 4, 6, ...
+    snapshots = [layer.estimator_u.numpy().copy()]
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            snapshots.append(layer.estimator_u.numpy().copy())
+
+    model.fit(x, np.zeros(len(x)), batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[Record()])
+    refit_steps = [step + 1 for step, (a, b) in enumerate(zip(snapshots, snapshots[1:])) if not np.array_equal(a, b)]
+    expected, since = [], 0
+    for step in range(1, 11):  # rows since the last refit reach the interval: refit, start again
+        since += 16
+        if since >= interval:
+            expected.append(step)
+            since = 0
+    assert refit_steps == expected and len(expected) >= 3
+
+
+def test_save_and_load_keep_the_input_rows(rng, tmp_path):
     x = rng.standard_normal((64, 6)).astype(np.float32)
     model = gathering_model()
     model.fit(x, np.zeros(64), batch_size=32, epochs=1, verbose=0)
     path = str(tmp_path / "m.keras")
     model.save(path)
     loaded = keras.models.load_model(path).layers[0]
-    assert float(loaded.input_count.numpy()) > 0
-    np.testing.assert_array_equal(loaded.input_moment.numpy(), model.layers[0].input_moment.numpy())
-    np.testing.assert_array_equal(loaded.input_count.numpy(), model.layers[0].input_count.numpy())
+    assert int(loaded.input_rows_seen.numpy()) == 64
+    np.testing.assert_array_equal(loaded.input_rows.numpy(), model.layers[0].input_rows.numpy())
+    assert loaded.estimator == model.layers[0].estimator
 
 
 @pytest.mark.parametrize(
@@ -162,29 +234,53 @@ def test_bad_sample_inputs_are_refused_before_any_weight_changes(rng, sample, me
         np.testing.assert_array_equal(old, new)
 
 
-def test_a_new_estimator_is_one_registered_class(rng):
-    """Registering a rule is all it takes: the layer builds, fits and trains it by name."""
+def test_a_new_estimator_with_a_setting_is_one_registered_class(rng, tmp_path):
+    """One class with its own setting: the layer builds, fits, trains, saves and loads it."""
 
     @estimators.register
-    class Scaled(estimators.Estimator):
+    class ScaledSVD(estimators.Estimator):
         name = "test_scaled_svd"
-        default_refit_every = None
 
-        def factors(self, sample_inputs=None, rank=None):
-            u, v = super().factors(sample_inputs, rank)
-            return 2.0 * u, v
+        def __init__(self, scale=2.0):
+            self.scale = float(scale)
+
+        def get_config(self):
+            return {"scale": self.scale}
+
+        def factors(self, layer, sample_inputs=None, rank=None):
+            u, v = super().factors(layer, sample_inputs, rank)
+            return self.scale * u, v
 
     try:
-        layer = LowRankGatedDense(6, rank=2, estimator="test_scaled_svd")
-        layer.build((None, 5))
+        model = keras.Sequential([keras.Input((5,)), LowRankGatedDense(6, rank=2, estimator=ScaledSVD(scale=3.0))])
+        layer = model.layers[0]
         u, s, vt = np.linalg.svd(layer.kernel.numpy().T.astype(np.float64), full_matrices=False)
         np.testing.assert_allclose(
-            layer.estimator_u.numpy() @ layer.estimator_v.numpy(), 2 * (u[:, :2] * s[:2] @ vt[:2]), atol=1e-5
+            layer.estimator_u.numpy() @ layer.estimator_v.numpy(), 3 * (u[:, :2] * s[:2] @ vt[:2]), atol=1e-5
         )
         layer(rng.standard_normal((3, 5)).astype(np.float32), training=True)
-        assert LowRankGatedDense.from_config(layer.get_config()).estimator == "test_scaled_svd"
+        assert LowRankGatedDense.from_config(layer.get_config()).estimator == ScaledSVD(scale=3.0)
+        assert LowRankGatedDense(6, rank=2, estimator="test_scaled_svd").estimator == ScaledSVD(scale=2.0)
+        model.save(tmp_path / "m.keras")
+        assert keras.models.load_model(tmp_path / "m.keras").layers[0].estimator == ScaledSVD(scale=3.0)
     finally:
         del estimators.ESTIMATORS["test_scaled_svd"]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: InputSVDEstimator(refit_every=0), 'refit_every must be a positive integer, "auto" or None'),
+        (lambda: InputSVDEstimator(buffer_rows=0), "buffer_rows must be a positive integer, got buffer_rows=0"),
+        (lambda: InputSVDEstimator(refit_budget=1.5), "refit_budget must be a number in .0, 1., got refit_budget=1.5"),
+        (lambda: SVDEstimator(refit_every="auto"), "refit_every must be a positive integer or None, got refit_every='auto'"),
+        (lambda: JointEstimator(loss_weight=-1), "loss_weight must be a finite number >= 0, got loss_weight=-1"),
+        (lambda: JointEstimator(positive_weight=0.5), "positive_weight must be a finite number >= 1"),
+    ],
+)
+def test_bad_estimator_settings(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 def test_joint_starts_from_the_input_aware_factors_of_its_first_batch(rng):

@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lrc_keras import LowRankGatedDense
 from lrc_keras.audit import gated_layers
+from lrc_keras import estimators
 from lrc_keras.estimators import ESTIMATORS
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
@@ -163,9 +164,9 @@ def test_mnist_on_mock_tfds(tmp_path, capsys):
     # No --estimator, --refit-every or --margin: the layer's own defaults, whatever they are.
     defaults = inspect.signature(LowRankGatedDense).parameters
     for layer in gated_layers(rows[-1]["model"]):
-        assert (layer.estimator, layer.refit_every, layer.margin) == tuple(
-            defaults[key].default for key in ("estimator", "refit_every", "margin"))
-    assert [row["run"] for row in rows] == ["mnist_dense_seed0", f"mnist_gated_{layer.estimator}_seed0"]
+        assert (layer.estimator, layer.margin) == (
+            estimators.get(defaults["estimator"].default), defaults["margin"].default)
+    assert [row["run"] for row in rows] == ["mnist_dense_seed0", f"mnist_gated_{layer.estimator.name}_seed0"]
     for run in rows:
         assert_run_matches_numpy(run, x_test, y_test)
     check_tensorboard(str(tmp_path), rows[-1], x_test, {"hidden_0": (784, 24, 4), "hidden_1": (24, 16, 4)})

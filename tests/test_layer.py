@@ -7,6 +7,7 @@ import tensorflow as tf
 from conftest import away_from_boundary, numpy_gated_dense
 
 from lrc_keras import LowRankGatedDense, set_audit
+from lrc_keras.estimators import InputSVDEstimator, JointEstimator, SVDEstimator
 from lrc_keras.callbacks import SVDRefit
 
 
@@ -50,8 +51,9 @@ def test_full_rank_is_exactly_dense(rng):
     np.testing.assert_allclose(gated(x).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_truncated_svd_is_optimal(rng):
-    layer = built_layer(rng, input_dim=30, units=20, rank=5)
+@pytest.mark.parametrize("estimator", ["svd", "input_svd", "joint"])
+def test_refit_before_any_input_is_the_exact_truncated_svd(rng, estimator):
+    layer = built_layer(rng, input_dim=30, units=20, rank=5, estimator=estimator)
     w = layer.kernel.numpy().T.astype(np.float64)
     approximation = layer.estimator_u.numpy() @ layer.estimator_v.numpy()
     singular_values = np.linalg.svd(w, compute_uv=False)
@@ -77,17 +79,18 @@ def test_gradients_flow_only_through_computed_units(rng):
 
 
 def test_svd_estimator_variables_are_not_trainable(rng):
-    layer = built_layer(rng)
+    layer = built_layer(rng, estimator="svd")
     assert {v.name for v in layer.trainable_variables} == {"kernel", "bias"}
     joint = built_layer(rng, estimator="joint")
     assert {v.name for v in joint.trainable_variables} == {"kernel", "bias", "estimator_u", "estimator_v"}
 
 
-def small_classifier(rng, estimator="svd", refit_every=200, **kwargs):
+def small_classifier(rng, estimator=None, refit_every=200, **kwargs):
+    estimator = estimator or SVDEstimator(refit_every=refit_every)
     model = keras.Sequential(
         [
             keras.Input((20,)),
-            LowRankGatedDense(48, rank=4, estimator=estimator, refit_every=refit_every, **kwargs),
+            LowRankGatedDense(48, rank=4, estimator=estimator, **kwargs),
             keras.layers.Dense(3),
         ]
     )
@@ -100,9 +103,18 @@ def small_classifier(rng, estimator="svd", refit_every=200, **kwargs):
     return model, x, y
 
 
+def with_decaying_spectrum(rng, layer):
+    """A kernel whose singular values decay, as trained layers' do: the svd estimator's
+    in-training refits (one subspace iteration from the last factors) then equal the exact SVD."""
+    units, input_dim = layer.kernel.shape
+    layer.kernel.assign((rng.standard_normal((units, input_dim)) * 0.7 ** np.arange(input_dim)).astype("float32"))
+    layer.refit()
+
+
 def test_refit_runs_every_n_steps_inside_fit(rng):
     model, x, y = small_classifier(rng, refit_every=3)
     layer = model.layers[0]
+    with_decaying_spectrum(rng, layer)
     snapshots = []
 
     class Record(keras.callbacks.Callback):
@@ -190,6 +202,24 @@ def test_training_metrics_match_numpy(rng):
     assert expected["recall"] < 1.0 and expected["precision"] < 1.0
 
 
+@pytest.mark.parametrize("mask, positive, expected", [
+    # nothing active and nothing computed: nothing missed, nothing wasted
+    ([[0, 0], [0, 0]], [[0, 0], [0, 0]], dict(sign_accuracy=1, recall=1, precision=1, false_negative_rate=0,
+                                             predicted_density=0, true_density=0)),
+    # everything active, half computed
+    ([[1, 0], [1, 0]], [[1, 1], [1, 1]], dict(sign_accuracy=0.5, recall=0.5, precision=1, false_negative_rate=0.5,
+                                             predicted_density=0.5, true_density=1)),
+    # one of each: tp, fp, fn, tn
+    ([[1, 1], [0, 0]], [[1, 0], [1, 0]], dict(sign_accuracy=0.5, recall=0.5, precision=0.5, false_negative_rate=0.5,
+                                             predicted_density=0.5, true_density=0.5)),
+])
+def test_gate_rates_including_empty_denominators(mask, positive, expected):
+    from lrc_keras.metrics import GATE_RATES, confusion_counts, rates_from_counts
+
+    rates = rates_from_counts(confusion_counts(tf.constant(np.array(mask, bool)), tf.constant(np.array(positive, bool)))).numpy()
+    assert dict(zip(GATE_RATES, rates.tolist())) == pytest.approx(expected)
+
+
 def test_unmeasured_gate_metrics_are_nan(rng):
     model, x, y = small_classifier(rng)
     logs = model.evaluate(x, y, verbose=0, return_dict=True)  # inference never sees z
@@ -209,7 +239,7 @@ def test_audit_measures_gate_in_evaluate(rng):
 
 def test_joint_estimator_loss_improves_recall(rng):
     tf.random.set_seed(0)
-    model, x, y = small_classifier(rng, estimator="joint", estimator_loss_weight=1.0)
+    model, x, y = small_classifier(rng, estimator=JointEstimator(loss_weight=1.0))
     layer = model.layers[0]
     # Freeze the network so that only the estimator learns; start from a poor estimator.
     layer.kernel.trainable = False
@@ -230,7 +260,7 @@ def test_joint_estimator_loss_improves_recall(rng):
 
 
 def test_joint_loss_does_not_pull_kernel_or_bias(rng):
-    layer = built_layer(rng, estimator="joint", estimator_loss_weight=1.0)
+    layer = built_layer(rng, estimator=JointEstimator(loss_weight=1.0))
     x = tf.constant(rng.standard_normal((8, 24)).astype("float32"))
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -251,10 +281,12 @@ def test_from_dense_copies_weights_and_fits_svd(rng):
     np.testing.assert_array_equal(gated.bias.numpy(), dense.bias.numpy())
     np.testing.assert_allclose(np.abs(gated.estimator_u.numpy()), np.abs(_svd_u(gated.kernel.numpy(), 3)), rtol=1e-3, atol=1e-5)
     weights = gated.get_weights()
-    assert [w.shape for w in weights] == [(12, 9), (12,), (9, 3), (3, 12), (), ()]
-    # The default estimator adds its input statistics: C (input_dim²) and its count.
+    # kernel, bias, margin, rank, U, V, steps, observed density
+    assert [w.shape for w in weights] == [(12, 9), (12,), (), (), (9, 3), (3, 12), (), ()]
+    # The default estimator adds its buffer of 1024 input rows, the rows seen and since the last refit.
     default = LowRankGatedDense.from_dense(dense, rank=3)
-    assert [w.shape for w in default.get_weights()] == [(12, 9), (12,), (9, 3), (3, 12), (), (9, 9), (), ()]
+    assert [w.shape for w in default.get_weights()] == [
+        (12, 9), (12,), (), (), (9, 3), (3, 12), (), (1024, 9), (), (), ()]
 
 
 def test_from_dense_rejects_what_it_cannot_copy():
@@ -277,14 +309,14 @@ def test_save_and_load_round_trip(rng, tmp_path):
     for original, restored in zip(model.layers[0].get_weights(), loaded.layers[0].get_weights()):
         np.testing.assert_array_equal(original, restored)
     config = loaded.layers[0].get_config()
-    assert (config["estimator"], config["margin"], config["rank"], config["units"]) == ("joint", 0.2, 4, 48)
+    assert (config["estimator"]["class_name"], config["margin"], config["rank"], config["units"]) == (
+        "JointEstimator", 0.2, 4, 48)
     assert config == model.layers[0].get_config()
 
 
 CONSTRUCTOR_ARGUMENTS = {
-    "units": 7, "rank": 2, "estimator": "joint", "refit_every": 13, "margin": 0.5, "use_bias": False,
-    "estimator_loss_weight": 0.25, "estimator_positive_weight": 2.5, "inference_path": "gemm",
-    "regularize_skipped_units": False,
+    "units": 7, "rank": 2, "estimator": JointEstimator(loss_weight=0.25, positive_weight=2.5), "margin": 0.5,
+    "use_bias": False, "inference_path": "gemm", "regularize_skipped_units": False,
 }
 
 
@@ -296,7 +328,11 @@ def test_config_round_trip():
     )
     config = layer.get_config()
     for key, value in CONSTRUCTOR_ARGUMENTS.items():
-        assert config[key] == value, key
+        if key == "estimator":  # nested as Keras nests any serialisable object
+            assert config[key]["class_name"] == "JointEstimator"
+            assert config[key]["config"] == {"loss_weight": 0.25, "positive_weight": 2.5}
+        else:
+            assert config[key] == value, key
     assert config["kernel_regularizer"]["config"]["l2"] == pytest.approx(1e-3)
     assert config["activity_regularizer"]["config"]["l1"] == pytest.approx(1e-4)
     clone = LowRankGatedDense.from_config(config)
@@ -316,8 +352,11 @@ def test_activity_regularizer_charges_true_or_gated_activity(rng, regularize_ski
     """L1 on relu(z) of every unit (default) or of computed units only, per example of the batch."""
     layer = built_layer(rng, activity_regularizer=keras.regularizers.L1(0.01),
                         regularize_skipped_units=regularize_skipped_units)
-    x = rng.standard_normal(shape).astype("float32")
-    _, mask, z_hat, z = numpy_gated_dense(x.reshape(-1, 24), *weights_of(layer), 0.0)
+    for _ in range(20):  # inputs whose gate decisions float32 rounding cannot flip
+        x = rng.standard_normal(shape).astype("float32")
+        _, mask, z_hat, z = numpy_gated_dense(x.reshape(-1, 24), *weights_of(layer), 0.0)
+        if away_from_boundary(z_hat, 0.0).all():
+            break
     assert away_from_boundary(z_hat, 0.0).all() and np.any(~mask & (z > 0)), "needs skipped active units"
     charged = (z > 0) if regularize_skipped_units else (z > 0) & mask
     with tf.GradientTape() as tape:
@@ -372,6 +411,7 @@ def test_fit_under_mirrored_strategy(rng, mirrored_strategy):
     with mirrored_strategy.scope():
         model, x, y = small_classifier(rng, refit_every=2)
     layer = model.layers[0]
+    with_decaying_spectrum(rng, layer)
     kernels = []
 
     class Record(keras.callbacks.Callback):
@@ -391,9 +431,11 @@ def test_fit_under_mirrored_strategy(rng, mirrored_strategy):
         ({"units": 4, "rank": 0}, "rank must be a positive integer, got rank=0"),
         ({"units": 4, "rank": 2.5}, "rank must be a positive integer, got rank=2.5"),
         ({"units": 4, "rank": 2, "estimator": "pca"}, "estimator must be one of .*'pca'"),
-        ({"units": 4, "rank": 2, "refit_every": 0}, "refit_every must be a positive integer"),
+        ({"units": 4, "rank": 2, "refit_every": 5}, r"refit_every is a setting of the estimator now: pass "
+                                                    r"estimator=InputSVDEstimator\(refit_every=...\)"),
         ({"units": 4, "rank": 2, "margin": float("nan")}, "margin must be a finite number"),
-        ({"units": 4, "rank": 2, "estimator_loss_weight": -1}, "estimator_loss_weight must be >= 0"),
+        ({"units": 4, "rank": 2, "margin": float("inf")}, "margin must be a finite number, got margin=inf"),
+        ({"units": 4, "rank": 2, "estimator_loss_weight": -1}, "estimator_loss_weight is a setting of the estimator"),
         ({"units": 4, "rank": 2, "activation": "tanh"}, "ReLU layer.*activation='tanh'"),
         ({"units": 4, "rank": 2, "regularize_skipped_units": "yes"}, "regularize_skipped_units=.yes."),
     ],
@@ -416,21 +458,24 @@ def test_bad_build_and_call_inputs():
 
 def test_numpy_scalars_are_numbers_and_bools_are_not():
     layer = LowRankGatedDense(
-        np.int64(8), rank=np.int32(2), refit_every=np.int64(5), margin=np.float32(0.25),
-        estimator_loss_weight=np.float64(0.5), estimator_positive_weight=np.float32(2.0),
+        np.int64(8), rank=np.int32(2), estimator=SVDEstimator(refit_every=np.int64(5)), margin=np.float32(0.25),
     )
     config = layer.get_config()
-    assert (config["units"], config["rank"], config["refit_every"], config["margin"]) == (8, 2, 5, 0.25)
-    assert all(type(config[key]) in (int, float) for key in ("units", "rank", "refit_every", "margin"))
+    refit_every = config["estimator"]["config"]["refit_every"]
+    assert (config["units"], config["rank"], refit_every, config["margin"]) == (8, 2, 5, 0.25)
+    assert all(type(value) in (int, float) for value in (config["units"], config["rank"], refit_every, config["margin"]))
+    joint = JointEstimator(loss_weight=np.float64(0.5), positive_weight=np.float32(2.0)).get_config()
+    assert joint == {"loss_weight": 0.5, "positive_weight": 2.0} and all(type(v) is float for v in joint.values())
     for kwargs, message in [
         ({"units": True}, "units must be a positive integer, got units=True"),
         ({"rank": np.bool_(True)}, "rank must be a positive integer"),
         ({"margin": True}, "margin must be a finite number, got margin=True"),
         ({"margin": "0.1"}, "margin must be a finite number, got margin='0.1'"),
-        ({"refit_every": False}, "refit_every must be a positive integer, got refit_every=False"),
     ]:
         with pytest.raises(ValueError, match=message):
             LowRankGatedDense(**{"units": 8, "rank": 2, **kwargs})
+    with pytest.raises(ValueError, match="refit_every must be a positive integer or None, got refit_every=False"):
+        SVDEstimator(refit_every=False)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("bfloat16", 0.05), ("float16", 5e-3), ("mixed_bfloat16", 0.05)])
@@ -451,3 +496,90 @@ def test_low_precision_layers_train_and_infer(rng, monkeypatch, dtype, tolerance
     expected, _, z_hat, _ = numpy_gated_dense(x, *weights, 0.0)
     keep = away_from_boundary(z_hat, 0.0, tolerance=0.1)
     np.testing.assert_allclose(np.asarray(y, np.float64)[keep], expected[keep], rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("estimator, expected", [
+    ("input_svd", InputSVDEstimator(refit_every=3)), ("svd", SVDEstimator(refit_every=3)), ("joint", JointEstimator()),
+])
+def test_models_saved_by_449377d_still_load(estimator, expected):
+    """tests/data holds tiny models saved by lrc-keras 449377d (estimator settings on the layer,
+    a d×d input moment): they load with their weights, settings and predictions."""
+    data = os.path.join(os.path.dirname(__file__), "data", f"legacy_449377d_{estimator}")
+    saved = np.load(data + ".npz")
+    model = keras.models.load_model(data + ".keras")
+    layer = model.layers[0]
+    assert layer.estimator == expected and layer.margin == 0.25
+    for name in ("kernel", "bias", "estimator_u", "estimator_v", "training_steps"):
+        np.testing.assert_array_equal(getattr(layer, name).numpy(), saved[name], err_msg=name)
+    np.testing.assert_allclose(model.predict(saved["x"], verbose=0), saved["y_pred"], rtol=1e-6, atol=1e-6)
+
+
+def test_a_margin_change_reaches_compiled_functions(rng):
+    model = keras.Sequential([keras.Input((16,)), LowRankGatedDense(64, rank=8)])
+    x = rng.standard_normal((100, 16)).astype("float32")
+    model.predict(x, verbose=0)  # traces and caches the predict function
+    layer = model.layers[0]
+    layer.margin = -0.5
+    expected, _, z_hat, _ = numpy_gated_dense(x, *weights_of(layer), -0.5)
+    keep = away_from_boundary(z_hat, -0.5)
+    np.testing.assert_allclose(model.predict(x, verbose=0)[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    assert model.get_config()["layers"][1]["config"]["margin"] == -0.5
+
+
+@pytest.mark.parametrize("margin", [float("nan"), float("inf"), "0.1"])
+def test_a_non_finite_margin_is_refused_when_assigned(rng, margin):
+    layer = built_layer(rng, margin=0.2)
+    with pytest.raises(ValueError, match=f"{layer.name}: margin must be a finite number, got margin="):
+        layer.margin = margin
+    assert layer.margin == 0.2 and float(layer.gate_margin.numpy()) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("call", ["predict", "evaluate", "fit"])
+def test_functions_traced_before_set_rank_fail_with_a_message(rng, call):
+    model, x, y = small_classifier(rng)
+    getattr(model, call)(x, y, verbose=0) if call != "predict" else model.predict(x, verbose=0)
+    model.layers[0].set_rank(1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="set_rank changed the rank of the estimator .* compile the model again"):
+        getattr(model, call)(x, y, verbose=0) if call != "predict" else model.predict(x, verbose=0)
+    model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    layer = model.layers[0]
+    expected, _, z_hat, _ = numpy_gated_dense(x, *weights_of(layer), 0.0)
+    keep = away_from_boundary(z_hat, 0.0)
+    hidden = keras.Model(model.inputs, layer.output)
+    np.testing.assert_allclose(hidden.predict(x, verbose=0)[keep], expected[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_a_huge_finite_input_row_cannot_switch_gating_off(rng):
+    """A row of 1e20 once made the input statistics inf and every later factor NaN."""
+    layer = built_layer(rng, input_dim=16, units=32, rank=4, estimator=InputSVDEstimator(refit_every=1))
+    x = rng.standard_normal((64, 16)).astype("float32")
+    huge = x.copy()
+    huge[0] = 1e20
+    layer.refit(huge)
+    assert np.all(np.isfinite(layer.estimator_u.numpy())) and np.all(np.isfinite(layer.estimator_v.numpy()))
+    layer(huge, training=True)  # buffered and refitted from in the train step
+    for _ in range(40):  # clean steps push the huge row out of the 1024-row buffer
+        layer(x, training=True)
+    _, mask, _, _ = numpy_gated_dense(x, *weights_of(layer), 0.0)
+    assert np.all(np.isfinite(layer.estimator_u.numpy())) and 0.2 < mask.mean() < 0.8
+
+
+def test_a_refit_never_stores_non_finite_factors(rng):
+    layer = built_layer(rng, estimator=InputSVDEstimator(refit_every=1))
+    before = layer.estimator_u.numpy().copy(), layer.estimator_v.numpy().copy()
+    layer.kernel.assign(np.full(layer.kernel.shape, np.nan, "float32"))
+    with pytest.warns(RuntimeWarning, match=f"{layer.name}: the refit gave non-finite factors"):
+        layer.refit()
+    np.testing.assert_array_equal(layer.estimator_u.numpy(), before[0])
+    layer(rng.standard_normal((4, 24)).astype("float32"), training=True)  # an in-graph refit keeps them too
+    np.testing.assert_array_equal(layer.estimator_v.numpy(), before[1])
+
+
+@pytest.mark.parametrize("sample, message", [
+    ([[1.0, 2.0], [3.0]], "sample_inputs must be a 2-D array of numbers"),
+    (np.where(np.eye(24)[:3] > 0, 1e39, 0.0), "sample_inputs row 0 holds 1e.39, beyond float32's range"),
+])
+def test_unclear_sample_inputs_get_a_clear_error(rng, sample, message):
+    layer = built_layer(rng)
+    with pytest.raises(ValueError, match=message):
+        layer.refit(sample)

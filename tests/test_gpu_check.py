@@ -1,0 +1,94 @@
+"""tools/gpu_check: the GPU harness keeps working without a GPU (on the CPU shim), catches wrong
+kernels, and compiles with nvcc where nvcc exists. Select with `pytest -k "cuda or gpu"`."""
+
+import ctypes
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+SCRIPT = os.path.join(ROOT, "tools", "gpu_check", "gpu_check.py")
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def shim_library(gpu_check, tmp_path_factory):
+    return gpu_check.Library(gpu_check.build(True, str(tmp_path_factory.mktemp("gpu_check_shim"))))
+
+
+def test_gpu_check_runs_on_the_cpu_shim(tmp_path):
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, SCRIPT, "--shim", "--build-dir", str(tmp_path), "--json", str(report)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 mismatches" in result.stdout and "| 40->9 r=3 | 5 |" in result.stdout
+    saved = json.loads(report.read_text())
+    assert saved["mismatches"] == []
+    # Both rows ran the kernel: the measured density of 9 units × 1 or 5 rows near the 0.25 asked.
+    assert [row["batch"] for row in saved["timings"]] == [1, 5]
+    assert all(0.1 < row["density"] < 0.45 for row in saved["timings"])
+
+
+class FaultyOutput:
+    """The shim library, but the gated kernel's y[row, unit] comes out `error` off, or its active
+    fraction `fraction_error` off, for batches of `batch` rows."""
+
+    def __init__(self, library, batch, row=0, unit=0, error=0.0, fraction_error=0.0):
+        self.library, self.batch, self.row, self.unit = library, batch, row, unit
+        self.error, self.fraction_error = error, fraction_error
+
+    def gated_dense(self, *args):
+        self.library.gated_dense(*args)
+        batch, units, y, fraction = args[0], args[2], args[8], args[9]
+        if batch == self.batch:
+            ctypes.cast(y, ctypes.POINTER(ctypes.c_float))[self.row * units + self.unit] += self.error
+            ctypes.cast(fraction, ctypes.POINTER(ctypes.c_float))[0] += self.fraction_error
+
+    def masked_relu(self, *args):
+        self.library.masked_relu(*args)
+
+
+TINY_GRID = {"batches": (0, 3), "input_dims": (40,), "units": (9,), "densities": (0.25, 1.0)}
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        # 1e-3 on an output of size ~1: ten times the tolerance. Density 1 computes every unit.
+        (dict(unit=4, error=1e-3), "gated_dense batch=3 input_dim=40 units=9 density=1.0: 1 of 27 outputs wrong; first [0, 4]"),
+        (dict(row=1, unit=8, error=np.nan), "density=1.0: 1 of 27 outputs wrong; first [1, 8]"),
+        (dict(fraction_error=1 / 27), "density=1.0: active fraction 1.037037, expected 1"),
+    ],
+)
+def test_gpu_check_reports_a_wrong_kernel(gpu_check, shim_library, fault, message):
+    problems = gpu_check.check_kernels(gpu_check.ShimDevice(), FaultyOutput(shim_library, 3, **fault), TINY_GRID)
+    assert any(message in problem for problem in problems), problems
+    assert not any("masked_relu" in problem for problem in problems)
+
+
+def test_gpu_check_exits_1_on_a_mismatch(gpu_check, shim_library, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(gpu_check, "SHIM_CHECK_GRID", TINY_GRID)
+    monkeypatch.setattr(gpu_check, "Library", lambda path: FaultyOutput(shim_library, 3, error=1.0))
+    assert gpu_check.main(["--shim", "--build-dir", str(tmp_path)]) == 1
+    assert "MISMATCH gated_dense batch=3" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")
+def test_gpu_check_compiles_with_nvcc(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--build-only", "--build-dir", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "gpu_check.so").stat().st_size > 0

@@ -1,0 +1,457 @@
+"""Checks and times the CUDA kernels of custom_ops/ on a GPU, without TensorFlow.
+
+    python3 tools/gpu_check/gpu_check.py          # a machine with a GPU, nvcc, numpy and PyTorch
+    python3 tools/gpu_check/gpu_check.py --shim   # the same checks on the CPU (tests/cuda_shim)
+
+It compiles the op's own launches (custom_ops/gated_dense_gpu.cu.cc, which includes the kernels
+of custom_ops/gated_dense_gpu_kernels.cu.h) and launches.cc into one shared library with nvcc,
+for the architectures setup.py builds, loads it with ctypes and hands it PyTorch's device
+pointers and stream. Then:
+  1. correctness: both kernels against float64 numpy, for every batch, input_dim, units and
+     predicted density of the grids below, with NaN estimates and a NaN input, y in a buffer of
+     its own and in each input buffer the op may hand over (gated_dense_kernels.cc). Every
+     mismatch is printed, and the exit status is 1 if there was any.
+  2. speed: the gated layer (the estimate's two GEMMs in cuBLAS, then the gated kernel) against
+     the dense layer (one cuBLAS GEMM with the bias, then relu), timed with CUDA events, printed
+     as a markdown table.
+With --shim, the library is built with g++ on the CPU shim of the tests and the same code runs
+on small grids: the pytest suite runs it so that this script keeps working without a GPU; its
+timings mean nothing.
+"""
+
+import argparse
+import ast
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CUSTOM_OPS = os.path.join(ROOT, "custom_ops")
+CUDA_SHIM = os.path.join(ROOT, "tests", "cuda_shim")
+
+# The grids of the GPU run and of the shim (std::threads run every CUDA thread: keep it small).
+# Batches end inside the kernel's row tiles (4 to 32 rows), units inside its blocks of 8.
+GPU_CHECK_GRID = {"batches": (0, 1, 3, 33, 256), "input_dims": (1, 7, 784, 3072),
+                  "units": (1, 257, 1000, 4000), "densities": (0.0, 0.05, 0.25, 1.0)}
+SHIM_CHECK_GRID = {"batches": (0, 1, 3, 33), "input_dims": (7, 40),
+                   "units": (1, 9), "densities": (0.0, 0.05, 0.25, 1.0)}
+# (input_dim, units, rank) as in BENCHMARKS.md.
+GPU_TIMING_GRID = {"layers": ((784, 1000, 20), (3072, 4000, 50)), "batches": (1, 16, 256),
+                   "densities": (0.05, 0.1, 0.25), "calls": 50, "repeats": 7}
+SHIM_TIMING_GRID = {"layers": ((40, 9, 3),), "batches": (1, 5), "densities": (0.25,),
+                    "calls": 1, "repeats": 1}
+
+# float32 dot products of length <= 3072 of N(0, 1) inputs and N(0, 1/d) weights are within
+# ~1e-6 of float64; one wrong term is off by ~1e-2.
+TOLERANCE = 1e-4
+# Estimates this close to the threshold may fall either side of it in float32.
+BOUNDARY = 1e-3
+
+
+def log(message):
+    print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and loading the library.
+
+
+def setup_nvcc_architectures():
+    """NVCC_ARCHS of setup.py: the harness is compiled for what the op ships."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        for node in ast.parse(f.read()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_ARCHS" for t in node.targets):
+                return ast.literal_eval(node.value)
+    raise RuntimeError("setup.py defines no NVCC_ARCHS")
+
+
+def find_nvcc():
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    candidate = os.path.join(cuda_home, "bin", "nvcc")
+    nvcc = shutil.which("nvcc") or (candidate if os.path.exists(candidate) else None)
+    if nvcc is None:
+        raise SystemExit("gpu_check: nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+    return nvcc
+
+
+def build(shim, build_dir):
+    """Compiles the library (nvcc, or g++ on the CPU shim) into build_dir; returns its path."""
+    os.makedirs(build_dir, exist_ok=True)
+    launches = os.path.join(HERE, "launches.cc")
+    if shim:
+        library = os.path.join(build_dir, "gpu_check_shim.so")
+        command = [os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
+                   f"-I{CUSTOM_OPS}", f"-I{CUDA_SHIM}", launches, "-o", library]
+    else:
+        library = os.path.join(build_dir, "gpu_check.so")
+        command = [find_nvcc(), "-shared", "-x", "cu", "-std=c++17", "-O3", "-Xcompiler", "-fPIC",
+                   "-DGOOGLE_CUDA=1", *setup_nvcc_architectures(), f"-I{CUSTOM_OPS}",
+                   os.path.join(CUSTOM_OPS, "gated_dense_gpu.cu.cc"), launches, "-o", library]
+    log("building: " + " ".join(command))
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    log(f"built {library} in {time.perf_counter() - started:.0f} s")
+    return library
+
+
+class Library:
+    """The C API of launches.cc; each call raises on a launch error."""
+
+    def __init__(self, path):
+        self._library = ctypes.CDLL(path)
+        pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+        self._library.gated_dense.argtypes = [int64] * 3 + [pointer] * 4 + [ctypes.c_float] + [pointer] * 4
+        self._library.masked_relu.argtypes = [int64] * 2 + [pointer] * 3 + [ctypes.c_float] + [pointer] * 4
+        for function in ("gated_dense", "masked_relu"):
+            getattr(self._library, function).restype = ctypes.c_char_p
+        if hasattr(self._library, "spin"):
+            self._library.spin.argtypes = [int64, pointer]
+            self._library.spin.restype = ctypes.c_char_p
+
+    def _call(self, function, *args):
+        error = getattr(self._library, function)(*args)
+        if error is not None:
+            raise RuntimeError(f"{function}: {error.decode()}")
+
+    def gated_dense(self, *args):
+        self._call("gated_dense", *args)
+
+    def masked_relu(self, *args):
+        self._call("masked_relu", *args)
+
+    def spin(self, nanoseconds, stream):
+        self._call("spin", nanoseconds, stream)
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices: where the arrays live and how a run is timed. Arrays are float32 unless said.
+
+
+class ShimDevice:
+    """numpy arrays; the shim library runs the kernels on the CPU within the call."""
+
+    label = "CPU shim (tests/cuda_shim): kernel logic only, timings are not GPU figures"
+    stream = None
+
+    def upload(self, array):
+        return np.array(array, copy=True, order="C")
+
+    def empty(self, shape, dtype=np.float32):
+        return np.empty(shape, dtype)
+
+    def download(self, array):
+        return np.array(array)
+
+    def pointer(self, array):
+        return array.ctypes.data
+
+    def matmul(self, a, b, out):
+        np.matmul(a, b, out=out)
+
+    def dense_layer(self, x, kernel, bias, out, tf32):
+        """relu(x·kernelᵀ + bias) into out; the shim has float32 only, so tf32 changes nothing."""
+        np.matmul(x, kernel.T, out=out)
+        out += bias
+        np.maximum(out, 0.0, out=out)
+
+    def seconds_per_call(self, function, calls, repeats):
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(calls):
+                function()
+            times.append((time.perf_counter() - started) / calls)
+        return float(np.median(times))
+
+
+def import_torch():
+    """PyTorch with a GPU, or exit with a one-line reason."""
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("gpu_check: PyTorch is not installed; without a GPU, run with --shim") from None
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check: PyTorch sees no GPU (torch.cuda.is_available() is False); "
+                         "without one, run with --shim")
+    return torch
+
+
+class TorchGpu:
+    """PyTorch tensors on the first GPU, its current stream, CUDA events."""
+
+    WARMUP_CALLS = 3
+
+    def __init__(self, torch, library):
+        self.torch = torch
+        self.library = library
+        self.spin_ns = 2_000_000  # doubled whenever the host falls behind (see seconds_per_call)
+        properties = torch.cuda.get_device_properties(0)
+        self.label = (f"{properties.name}, {properties.multi_processor_count} SMs, PyTorch {torch.__version__} "
+                      f"(CUDA {torch.version.cuda})")
+
+    @property
+    def stream(self):
+        return self.torch.cuda.current_stream().cuda_stream
+
+    def upload(self, array):
+        return self.torch.from_numpy(np.array(array, copy=True, order="C")).cuda()
+
+    def empty(self, shape, dtype=np.float32):
+        # uint64 counters only need their 8 bytes: int64 holds them.
+        torch_dtype = {np.float32: self.torch.float32, np.uint64: self.torch.int64}[dtype]
+        return self.torch.empty(shape, dtype=torch_dtype, device="cuda")
+
+    def download(self, tensor):
+        return tensor.cpu().numpy()  # waits for the stream
+
+    def pointer(self, tensor):
+        return tensor.data_ptr()
+
+    def matmul(self, a, b, out):
+        self.torch.mm(a, b, out=out)
+
+    def dense_layer(self, x, kernel, bias, out, tf32):
+        """relu(x·kernelᵀ + bias) into out: cuBLAS with the bias as C, then relu in place."""
+        self.torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        try:
+            self.torch.addmm(bias, x, kernel.t(), out=out)
+            out.relu_()
+        finally:
+            self.torch.set_float32_matmul_precision("highest")
+
+    def seconds_per_call(self, function, calls, repeats):
+        """Median over repeats of the GPU time between two events around `calls` calls.
+
+        A spin kernel holds the stream while the host queues the calls, so the events time the
+        GPU's work and not the host's launch latency; if the spin ended before the host had
+        queued every call, the repeat is done again with a spin twice as long.
+        """
+        torch = self.torch
+        for _ in range(self.WARMUP_CALLS):
+            function()
+        times = []
+        while len(times) < repeats:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.library.spin(self.spin_ns, self.stream)
+            start.record()
+            for _ in range(calls):
+                function()
+            end.record()
+            host_kept_ahead = not start.query()
+            end.synchronize()
+            if host_kept_ahead:
+                times.append(start.elapsed_time(end) / 1e3 / calls)
+            else:
+                self.spin_ns *= 2
+                log(f"  (the host fell behind the GPU: spinning {self.spin_ns / 1e6:.0f} ms before each repeat)")
+        return float(np.median(times))
+
+
+# ----------------------------------------------------------------------------------------------
+# Correctness.
+
+
+def margin_for_density(z_hat, density):
+    """The margin at which a fraction `density` of the finite estimates select their unit
+    (the rule of lrc_keras.gating, which imports TensorFlow)."""
+    if density <= 0:
+        return -float("inf")
+    if density >= 1:
+        return float("inf")
+    return -float(np.nanquantile(z_hat, 1.0 - density))
+
+
+def compare(name, y, z, bias, product, margin, fraction):
+    """Mismatches of one run against the contract of custom_ops/gated_dense.h, in float64.
+
+    z: x·Wᵀ in float64 (NaN where x has a NaN). Estimates within BOUNDARY of the threshold may be
+    decided either way, but y must then be 0 or the computed value, and the active fraction
+    must lie between the counts of the two decisions.
+    """
+    z_hat = product.astype(np.float64) + bias
+    selected = ~(z_hat <= -margin)  # NaN estimates select their unit
+    undecided = np.abs(z_hat + margin) <= BOUNDARY
+    relu = np.maximum(z + bias, 0.0)
+    close = np.isclose(y, relu, rtol=TOLERANCE, atol=TOLERANCE, equal_nan=True)
+    wrong = np.where(undecided, ~(close | (y == 0.0)), np.where(selected, ~close, y != 0.0))
+    problems = []
+    if wrong.any():
+        i, j = np.argwhere(wrong)[0]
+        expected = relu[i, j] if selected[i, j] else 0.0
+        problems.append(f"{name}: {wrong.sum()} of {wrong.size} outputs wrong; first [{i}, {j}]: "
+                        f"y={float(y[i, j]):.7g}, expected {expected:.7g} "
+                        f"(estimate {z_hat[i, j]:.7g}, margin {margin:.7g})")
+    if y.size:
+        low, high = (selected & ~undecided).sum() / y.size, (selected | undecided).sum() / y.size
+    else:
+        low = high = 0.0
+    if not low - 1e-6 <= fraction <= high + 1e-6:
+        problems.append(f"{name}: active fraction {fraction:.7g}, expected {low:.7g}" +
+                        (f" to {high:.7g}" if high != low else ""))
+    return problems
+
+
+def run_gated_dense(device, library, x, kernel, bias, product, margin, alias):
+    """y and the active fraction of the gated kernel; y in product's buffer if alias."""
+    batch, units = product.shape
+    product_on_device = device.upload(product)
+    y = product_on_device if alias else device.upload(np.full(product.shape, np.nan, np.float32))
+    fraction, scratch = device.empty((1,)), device.empty((1,), np.uint64)
+    library.gated_dense(batch, x.shape[1], units, device.pointer(x), device.pointer(kernel),
+                        device.pointer(bias), device.pointer(product_on_device), margin, device.pointer(y),
+                        device.pointer(fraction), device.pointer(scratch), device.stream)
+    return device.download(y), float(device.download(fraction)[0])
+
+
+def run_masked_relu(device, library, z, bias, product, margin, output):
+    """y and the active fraction of the GEMM path's epilogue; output: "own", "z" or "product"."""
+    batch, units = product.shape
+    z_on_device, product_on_device = device.upload(z), device.upload(product)
+    y = {"z": z_on_device, "product": product_on_device}.get(output)
+    if y is None:
+        y = device.upload(np.full(product.shape, np.nan, np.float32))
+    fraction, scratch = device.empty((1,)), device.empty((1,), np.uint64)
+    library.masked_relu(batch, units, device.pointer(z_on_device), device.pointer(bias),
+                        device.pointer(product_on_device), margin, device.pointer(y),
+                        device.pointer(fraction), device.pointer(scratch), device.stream)
+    return device.download(y), float(device.download(fraction)[0])
+
+
+def check_kernels(device, library, grid, seed=0):
+    """Runs both kernels over the grid; returns the list of mismatches."""
+    rng = np.random.default_rng(seed)
+    max_batch = max(grid["batches"])
+    problems = []
+    for input_dim in grid["input_dims"]:
+        for units in grid["units"]:
+            started = time.perf_counter()
+            x_all = rng.standard_normal((max_batch, input_dim)).astype(np.float32)
+            x_all[min(2, max_batch - 1), input_dim // 2] = np.nan  # row 2: NaN wherever computed
+            kernel = (rng.standard_normal((units, input_dim)) / np.sqrt(input_dim)).astype(np.float32)
+            bias = (0.1 * rng.standard_normal(units)).astype(np.float32)
+            product_all = rng.standard_normal((max_batch, units)).astype(np.float32)
+            product_all[-1, 1::3] = np.nan  # NaN estimates select their unit
+            z_all = x_all.astype(np.float64) @ kernel.T.astype(np.float64)
+            kernel_on_device, bias_on_device = device.upload(kernel), device.upload(bias)
+            runs = 0
+            for batch in grid["batches"]:
+                # The last row of each batch holds the NaN estimates, rows 0 and 1 stay finite.
+                rows = np.r_[0:batch - 1, max_batch - 1] if batch else np.arange(0)
+                x, product, z = x_all[rows], product_all[rows], z_all[rows]
+                x_on_device = device.upload(x)
+                for density in grid["densities"]:
+                    margin = margin_for_density(product.astype(np.float64) + bias, density) if batch else 0.0
+                    shape = f"batch={batch} input_dim={input_dim} units={units} density={density}"
+                    for alias in (False, True):
+                        y, fraction = run_gated_dense(device, library, x_on_device, kernel_on_device,
+                                                      bias_on_device, product, margin, alias)
+                        name = f"gated_dense {shape}" + (" y=product" if alias else "")
+                        problems += compare(name, y, z, bias, product, margin, fraction)
+                    z32 = z.astype(np.float32)
+                    for output in ("own", "z", "product"):
+                        y, fraction = run_masked_relu(device, library, z32, bias_on_device, product, margin, output)
+                        name = f"masked_relu {shape}" + ("" if output == "own" else f" y={output}")
+                        problems += compare(name, y, z32.astype(np.float64), bias, product, margin, fraction)
+                    runs += 5
+            log(f"checked input_dim={input_dim:5d} units={units:5d}: {runs} runs, "
+                f"{len(problems)} mismatches so far ({time.perf_counter() - started:.1f} s)")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed.
+
+TABLE_HEADER = ("| layer | batch | density | Dense µs | Dense TF32 µs | gated µs | gated kernel µs | speedup | speedup vs TF32 |\n"
+                "|---|---|---|---|---|---|---|---|---|")
+
+
+def time_layers(device, library, grid, seed=0):
+    """Times the gated and dense layers over the grid, printing each table row as it is made."""
+    rng = np.random.default_rng(seed)
+    log(TABLE_HEADER)
+    rows = []
+    for input_dim, units, rank in grid["layers"]:
+        kernel = device.upload((rng.standard_normal((units, input_dim)) / np.sqrt(input_dim)).astype(np.float32))
+        bias_host = (0.1 * rng.standard_normal(units)).astype(np.float32)
+        bias = device.upload(bias_host)
+        estimator_u = device.upload(rng.standard_normal((input_dim, rank)).astype(np.float32))
+        estimator_v = device.upload((rng.standard_normal((rank, units)) / np.sqrt(input_dim)).astype(np.float32))
+        for batch in grid["batches"]:
+            x = device.upload(rng.standard_normal((batch, input_dim)).astype(np.float32))
+            hidden, product, y = device.empty((batch, rank)), device.empty((batch, units)), device.empty((batch, units))
+            fraction, scratch = device.empty((1,)), device.empty((1,), np.uint64)
+            device.matmul(x, estimator_u, hidden)
+            device.matmul(hidden, estimator_v, product)
+            z_hat = device.download(product).astype(np.float64) + bias_host
+            for density in grid["densities"]:
+                margin = margin_for_density(z_hat, density)
+
+                kernel_args = (batch, input_dim, units, device.pointer(x), device.pointer(kernel),
+                               device.pointer(bias), device.pointer(product), margin, device.pointer(y),
+                               device.pointer(fraction), device.pointer(scratch), device.stream)
+
+                def gated_kernel():
+                    library.gated_dense(*kernel_args)
+
+                def gated_layer():
+                    device.matmul(x, estimator_u, hidden)
+                    device.matmul(hidden, estimator_v, product)
+                    gated_kernel()
+
+                timings = {name: device.seconds_per_call(function, grid["calls"], grid["repeats"]) * 1e6
+                           for name, function in (
+                               ("dense_us", lambda: device.dense_layer(x, kernel, bias, y, tf32=False)),
+                               ("dense_tf32_us", lambda: device.dense_layer(x, kernel, bias, y, tf32=True)),
+                               ("gated_us", gated_layer),
+                               ("gated_kernel_us", gated_kernel))}
+                gated_layer()
+                row = {"layer": f"{input_dim}->{units} r={rank}", "batch": batch,
+                       "density": float(device.download(fraction)[0]), **timings}
+                rows.append(row)
+                log(f"| {row['layer']} | {batch} | {row['density']:.3f} | {row['dense_us']:.1f} | "
+                    f"{row['dense_tf32_us']:.1f} | {row['gated_us']:.1f} | {row['gated_kernel_us']:.1f} | "
+                    f"{row['dense_us'] / row['gated_us']:.2f}x | {row['dense_tf32_us'] / row['gated_us']:.2f}x |")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shim", action="store_true",
+                        help="build with g++ on the CPU shim of the tests and run small grids (no GPU)")
+    parser.add_argument("--build-only", action="store_true", help="compile the library and stop")
+    parser.add_argument("--build-dir", help="where the library goes (default: a temporary directory)")
+    parser.add_argument("--json", help="also write the mismatches and the timings to this file")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    torch = None if args.shim or args.build_only else import_torch()  # before the build: fail fast
+    build_dir = args.build_dir or tempfile.mkdtemp(prefix="lrc_gpu_check_")
+    library = Library(build(args.shim, build_dir))
+    if args.build_only:
+        return 0
+    device = ShimDevice() if args.shim else TorchGpu(torch, library)
+    log(f"device: {device.label}")
+    log("1. correctness against float64 numpy")
+    problems = check_kernels(device, library, SHIM_CHECK_GRID if args.shim else GPU_CHECK_GRID)
+    for problem in problems:
+        log("MISMATCH " + problem)
+    log(f"{len(problems)} mismatches")
+    log("2. speed: µs per call, median of repeats; Dense = cuBLAS GEMM with bias + relu (FP32, or TF32 as "
+        "TensorFlow uses by default on this GPU); gated = the estimate's two FP32 GEMMs + the gated kernel")
+    rows = time_layers(device, library, SHIM_TIMING_GRID if args.shim else GPU_TIMING_GRID)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device.label, "mismatches": problems, "timings": rows}, f, indent=1)
+    log(f"done in {time.perf_counter() - started:.0f} s: {len(problems)} mismatches")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
