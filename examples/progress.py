@@ -21,7 +21,7 @@ def describe(model):
     if not gated:
         return f"the Dense network {widths}"
     ranks = ",".join(str(layer.rank) for layer in gated)
-    return f"the gated network {widths} (rank {ranks}, estimator {gated[0].estimator})"
+    return f"the gated network {widths} (rank {ranks}, estimator {gated[0].estimator.name})"
 
 
 class EpochLine(keras.callbacks.Callback):
