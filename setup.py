@@ -111,7 +111,7 @@ class BuildOps(Command):
     """
 
     description = "compile the TensorFlow custom ops into lrc_keras/_lrc_ops.so"
-    user_options = []
+    user_options = [("build-lib=", "d", "directory of the built package (default: build's)")]
     OUTPUTS = ("_lrc_ops.so", "_lrc_ops.json")
 
     def initialize_options(self):
