@@ -26,7 +26,9 @@ class LowRankGatedDense(keras.layers.Layer):
 
     Training (`training=True`) computes z densely (a GEMM is cheapest while gradients are
     needed), applies the estimator's mask and returns `relu(z)·mask`: the network learns to live
-    with the estimator's mistakes. The task's gradients reach W and b only through computed
+    with the estimator's mistakes. A training step costs more than its Dense twin's by the
+    estimate, the gate metrics, the estimator's upkeep and refits (BENCHMARKS.md, measured with
+    `python -m lrc_keras.benchmark --training`). The task's gradients reach W and b only through computed
     units; the activity penalty also reaches the active units the gate skipped
     (`regularize_skipped_units`) and pushes them below zero.
     Inference runs the compiled op (`lrc_keras.dispatch` chooses the implementation), which
@@ -83,7 +85,8 @@ class LowRankGatedDense(keras.layers.Layer):
 
     Metrics: `fit` logs `{name}_sign_accuracy`, `_recall`, `_precision`,
     `_false_negative_rate`, `_predicted_density` and `_true_density` (they need the dense z:
-    measured in training, and in inference only while `layer.audit` is True).
+    measured in training, on the first 32 rows of each batch, and in inference, on every row,
+    only while `layer.audit` is True).
 
     Example:
 
@@ -437,7 +440,9 @@ class LowRankGatedDense(keras.layers.Layer):
         z_hat, mask = self._estimate_and_mask(x)
         y, skipped = ops.masked_dense_for_training(x, self.kernel, self.bias, mask)
         positive = tf.stop_gradient(y + skipped) > 0  # z > 0: y and skipped never overlap
-        self._record_gate(mask, positive)
+        # The metrics count a sample of each batch's rows (fit shuffles them): an unbiased
+        # estimate of the epoch's rates for a quarter of the counting work at batch 128.
+        self._record_gate(mask[:GATE_SAMPLE_ROWS], positive[:GATE_SAMPLE_ROWS])
         loss = self.estimator.loss(self, z_hat, positive)
         if loss is not None:
             self.add_loss(loss)
@@ -459,6 +464,9 @@ class LowRankGatedDense(keras.layers.Layer):
         # tp + fp over all entries: the density, without another pass over the mask.
         self.observed_density.assign(tf.cast((counts[0] + counts[1]) / tf.reduce_sum(counts), tf.float32))
 
+
+# Rows of each training batch whose gate decisions the metrics count (see _training_forward).
+GATE_SAMPLE_ROWS = 32
 
 # Settings of 449377d's layer that belong to an estimator now, and where they went.
 _MOVED_TO_ESTIMATOR = {
