@@ -1,5 +1,9 @@
 """Builds lrc_keras and compiles custom_ops/ into lrc_keras/_lrc_ops.so.
 
+`pip install .` puts the library in the installed package; `pip install -e .` compiles it into
+this source tree's lrc_keras/, so that Python started in the tree (whose current folder comes
+first on the import path) finds the op too.
+
 The library is compiled with the flags of the TensorFlow that pip put in the build environment
 (tf.sysconfig), which is pinned to the version installed at run time (pyproject.toml and
 install_requires below), and the version is recorded in _lrc_ops.json so that lrc_keras.ops
@@ -22,9 +26,10 @@ import shlex
 import shutil
 import subprocess
 
+from setuptools import Command
 from setuptools import find_packages
 from setuptools import setup
-from setuptools.command.build_py import build_py
+from setuptools.command.build import build
 
 TENSORFLOW_PIN = "tensorflow==2.21.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,7 +93,7 @@ def compile_ops(package_dir, build_temp):
 
 def record_skipped_build(package_dir):
     """Says in _lrc_ops.json that the ops were skipped on purpose, so lrc_keras.ops does not
-    report a broken build; drops a library an earlier build left in the build directory."""
+    report a broken build; drops a library an earlier build left there."""
     library = os.path.join(package_dir, "_lrc_ops.so")
     if os.path.exists(library):
         os.remove(library)
@@ -96,18 +101,54 @@ def record_skipped_build(package_dir):
         json.dump({"skipped": "LRC_BUILD_OPS=0"}, f)
 
 
-class BuildPyWithOps(build_py):
+class BuildOps(Command):
+    """Compiles custom_ops/ into lrc_keras/_lrc_ops.so: into the build folder for a wheel, or, in an
+    editable install (`pip install -e .`, setuptools' editable_mode), into the source tree itself,
+    which is where the editable install imports lrc_keras from.
+
+    A command of its own rather than part of build_py: setuptools runs a customised build_py
+    "safely" in editable installs, turning a failed compilation into a hidden warning.
+    """
+
+    description = "compile the TensorFlow custom ops into lrc_keras/_lrc_ops.so"
+    user_options = [("build-lib=", "d", "directory of the built package (default: build's)")]
+    OUTPUTS = ("_lrc_ops.so", "_lrc_ops.json")
+
+    def initialize_options(self):
+        self.build_lib = None
+        self.build_temp = None
+        self.editable_mode = False
+
+    def finalize_options(self):
+        self.set_undefined_options("build", ("build_lib", "build_lib"), ("build_temp", "build_temp"))
+
+    def package_dir(self):
+        return os.path.join(HERE if self.editable_mode else self.build_lib, "lrc_keras")
+
     def run(self):
-        super().run()
-        package_dir = os.path.join(self.build_lib, "lrc_keras")
+        package_dir = self.package_dir()
+        os.makedirs(package_dir, exist_ok=True)
         if os.environ.get("LRC_BUILD_OPS", "1") == "0":
             record_skipped_build(package_dir)
         else:
-            build_temp = os.path.join(os.path.dirname(self.build_lib), "lrc_ops_temp")
-            compile_ops(package_dir, build_temp)
+            compile_ops(package_dir, os.path.join(self.build_temp, "lrc_ops_temp"))
+
+    # setuptools' build sub-command protocol (setuptools.command.build.SubCommand).
+    def get_outputs(self):
+        return [os.path.join(self.package_dir(), name) for name in self.OUTPUTS]
+
+    def get_output_mapping(self):
+        return {}
+
+    def get_source_files(self):
+        return [*CPU_SOURCES, *GPU_HOST_SOURCES, GPU_DEVICE_SOURCE]
 
 
-EXAMPLES = ["tensorflow-datasets>=4.9", "importlib_resources", "tensorboard", "matplotlib", "tqdm"]
+class BuildWithOps(build):
+    sub_commands = build.sub_commands + [("build_ops", None)]
+
+
+EXAMPLES = ["tensorflow-datasets>=4.9", "importlib_resources", "tensorboard", "matplotlib"]
 
 setup(
     name="lrc-keras",
@@ -119,5 +160,5 @@ setup(
     packages=find_packages(include=["lrc_keras", "lrc_keras.*"]),
     install_requires=[TENSORFLOW_PIN, "keras>=3.15,<4", "numpy"],
     extras_require={"examples": EXAMPLES, "test": ["pytest>=8", *EXAMPLES]},
-    cmdclass={"build_py": BuildPyWithOps},
+    cmdclass={"build": BuildWithOps, "build_ops": BuildOps},
 )

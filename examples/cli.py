@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+import textwrap
 
 from lrc_keras.estimators import ESTIMATORS
 
@@ -47,32 +48,55 @@ def estimator_list(text):
     return names
 
 
+def comma_separated(values):
+    """A list default as it is typed on the command line (argparse converts it with the flag's type)."""
+    return ",".join(map(str, values))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in --help, except where there is none to show (None, False) or the help says it;
+    lines wrapped between words only, so that no flag's name is cut at its hyphen."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class ExampleParser(argparse.ArgumentParser):
     """Flags for data, network and training; with `ranks`, also those of the gated-network experiments.
 
     `dataset` (data.Dataset) words the --npz help; `hidden`, `epochs`, `l1` and `ranks` are the
-    script's defaults. convert_mnist.py, which makes its gated layers from a trained Dense
+    script's defaults, `ranks` those of its default network (`default_ranks` fits them to
+    another --hidden). convert_mnist.py, which makes its gated layers from a trained Dense
     network, leaves `ranks` out and adds its own flags.
     """
 
     def __init__(self, description, dataset, hidden, epochs, l1, ranks=None):
-        super().__init__(description=description)
-        self.add_argument("--npz", default=None, help=f"arrays {dataset.describe_arrays()} instead of tfds; "
-                          "a quarter chosen by --split-seed is held out as the test set")
-        self.add_argument("--data-dir", default=None, help="tensorflow-datasets data directory")
+        super().__init__(description=description, formatter_class=HelpFormatter)
+        self.experiment = ranks is not None
+        self.default_ranks = ranks
+        self.add_argument("--npz", default=None, help=f"arrays {dataset.describe_arrays()} instead of "
+                          "tensorflow-datasets; a quarter chosen by --split-seed is held out as the test set")
+        self.add_argument("--data-dir", default=None, help="tensorflow-datasets data directory (default: its own)")
         self.add_argument("--seed", type=int, default=0, help="seed of the weights and the shuffling")
         self.add_argument("--split-seed", type=int, default=0,
-                          help="which quarter of --npz is held out; fixed while --seeds vary")
-        self.add_argument("--hidden", type=int_list, default=hidden, help="hidden layer sizes, e.g. 1000,1000")
+                          help="which quarter of --npz is held out" + ("; fixed while --seeds vary"
+                                                                      if self.experiment else ""))
+        self.add_argument("--hidden", type=int_list, default=comma_separated(hidden), help="hidden layer sizes")
         self.add_argument("--l1", type=float, default=l1, help="L1 activity penalty on hidden activations")
-        self.add_argument("--dropout", type=float, default=0.0)
-        self.add_argument("--epochs", type=int, default=epochs)
-        self.add_argument("--batch-size", type=int, default=128)
-        self.add_argument("--learning-rate", type=float, default=1e-3)
-        self.experiment = ranks is not None
+        self.add_argument("--dropout", type=float, default=0.0, help="dropout rate after each hidden layer")
+        self.add_argument("--epochs", type=int, default=epochs, help="training epochs")
+        self.add_argument("--batch-size", type=int, default=128, help="training batch size")
+        self.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's learning rate")
         if self.experiment:
-            self.add_argument("--ranks", type=int_list, default=ranks,
-                              help="estimator rank per hidden layer (one value: all)")
+            self.add_argument("--ranks", type=int_list, default=None,
+                              help="estimator rank per hidden layer, or one value for all (default: "
+                              f"{comma_separated(ranks)} by position, the last repeated for more layers, each at "
+                              "most a quarter of its layer's units)")
             self.add_argument("--estimator", dest="estimators", type=estimator_list, default=[None],
                               metavar="NAMES", help="one gated network per estimator, comma-separated, from: "
                               f"{', '.join(ESTIMATORS)} (default: the layer's default)")
@@ -87,7 +111,7 @@ class ExampleParser(argparse.ArgumentParser):
             self.add_argument("--seeds", type=seed_list, default=None,
                               help="train every network once per seed, e.g. 0,1,2, and report mean ± std "
                               "(default: --seed; --seeds overrides it)")
-            self.add_argument("--speed-batches", type=int_list, default=list(SPEED_BATCHES),
+            self.add_argument("--speed-batches", type=int_list, default=comma_separated(SPEED_BATCHES),
                               help="batch sizes at which the speed is measured")
             self.add_argument("--logdir", default="runs", help="TensorBoard logs, tables and plots go here")
             self.add_argument("--baseline", action="store_true", help="also train the same network with Dense layers")
@@ -98,6 +122,8 @@ class ExampleParser(argparse.ArgumentParser):
         parsed = super().parse_args(args, namespace)
         if not self.experiment:
             return parsed
+        if parsed.ranks is None:
+            parsed.ranks = default_ranks(self.default_ranks, parsed.hidden)
         if len(parsed.ranks) not in (1, len(parsed.hidden)):
             self.error(
                 f"--ranks needs 1 or {len(parsed.hidden)} values (one per hidden layer), "
@@ -110,6 +136,12 @@ class ExampleParser(argparse.ArgumentParser):
                 f"--seeds {','.join(map(str, parsed.seeds))} --estimator {','.join(map(str, parsed.estimators))}"
             )
         return parsed
+
+
+def default_ranks(ranks, hidden):
+    """The default network's `ranks` fitted to `hidden`: by position, the last repeated, each at most
+    a quarter of its layer's units (an estimator of rank r costs r·(d + n) multiply-adds)."""
+    return [max(1, min(ranks[min(index, len(ranks) - 1)], units // 4)) for index, units in enumerate(hidden)]
 
 
 def main_guard(main_function, argv):

@@ -1,6 +1,7 @@
 """The examples' data: tensorflow-datasets (failing fast offline) or .npz arrays, the held-out split, preprocessing."""
 
 import dataclasses
+import re
 from typing import Callable
 
 import numpy as np
@@ -63,14 +64,23 @@ def load_tfds(name, data_dir):
         splits = tfds.load(name, split=["train", "test"], data_dir=data_dir, as_supervised=True)
     except Exception as error:  # tfds raises many kinds (ConnectionError, DatasetNotFoundError, ...)
         raise DataError(
-            f"could not load {name!r} with tensorflow-datasets ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}); pass --data-dir with a prepared copy or --npz with arrays"
+            f"could not load {name!r} with tensorflow-datasets ({type(error).__name__}: {cause(error)}); "
+            "pass --data-dir with a prepared copy or --npz with arrays"
         ) from None
     # Batches rather than batch_size=-1, which aborts on datasets of unknown cardinality.
     return tuple(
         tuple(np.concatenate(parts) for parts in zip(*tfds.as_numpy(split.batch(8192))))
         for split in splits
     )
+
+
+def cause(error):
+    """What went wrong, in a few words: the unreachable host of a failed download, else the error's first line."""
+    text = str(error)
+    host = re.search(r"host='([^']+)'", text)
+    if host:
+        return f"cannot reach {host.group(1)}; is this machine offline?"
+    return text.splitlines()[0] if text else "no message"
 
 
 def load_npz(path, dataset, split_seed):

@@ -12,6 +12,7 @@ from lrc_keras.callbacks import GateSummaries
 
 import measure
 import models
+import progress
 import report
 
 
@@ -31,34 +32,38 @@ def run(args, dataset, data):
         for estimator in args.estimators:
             runs.append(train_and_measure(args, dataset, data, seed, per_layer(args.ranks, args.hidden), estimator))
     summary = report.summarise(runs)
-    table = report.summary_table(summary)
-    print(table)
+    print("\n" + report.summary_text(summary))
     with open(os.path.join(args.logdir, "summary.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(report.summary_table(summary) + "\n")
     report.write_summary_csv(summary, os.path.join(args.logdir, "summary.csv"))
     report.write_runs_csv(runs, os.path.join(args.logdir, "runs.csv"))
-    print(f"wrote {args.logdir}/summary.md, summary.csv (mean and std over seeds) and runs.csv (one line per run)")
+    report.plot_error_against_speedup(runs, os.path.join(args.logdir, "error_vs_speedup.png"))
+    report.plot_gates_over_epochs(runs, os.path.join(args.logdir, "gates_over_epochs.png"))
+    print(f"\nwrote to {args.logdir}/: summary.md (the table as Markdown), summary.csv (mean and std over seeds), "
+          "runs.csv (one line per run),\n  error_vs_speedup.png, gates_over_epochs.png, and TensorBoard logs: "
+          f"tensorboard --logdir {args.logdir}")
     return runs
 
 
 def sweep(args, dataset, data):
     """One gated network per rank: the paper-style table (Markdown, CSV) and a plot of error and speedup."""
-    from tqdm import tqdm
-
     (seed,), (estimator,) = args.seeds, args.estimators
     runs = []
     if args.baseline:
         runs.append(train_and_measure(args, dataset, data, seed, name=f"{dataset.name}_dense"))
-    for rank in tqdm(args.sweep_ranks, desc="rank sweep", unit="model"):
+    for rank in args.sweep_ranks:
         ranks = [min(rank, units) for units in args.hidden]
         runs.append(train_and_measure(args, dataset, data, seed, ranks, estimator, name=f"{dataset.name}_rank{rank}"))
     table = report.run_table(runs)
-    print(table)
+    print("\n" + table)
     with open(os.path.join(args.logdir, "sweep.md"), "w") as f:
         f.write(table + "\n")
     report.write_runs_csv(runs, os.path.join(args.logdir, "sweep.csv"))
     report.plot_sweep(runs, args.sweep_ranks, os.path.join(args.logdir, "sweep.png"))
-    print(f"wrote {args.logdir}/sweep.md, sweep.csv and sweep.png")
+    report.plot_error_against_speedup(runs, os.path.join(args.logdir, "error_vs_speedup.png"))
+    report.plot_gates_over_epochs(runs, os.path.join(args.logdir, "gates_over_epochs.png"))
+    print(f"\nwrote to {args.logdir}/: sweep.md, sweep.csv, sweep.png, error_vs_speedup.png, gates_over_epochs.png, "
+          f"and TensorBoard logs: tensorboard --logdir {args.logdir}")
     return runs
 
 
@@ -91,21 +96,28 @@ def train_and_measure(args, dataset, data, seed, ranks=None, estimator=None, nam
     estimator = gated[0].estimator.name if gated else None
     name = name or "_".join([network] + ([estimator] if estimator else []) + [f"seed{seed}"])
     logdir = os.path.join(args.logdir, name)
-    callbacks = [keras.callbacks.TensorBoard(logdir)]
+    print(f"\n{name}: training {progress.describe(model)}, L1 {args.l1:g}, on {len(x_train)} rows, "
+          f"testing on {len(x_test)}", flush=True)
+    callbacks = [progress.EpochLine(args.epochs), progress.TensorBoard(logdir)]
     if gated:
-        callbacks.append(GateSummaries(logdir, x_test))
+        # The gate rates are fit's validation metrics (audited below): GateSummaries adds the rest.
+        callbacks.append(GateSummaries(logdir, x_test, rates=False))
         # Validation runs the inference path, which never computes z: audited, it measures
         # the val_* gate metrics (logs and TensorBoard) instead of reporting them as NaN.
         lrc_keras.set_audit(model, True)
-    model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-              validation_data=(x_test, y_test), callbacks=callbacks, verbose=2)
+    history = model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
+                        validation_data=(x_test, y_test), callbacks=callbacks, verbose=0)
     accuracy = model.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"]
     run = {"run": name, "network": network, "estimator": estimator, "seed": seed,
            "rank": None if ranks is None else ",".join(map(str, ranks)), "test_error": 1.0 - accuracy,
-           "layers": [], "model": model}
+           "history": history.history, "layers": [], "model": model}
     if gated:
+        print(f"test error {100 * run['test_error']:.2f}%; timing it against its Dense twin at batch "
+              f"{','.join(map(str, args.speed_batches))}", flush=True)
         lrc_keras.set_audit(model, False)  # an audited network computes every unit: not what we time
         run["layers"] = lrc_keras.measure_gates(model, x_test)
         run["cost_model_speedup"] = measure.cost_model_speedup(model, run["layers"])
         run["speed"] = measure.speedups(lrc_keras.to_dense(model), model, x_test, args.speed_batches)
+    else:
+        print(f"test error {100 * run['test_error']:.2f}%", flush=True)
     return run

@@ -13,6 +13,9 @@ With --npz, a quarter of the arrays chosen by --split-seed is held out as the te
 import os
 import sys
 
+# TensorFlow's C++ logs at warning level and above unless TF_CPP_MIN_LOG_LEVEL says otherwise. Set before
+# lrc_keras (imported first, by cli) imports TensorFlow, which then also holds back TensorFlow's start-up banner.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cli  # noqa: E402
 import data  # noqa: E402
@@ -21,7 +24,7 @@ import experiment  # noqa: E402
 
 def main(argv=None):
     # L1 3e-4: the gated network stays closest to its Dense twin; 1e-3 is the paper's sparser,
-    # faster regime (README, Measured: both, over three seeds).
+    # faster regime (docs/measured.md: both, over three seeds).
     parser = cli.ExampleParser(__doc__.splitlines()[0], data.MNIST, hidden=[1000, 1000], epochs=10, l1=3e-4,
                                ranks=[20])
     args = parser.parse_args(argv)

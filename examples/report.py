@@ -1,9 +1,10 @@
-"""Reporting trained runs: Markdown tables, CSV files, means and deviations over seeds, the rank-sweep plot.
+"""Reporting trained runs: Markdown tables, CSV files, means and deviations over seeds, and the plots.
 
 A run is a dict made by `experiment.train_and_measure`: "run" (its log directory), "network",
-"estimator" (None for Dense), "seed", "rank", "test_error", "layers" (lrc_keras.measure_gates
-reports; empty for Dense), and for gated runs "cost_model_speedup" and "speed"
-(measure.speedups against the Dense twin: the reference is "dense", the model "gated").
+"estimator" (None for Dense), "seed", "rank", "test_error", "history" (`fit`'s logs per epoch),
+"layers" (lrc_keras.measure_gates reports; empty for Dense), and for gated runs
+"cost_model_speedup" and "speed" (measure.speedups against the Dense twin: the reference is
+"dense", the model "gated").
 """
 
 import csv
@@ -107,6 +108,28 @@ def summary_table(summary):
     return "\n".join(lines)
 
 
+def summary_text(summary):
+    """The summary for the terminal, no line over 200 characters: a few lines per network."""
+    lines = []
+    for group in summary:
+        statistics = group["statistics"]
+        seeds = len(group["seeds"])
+        head = group["network"] + (f", estimator {group['estimator']}" if group["estimator"] else "")
+        head += f" ({seeds} seed{'s' if seeds > 1 else ''}): test error {mean_std(*statistics['test_error'], '{:.2f}', 100)}%"
+        if not group["layers"]:
+            lines.append(head)
+            continue
+        lines.append(head + f", cost-model speedup {mean_std(*statistics['cost_model_speedup'], '{:.2f}')}x")
+        for layer in group["layers"]:
+            lines.append(f"  {layer}: " + ", ".join(
+                f"{key.replace('_', ' ')} {mean_std(*statistics[f'{layer}_{key}'], '{:.3f}')}" for key in LAYER_METRICS))
+        for batch in group["batches"]:
+            lines.append(f"  speedup over Dense at batch {batch}: " + ", ".join(
+                f"{mean_std(*statistics[f'{kind}_speedup_b{batch}'], '{:.2f}')}x {SPEED_HEADINGS[kind]}"
+                for kind in SPEED_KINDS))
+    return "\n".join(lines)
+
+
 def run_table(runs):
     """Markdown: a line per gated layer of each run, and one for the whole network."""
     lines = [
@@ -144,12 +167,9 @@ def speed_kinds_cell(speed_at_batch):
 
 def plot_sweep(runs, ranks, path):
     """Test error and speedups against the estimator rank (log scale), Dense's error as a dotted line."""
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     gated = [run for run in runs if run["layers"]]
     figure, error_axis = plt.subplots(figsize=(7, 4.5))
     error_axis.plot(ranks, [100 * r["test_error"] for r in gated], "o-", color="tab:red", label="gated test error")
@@ -176,6 +196,130 @@ def plot_sweep(runs, ranks, path):
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _groups(runs):
+    """Runs by (network, estimator, rank), in first-seen order: one point or panel per network, over seeds."""
+    groups = {}
+    for run in runs:
+        groups.setdefault((run["network"], run["estimator"], run["rank"]), []).append(run)
+    return groups
+
+
+def _label(network, estimator, rank, ranks_vary):
+    if estimator is None:
+        return "Dense"
+    return f"{estimator}" + (f", rank {rank}" if ranks_vary else "")
+
+
+def plot_error_against_speedup(runs, path, kind="in_graph"):
+    """Test error against measured speedup over Dense, one panel per batch size; error bars: std over seeds.
+
+    Dense sits at speedup 1 by definition (each gated network is timed against its Dense twin).
+    """
+    plt = _pyplot()
+    groups = _groups(runs)
+    ranks_vary = len({rank for _, _, rank in groups if rank}) > 1
+    batches = list(dict.fromkeys(batch for run in runs for batch in run.get("speed", {})))
+    figure, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 4), squeeze=False, sharey=True)
+    for axis, batch in zip(axes[0], batches):
+        for (network, estimator, rank), members in groups.items():
+            errors = 100 * np.array([run["test_error"] for run in members])
+            speeds = np.array([run["speed"][batch][kind] if run["layers"] else 1.0 for run in members])
+            axis.errorbar(speeds.mean(), errors.mean(), xerr=spread(speeds), yerr=spread(errors), fmt="s" if
+                          estimator is None else "o", capsize=4, label=_label(network, estimator, rank, ranks_vary))
+        axis.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        axis.margins(0.15)
+        axis.set_xlabel(f"speedup over Dense, batch {batch} ({SPEED_HEADINGS[kind]})")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test error (%)")
+    axes[0][0].legend(fontsize=8)
+    seeds = max(len(members) for members in groups.values())
+    figure.suptitle("Test error against measured speedup" + (f" (mean of {seeds} seeds; bars: std)" if seeds > 1
+                                                             else " (1 seed)"))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_gates_over_epochs(runs, path):
+    """Per gated network, each layer's recall and predicted density after every epoch, mean over seeds.
+
+    The validation figures (measured on the test set when the run audited it), else the training ones.
+    """
+    plt = _pyplot()
+    groups = {key: members for key, members in _groups(runs).items() if members[0]["layers"]}
+    ranks_vary = len({rank for _, _, rank in groups}) > 1
+    figure, axes = plt.subplots(1, len(groups), figsize=(max(7, 5 * len(groups)), 4), squeeze=False, sharey=True)
+    for axis, ((network, estimator, rank), members) in zip(axes[0], groups.items()):
+        layers = [report["layer"] for report in members[0]["layers"]]
+        validation = members[0]["history"].get(f"val_{layers[0]}_recall")
+        prefix = "val_" if validation is not None and not np.isnan(validation).any() else ""
+        for index, layer in enumerate(layers):
+            color = f"C{index}"
+            for key, style, marker in (("recall", "-", "o"), ("predicted_density", "--", "s")):
+                values = np.array([run["history"][f"{prefix}{layer}_{key}"] for run in members])
+                epochs = np.arange(1, values.shape[1] + 1)
+                axis.plot(epochs, values.mean(axis=0), style, marker=marker, markersize=4, color=color,
+                          label=f"{layer} {key.replace('_', ' ')}")
+                if len(members) > 1:
+                    axis.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=color, alpha=0.15)
+        axis.set_title(f"{network}, {_label(network, estimator, rank, ranks_vary)}", fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.set_xticks(epochs[:: max(1, len(epochs) // 10)])
+        axis.set_xlim(0.5, epochs[-1] + 0.5)
+        axis.set_ylim(0, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel(("test set" if prefix else "training batches") + ": recall, predicted density")
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle("Gates over training: recall (solid, circles), predicted density (dashed, squares)"
+                    + ("; band: seeds' range" if max(len(m) for m in groups.values()) > 1 else ""))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_stages(accuracies, speeds, path, kind="in_graph"):
+    """convert_mnist.py's stages: test error of each, and the speedup over Dense of those that were timed.
+
+    `accuracies`: {stage: test accuracy}, Dense first; `speeds`: {stage: measure.speedups result}.
+    """
+    plt = _pyplot()
+    stages = list(accuracies)
+    batches = list(next(iter(speeds.values())))
+    figure, (error_axis, speed_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    bars = error_axis.bar(stages, [100 * (1 - accuracies[stage]) for stage in stages], color="tab:red")
+    error_axis.bar_label(bars, fmt="%.2f")
+    error_axis.set_ylabel("test error (%)")
+    width = 0.8 / len(batches)
+    for index, batch in enumerate(batches):
+        values = [speeds[stage][batch][kind] if stage in speeds else (1.0 if stage == stages[0] else np.nan)
+                  for stage in stages]
+        bars = speed_axis.bar(np.arange(len(stages)) + (index - (len(batches) - 1) / 2) * width, values, width,
+                              label=f"batch {batch}")
+        speed_axis.bar_label(bars, fmt="%.2f")
+    speed_axis.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    speed_axis.set_xticks(np.arange(len(stages)), stages)
+    speed_axis.set_ylabel(f"speedup over Dense ({SPEED_HEADINGS[kind]})")
+    speed_axis.legend(fontsize=8)
+    figure.suptitle("Converting a trained Dense network: error and speed at each stage (blank: not timed)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def spread(values):
+    """The sample standard deviation, 0 for a single value (one seed)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def mean_std(mean, std, number_format, scale=1.0):

@@ -1,5 +1,9 @@
 """lrc-keras: low-rank conditional computation for ReLU networks in Keras 3."""
 
+from lrc_keras import startup
+
+startup.start()  # the Keras backend check and TensorFlow's start, before the layer and its ops
+
 from lrc_keras import callbacks
 from lrc_keras import ops
 from lrc_keras.audit import measure_gates

@@ -51,11 +51,12 @@ class GateSummaries(keras.callbacks.Callback):
 
     On a fixed validation batch, for every LowRankGatedDense, it writes scalars
     `<layer>/sign_accuracy`, `recall`, `precision`, `false_negative_rate`,
-    `predicted_density`, `true_density`, `cost_model_speedup` and
-    `energy_captured` (share of the kernel's Σσ² in the first `rank` singular
-    values), and histograms `<layer>/estimate_error` (ẑ - z) and
-    `<layer>/kernel_singular_values`, to `log_dir/gates`, at the optimizer's
-    step. Use it beside `keras.callbacks.TensorBoard(log_dir)`.
+    `predicted_density`, `true_density` (the GATE_RATES), `cost_model_speedup` and
+    `energy_captured` (the share of the kernel's squared singular values, Σσ², in
+    its first `rank`: how much of W the best rank-r factorisation keeps), and
+    histograms `<layer>/estimate_error` (ẑ - z) and `<layer>/kernel_singular_values`,
+    to `log_dir/gates`, at the optimizer's step. Use it beside
+    `keras.callbacks.TensorBoard(log_dir)`; docs/tensorboard.md lists every tag.
 
     Args:
         log_dir: The TensorBoard log directory.
@@ -64,10 +65,14 @@ class GateSummaries(keras.callbacks.Callback):
         every_n_steps: Positive integer or None: also write every n batches
             (always at the end of each epoch).
         max_rows: Size of the fixed validation batch.
+        rates: Whether to write the GATE_RATES. False where `fit`'s validation
+            measures them already (`lrc_keras.set_audit(model)` before `fit`),
+            so that TensorBoard shows each once, as `epoch_<layer>_<rate>`.
     """
 
-    def __init__(self, log_dir, validation_data, every_n_steps=None, max_rows=1024):
+    def __init__(self, log_dir, validation_data, every_n_steps=None, max_rows=1024, rates=True):
         super().__init__()
+        self.scalars = (GATE_RATES if rates else ()) + ("cost_model_speedup", "energy_captured")
         x = validation_data[0] if isinstance(validation_data, tuple) else validation_data
         self.x = np.asarray(x)[:max_rows]
         if not len(self.x):
@@ -90,7 +95,7 @@ class GateSummaries(keras.callbacks.Callback):
         with self.writer.as_default(step=step):
             for report in measure_gates(self.model, self.x):
                 name = report["layer"]
-                for key in GATE_RATES + ("cost_model_speedup", "energy_captured"):
+                for key in self.scalars:
                     tf.summary.scalar(f"{name}/{key}", report[key])
                 tf.summary.histogram(f"{name}/estimate_error", report["estimate_error"])
                 tf.summary.histogram(f"{name}/kernel_singular_values", report["singular_values"])

@@ -11,8 +11,12 @@ The first two need the compiled library (custom_ops/, built by setup.py) and flo
 runs is decided in one place, `lrc_keras.dispatch`.
 """
 
+import importlib.metadata
 import json
 import os
+import sys
+import urllib.parse
+import urllib.request
 import warnings
 
 import tensorflow as tf
@@ -22,9 +26,14 @@ from lrc_keras.estimators import low_rank_product
 from lrc_keras.gating import gate_mask
 from lrc_keras.gating import masked_relu
 
-LIBRARY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lrc_ops.so")
-BUILD_INFO_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lrc_ops.json")
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+LIBRARY_FILE = os.path.join(PACKAGE_DIR, "_lrc_ops.so")
+BUILD_INFO_FILE = os.path.join(PACKAGE_DIR, "_lrc_ops.json")
+# A clone of the repository: the package beside setup.py, where `pip install -e` builds the op.
+SOURCE_TREE = os.path.dirname(PACKAGE_DIR) if os.path.exists(
+    os.path.join(os.path.dirname(PACKAGE_DIR), "setup.py")) else None
 REBUILD_HINT = (
+    f"build it into this source tree with `pip install -e {SOURCE_TREE}`" if SOURCE_TREE else
     'rebuild it against the running TensorFlow with `pip install --force-reinstall --no-deps '
     '--no-build-isolation .` from the lrc-keras source tree'
 )
@@ -51,6 +60,14 @@ def _load_library():
     if isinstance(record, dict) and record.get("skipped"):
         return unavailable(f"the build was skipped on request ({record['skipped']})", fix="")
     if not os.path.exists(LIBRARY_FILE):
+        shadowed = _built_copies_elsewhere()
+        if shadowed and SOURCE_TREE:
+            return unavailable(
+                f"Python imported lrc_keras from the source tree {SOURCE_TREE}, which has no {LIBRARY_FILE}, "
+                f"not the built copy in {shadowed[0]}: the tree comes first on the import path (the current "
+                "folder or PYTHONPATH)",
+                fix=f" To fix, {REBUILD_HINT}, or run from another folder.",
+            )
         return unavailable(f"{LIBRARY_FILE} was not built")
     built_for = record.get("tensorflow_version") if isinstance(record, dict) else None
     if built_for is None:
@@ -64,6 +81,24 @@ def _load_library():
         return tf.load_op_library(LIBRARY_FILE)
     except (tf.errors.OpError, OSError) as error:
         return unavailable(f"loading {LIBRARY_FILE} failed: {error}")
+
+
+def _built_copies_elsewhere():
+    """Other lrc_keras folders with a built library: on the import path, and the installed distribution's
+    (for an editable install, the source tree it points to)."""
+    folders = [os.path.join(entry or os.getcwd(), "lrc_keras") for entry in sys.path if isinstance(entry, str)]
+    try:
+        distribution = importlib.metadata.distribution("lrc-keras")
+        folders.append(str(distribution.locate_file("lrc_keras")))
+        origin = json.loads(distribution.read_text("direct_url.json") or "{}")
+        if origin.get("dir_info", {}).get("editable") and origin["url"].startswith("file:"):
+            tree = urllib.request.url2pathname(urllib.parse.urlparse(origin["url"]).path)
+            folders.append(os.path.join(tree, "lrc_keras"))
+    except (importlib.metadata.PackageNotFoundError, ValueError, KeyError):
+        pass
+    here = os.path.realpath(PACKAGE_DIR)
+    return [folder for folder in dict.fromkeys(os.path.realpath(folder) for folder in folders)
+            if folder != here and os.path.exists(os.path.join(folder, "_lrc_ops.so"))]
 
 
 _library = _load_library()

@@ -8,7 +8,7 @@
 Every process builds the same global batches and the same initial weights (numpy, fixed seeds),
 trains STEPS steps and saves `model.get_weights()` (estimator factors and statistics included)
 to OUT.npz. The workers use a custom loop because Keras 3.15's `fit` fails under
-MultiWorkerMirroredStrategy for any model (keras-team/keras#20585; see README, "Training on
+MultiWorkerMirroredStrategy for any model (keras-team/keras#20585; see docs/multi_worker.md, "Training on
 several machines").
 """
 

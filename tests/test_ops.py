@@ -309,7 +309,8 @@ def test_build_skipped_on_request_says_so(tmp_path):
     (build / "lrc_keras" / "_lrc_ops.so").write_bytes(b"stale")
     repository = os.path.dirname(HERE)
     subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(build)], cwd=repository,
+        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(build), "build_ops", "--build-lib", str(build)],
+        cwd=repository,
         check=True, capture_output=True, env={**os.environ, "LRC_BUILD_OPS": "0"},
     )
     assert not (build / "lrc_keras" / "_lrc_ops.so").exists()

@@ -1,0 +1,78 @@
+"""What a run reports while it trains: one short line per epoch on the terminal, each metric once in TensorBoard.
+
+Keras' own progress line lists every logged metric, six per gated layer; here the terminal gets
+loss, accuracy and the whole network's gate figures, and the per-layer metrics stay in the
+`history` that `fit` returns and in TensorBoard (docs/tensorboard.md).
+"""
+
+import math
+import time
+
+import keras
+
+from lrc_keras.audit import gated_layers
+
+
+def describe(model):
+    """"the Dense network 784-1000-1000-10" or "the gated network 784-1000-1000-10 (rank 20,20, estimator input_svd)"."""
+    widths = "-".join(map(str, [model.inputs[0].shape[-1]] + [layer.units for layer in model.layers
+                                                               if hasattr(layer, "units")]))
+    gated = gated_layers(model)
+    if not gated:
+        return f"the Dense network {widths}"
+    ranks = ",".join(str(layer.rank) for layer in gated)
+    return f"the gated network {widths} (rank {ranks}, estimator {gated[0].estimator.name})"
+
+
+class EpochLine(keras.callbacks.Callback):
+    """After each epoch, one line: loss and accuracy, and for a gated network its density and recall.
+
+    density: the share of all hidden units of the gated layers that the gates computed; recall:
+    the share of the active ones (z > 0) among them. Both weigh each layer by its units, from
+    the layers' `<layer>_predicted_density`, `_true_density` and `_recall` logs; "validation"
+    repeats them on the validation data where they were measured (lrc_keras.set_audit).
+    """
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_train_begin(self, logs=None):
+        self.units = {layer.name: layer.units for layer in gated_layers(self.model)}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self.started
+        parts = [f"epoch {epoch + 1:>{len(str(self.epochs))}}/{self.epochs}", f"{seconds:5.1f} s",
+                 "train:", *self.figures(logs, "")]
+        validation = self.figures(logs, "val_")
+        if validation:
+            parts += ["  validation:", *validation]
+        print(" ".join(parts), flush=True)
+
+    def figures(self, logs, prefix):
+        shown = [f"{name} {logs[prefix + name]:.4f}" for name in ("loss", "accuracy") if prefix + name in logs]
+        if self.units and f"{prefix}{next(iter(self.units))}_recall" in logs:
+            density, recall = network_gate_rates(logs, self.units, prefix)
+            if not math.isnan(density):
+                shown += [f"density {density:.3f}", f"recall {recall:.3f}"]
+        return shown
+
+
+def network_gate_rates(logs, units, prefix=""):
+    """(predicted density, recall) of all gated units together, from the per-layer rates in `logs`."""
+    total = sum(units.values())
+    computed = sum(units[name] * logs[f"{prefix}{name}_predicted_density"] for name in units)
+    active = sum(units[name] * logs[f"{prefix}{name}_true_density"] for name in units)
+    caught = sum(units[name] * logs[f"{prefix}{name}_true_density"] * logs[f"{prefix}{name}_recall"] for name in units)
+    return computed / total, caught / active if active else 1.0
+
+
+class TensorBoard(keras.callbacks.TensorBoard):
+    """keras.callbacks.TensorBoard with each metric once: without the copy of every validation metric,
+    `evaluation_<metric>_vs_iterations`, that Keras also writes (the numbers of `epoch_<metric>`)."""
+
+    def on_test_end(self, logs=None):
+        super().on_test_end({})

@@ -1,0 +1,116 @@
+"""What a user sees when lrc_keras is imported: the backend check, the shadowed-op warning, a quiet start."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import lrc_keras
+from lrc_keras import startup
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(lrc_keras.__file__))
+PACKAGE_PARENT = os.path.dirname(PACKAGE_DIR)
+
+
+def python(code, cwd, **env):
+    """Runs `python -c code` in a fresh process: (returncode, stdout, stderr)."""
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("KERAS_BACKEND", "KERAS_HOME", "PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL")}
+    environment.update(env)
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=environment, capture_output=True, text=True,
+                          timeout=120)
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("backend", ["jax", "numpy"])
+def test_another_backend_is_one_line(tmp_path, backend):
+    returncode, _, stderr = python("import lrc_keras", tmp_path, PYTHONPATH=PACKAGE_PARENT, KERAS_BACKEND=backend)
+    assert returncode != 0
+    assert stderr.splitlines()[-1] == (
+        "ImportError: lrc_keras needs Keras' TensorFlow backend (its ops are TensorFlow custom ops), "
+        f"but KERAS_BACKEND={backend}; set KERAS_BACKEND=tensorflow")
+    assert "ModuleNotFoundError" not in stderr  # Keras never tried to import jax
+
+
+def test_backend_from_keras_configuration_is_one_line(tmp_path):
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "numpy"}))
+    returncode, _, stderr = python("import lrc_keras", tmp_path, PYTHONPATH=PACKAGE_PARENT, KERAS_HOME=str(tmp_path))
+    assert returncode != 0
+    assert stderr.splitlines()[-1] == (
+        "ImportError: lrc_keras needs Keras' TensorFlow backend (its ops are TensorFlow custom ops), "
+        f"but {tmp_path / 'keras.json'} sets the backend 'numpy'; set KERAS_BACKEND=tensorflow")
+    assert "ModuleNotFoundError" not in stderr
+
+
+def fake_installation(site, package_dir=None, editable_tree=None):
+    """A distribution `lrc-keras` in `site`: its package (with a library file) there, or an editable
+    install of `editable_tree` (whose package has the library file)."""
+    info = site / "lrc_keras-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lrc-keras\nVersion: 0.1.0\n")
+    if editable_tree is not None:
+        (info / "direct_url.json").write_text(json.dumps(
+            {"dir_info": {"editable": True}, "url": editable_tree.as_uri()}))
+        package_dir = editable_tree / "lrc_keras"
+    package_dir.mkdir(parents=True)
+    (package_dir / "_lrc_ops.so").write_bytes(b"")  # only looked for, never loaded
+    return package_dir
+
+
+@pytest.mark.parametrize("installed", ["site-packages", "editable"])
+def test_source_tree_without_the_op_names_the_built_copy_and_the_fix(tmp_path, installed):
+    clone = tmp_path / "clone"
+    shutil.copytree(PACKAGE_DIR, clone / "lrc_keras", ignore=shutil.ignore_patterns("_lrc_ops.*", "__pycache__"))
+    (clone / "setup.py").write_text("")
+    site = tmp_path / "site"
+    if installed == "editable":
+        built = fake_installation(site, editable_tree=tmp_path / "other_clone")
+    else:
+        built = fake_installation(site, package_dir=site / "lrc_keras")
+    # Started in the clone's root: the current folder comes first on the import path.
+    returncode, stdout, stderr = python("import lrc_keras; print(lrc_keras.__file__, lrc_keras.ops.is_compiled())",
+                                        clone, PYTHONPATH=str(site), TF_CPP_MIN_LOG_LEVEL="2")
+    assert returncode == 0, stderr
+    assert stdout.split() == [str(clone / "lrc_keras" / "__init__.py"), "False"]
+    warning = [line for line in stderr.splitlines() if "RuntimeWarning" in line]
+    assert len(warning) == 1, stderr
+    assert (f"Python imported lrc_keras from the source tree {clone}, which has no "
+            f"{clone / 'lrc_keras' / '_lrc_ops.so'}, not the built copy in {built}") in warning[0]
+    assert warning[0].endswith(f"To fix, build it into this source tree with `pip install -e {clone}`, "
+                               "or run from another folder.")
+
+
+ABSL_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+ONEDNN = "I0000 00:00:1795973468.205273    3902 port.cc:153] oneDNN custom operations are on.\n"
+NO_DRIVER = ("I0000 00:00:1795973468.205557    3902 cudart_stub.cc:31] Could not find cuda drivers on your machine, "
+             "GPU will not be used.\n")
+CUINIT = ("E0000 00:00:1795973470.370363    3902 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
+          "Failed call to cuInit: UNKNOWN ERROR (303)\n")
+WARNING = "W0000 00:00:1795973470.370363    3902 some_file.cc:7] a warning\n"
+ERROR = "E1129 17:30:01.370363    3902 some_file.cc:9] an error\n"
+PYTHON = "/x.py:3: UserWarning: a Python warning\n"
+
+
+@pytest.mark.parametrize("level, lines, shown", [
+    (1, [ABSL_NOTICE, ONEDNN, NO_DRIVER, WARNING, CUINIT, ERROR, PYTHON], [WARNING, ERROR, PYTHON]),
+    (2, [ABSL_NOTICE, ONEDNN, NO_DRIVER, WARNING, CUINIT, ERROR, PYTHON], [ERROR, PYTHON]),
+    (3, [ABSL_NOTICE, ONEDNN, WARNING, CUINIT, ERROR, PYTHON], [PYTHON]),
+    # A machine with a driver whose cuInit fails: that is news.
+    (1, [ABSL_NOTICE, ONEDNN, CUINIT], [CUINIT]),
+], ids=["warnings", "errors", "fatal", "driver-present"])
+def test_start_up_lines_shown_at_a_log_level(level, lines, shown):
+    assert startup._shown(lines, level) == shown
+
+
+def test_benchmark_starts_quietly(tmp_path):
+    # TF_CPP_MIN_LOG_LEVEL unset: the command sets 1, which hides TensorFlow's INFO banner.
+    done = subprocess.run([sys.executable, "-m", "lrc_keras.benchmark", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120,
+                          env={key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+                          | {"PYTHONPATH": PACKAGE_PARENT})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m lrc_keras.benchmark")
+    assert [line for line in done.stderr.splitlines() if line[:1] == "I" or "absl" in line or "cuInit" in line] == []
