@@ -168,9 +168,9 @@ class Estimator:
     The layer calls `build(layer, input_dim)` once (after its kernel and bias exist),
     `factors(layer, ...)` for new U, V (at build, from `layer.refit()`, and on the refit
     schedule inside the compiled train step), `observe(layer, x)` with each training batch, and
-    adds `loss(layer, z_hat, z)` to its losses when it is not None. Refits inside training are
-    computed identically by every replica and every worker (from the same kernel and the same
-    gathered rows) and kept from the first replica.
+    adds `loss(layer, z_hat, positive)` to its losses when the estimator is `trainable`. Refits
+    inside training are computed identically by every replica and every worker (from the same
+    kernel and the same gathered rows) and kept from the first replica.
     """
 
     name = None
@@ -216,8 +216,9 @@ class Estimator:
         """Called with every 2-D training batch inside the train step."""
 
     def loss(self, layer, z_hat, positive):
-        """An auxiliary loss from the estimate ẑ and the truth z > 0 (`positive`), or None."""
-        return None
+        """The auxiliary loss that trains U, V (estimators with `trainable` True), from the
+        estimate ẑ and the truth z > 0 (`positive`)."""
+        raise NotImplementedError(f"{type(self).__name__} is trainable but defines no loss")
 
 
 def _current_factors(layer):
@@ -455,8 +456,6 @@ class JointEstimator(Estimator):
                    lambda: self.factors(layer, rows))
 
     def loss(self, layer, z_hat, positive):
-        if self.loss_weight == 0:
-            return None
         return self.loss_weight * estimator_loss(z_hat, positive, self.positive_weight)
 
 

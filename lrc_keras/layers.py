@@ -439,13 +439,15 @@ class LowRankGatedDense(keras.layers.Layer):
         gate metrics, the estimator's loss and the activity penalty on skipped active units."""
         z_hat, mask = self._estimate_and_mask(x)
         y, skipped = ops.masked_dense_for_training(x, self.kernel, self.bias, mask)
-        positive = tf.stop_gradient(y + skipped) > 0  # z > 0: y and skipped never overlap
+
+        def z_is_positive(rows):  # y and skipped never overlap: their sum is relu(z)
+            return tf.stop_gradient(y[:rows] + skipped[:rows]) > 0
+
         # The metrics count a sample of each batch's rows (fit shuffles them): an unbiased
         # estimate of the epoch's rates for a quarter of the counting work at batch 128.
-        self._record_gate(mask[:GATE_SAMPLE_ROWS], positive[:GATE_SAMPLE_ROWS])
-        loss = self.estimator.loss(self, z_hat, positive)
-        if loss is not None:
-            self.add_loss(loss)
+        self._record_gate(mask[:GATE_SAMPLE_ROWS], z_is_positive(GATE_SAMPLE_ROWS))
+        if self.estimator.trainable:  # only a trained estimator has a loss, over every row
+            self.add_loss(self.estimator.loss(self, z_hat, z_is_positive(tf.shape(x)[0])))
         if self.regularize_skipped_units and self.activity_regularizer is not None:
             # Keras charges the output and divides by the batch size; this charges the rest, on
             # the sampled rows scaled to the whole batch: the same penalty and gradient in
