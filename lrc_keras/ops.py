@@ -84,9 +84,9 @@ def _load_library():
 
 
 def _built_copies_elsewhere():
-    """Other lrc_keras folders with a built library: on the import path, and the installed distribution's
-    (for an editable install, the source tree it points to)."""
-    folders = [os.path.join(entry or os.getcwd(), "lrc_keras") for entry in sys.path if isinstance(entry, str)]
+    """Other lrc_keras folders with a built library: the installed distribution's first (for an
+    editable install, the source tree it points to), then any on the import path."""
+    folders = []
     try:
         distribution = importlib.metadata.distribution("lrc-keras")
         folders.append(str(distribution.locate_file("lrc_keras")))
@@ -96,6 +96,7 @@ def _built_copies_elsewhere():
             folders.append(os.path.join(tree, "lrc_keras"))
     except (importlib.metadata.PackageNotFoundError, ValueError, KeyError):
         pass
+    folders += [os.path.join(entry or os.getcwd(), "lrc_keras") for entry in sys.path if isinstance(entry, str)]
     here = os.path.realpath(PACKAGE_DIR)
     return [folder for folder in dict.fromkeys(os.path.realpath(folder) for folder in folders)
             if folder != here and os.path.exists(os.path.join(folder, "_lrc_ops.so"))]
