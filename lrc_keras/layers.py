@@ -376,11 +376,14 @@ class LowRankGatedDense(keras.layers.Layer):
         )
 
     def _check_traced_rank(self):
-        """Functions traced before a `set_rank` hold the old factors: make them fail clearly."""
-        tf.debugging.assert_equal(
-            self.estimator_rank, self.rank,
-            message=f"{self.name}: set_rank changed the rank of the estimator after this function was "
-                    f"traced; compile the model again (model.compile(...)) before predict, evaluate or fit",
+        """Functions traced before a `set_rank` hold the old factors: make them fail clearly.
+
+        Three ops (read, compare, Assert), the least a compiled function can check at run time.
+        """
+        tf.debugging.Assert(
+            tf.equal(self.estimator_rank, self.rank),
+            [f"{self.name}: set_rank changed the rank of the estimator after this function was traced; compile "
+             f"the model again (model.compile(...)) before predict, evaluate or fit"],
         )
 
     def load_own_variables(self, store):
