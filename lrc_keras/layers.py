@@ -443,14 +443,13 @@ class LowRankGatedDense(keras.layers.Layer):
         z_hat, mask = self._estimate_and_mask(x)
         y, skipped = ops.masked_dense_for_training(x, self.kernel, self.bias, mask)
 
-        def z_is_positive(rows):  # y and skipped never overlap: their sum is relu(z)
-            return tf.stop_gradient(y[:rows] + skipped[:rows]) > 0
-
-        # The metrics count a sample of each batch's rows (fit shuffles them): an unbiased
-        # estimate of the epoch's rates for a quarter of the counting work at batch 128.
-        self._record_gate(mask[:GATE_SAMPLE_ROWS], z_is_positive(GATE_SAMPLE_ROWS))
-        if self.estimator.trainable:  # only a trained estimator has a loss, over every row
-            self.add_loss(self.estimator.loss(self, z_hat, z_is_positive(tf.shape(x)[0])))
+        # The metrics and a trained estimator's loss (a mean over entries) take a sample of each
+        # batch's rows (fit shuffles them): unbiased, for a quarter of the work at batch 128.
+        # z > 0 there: y and skipped never overlap, so their sum is relu(z).
+        positive = tf.stop_gradient(y[:GATE_SAMPLE_ROWS] + skipped[:GATE_SAMPLE_ROWS]) > 0
+        self._record_gate(mask[:GATE_SAMPLE_ROWS], positive)
+        if self.estimator.trainable:
+            self.add_loss(self.estimator.loss(self, z_hat[:GATE_SAMPLE_ROWS], positive))
         if self.regularize_skipped_units and self.activity_regularizer is not None:
             # Keras charges the output and divides by the batch size; this charges the rest, on
             # the sampled rows scaled to the whole batch: the same penalty and gradient in

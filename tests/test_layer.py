@@ -261,6 +261,18 @@ def test_joint_estimator_loss_improves_recall(rng):
     assert len(model.losses) == 1
 
 
+def test_joint_loss_is_the_weighted_cross_entropy_of_the_sampled_rows(rng):
+    layer = built_layer(rng, estimator=JointEstimator(loss_weight=0.5, positive_weight=3.0))
+    x = rng.standard_normal((40, 24)).astype("float32")
+    layer(x, training=True)
+    _, _, z_hat, z = numpy_gated_dense(x[:32], *weights_of(layer), 0.0)  # the first 32 rows of 40
+    labels = (z > 0).astype(np.float64)
+    log_sigmoid = -np.logaddexp(0.0, -z_hat)
+    log_one_minus = -np.logaddexp(0.0, z_hat)
+    expected = 0.5 * np.mean(-(3.0 * labels * log_sigmoid + (1 - labels) * log_one_minus))
+    np.testing.assert_allclose(float(layer.losses[0]), expected, rtol=1e-5)
+
+
 def test_joint_loss_does_not_pull_kernel_or_bias(rng):
     layer = built_layer(rng, estimator=JointEstimator(loss_weight=1.0))
     x = tf.constant(rng.standard_normal((8, 24)).astype("float32"))
