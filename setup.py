@@ -28,7 +28,9 @@ from setuptools.command.build_py import build_py
 
 TENSORFLOW_PIN = "tensorflow==2.21.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = ["custom_ops/gated_dense_ops.cc", "custom_ops/gated_dense_kernels.cc", "custom_ops/gated_dense_cpu.cc"]
+CPU_SOURCES = ["custom_ops/gated_dense_ops.cc", "custom_ops/gated_dense_kernels.cc", "custom_ops/gated_dense_cpu.cc",
+               "custom_ops/gated_dense_grad_ops.cc", "custom_ops/gated_dense_grad_kernels.cc",
+               "custom_ops/gated_dense_grad_cpu.cc"]
 GPU_HOST_SOURCES = ["custom_ops/gated_dense_gpu.cc"]
 GPU_DEVICE_SOURCE = "custom_ops/gated_dense_gpu.cu.cc"
 # sm_80 (A100) and sm_90 (H100) machine code, plus PTX that newer GPUs compile at load time.
