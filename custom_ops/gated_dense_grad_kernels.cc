@@ -63,8 +63,6 @@ class GatedDenseGradOpKernel : public OpKernel {
     Tensor* grad_x = nullptr;
     Tensor* grad_kernel = nullptr;
     Tensor* grad_bias = nullptr;
-    // grad_x may take over grad_y's buffer only if of its shape; none of the inputs is both
-    // dead after the op and of an output's shape often enough to be worth forwarding.
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({args.batch, args.input_dim}), &grad_x));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({args.units, args.input_dim}), &grad_kernel));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({args.units}), &grad_bias));

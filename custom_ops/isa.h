@@ -29,9 +29,15 @@ constexpr int64_t kWidth = 16;
 inline Vec Zero() { return _mm512_setzero_ps(); }
 inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
 inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+// Past the caches, for output nothing reads soon; p aligned to the vector. FenceStreamStores()
+// orders them before the thread's later stores.
+inline void StreamStore(float* p, Vec v) { _mm512_stream_ps(p, v); }
+inline void FenceStreamStores() { _mm_sfence(); }
 inline Vec Broadcast(float value) { return _mm512_set1_ps(value); }
 inline Vec MulAdd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float Sum(Vec v) { return _mm512_reduce_add_ps(v); }
+// Bit k set where p[k] > 0 (not where NaN), for the vector at p.
+inline uint32_t PositiveBits(const float* p) { return _mm512_cmp_ps_mask(Load(p), Zero(), _CMP_GT_OQ); }
 inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 }  // namespace avx512
 #pragma GCC diagnostic pop
@@ -45,12 +51,17 @@ constexpr int64_t kWidth = 8;
 inline Vec Zero() { return _mm256_setzero_ps(); }
 inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
 inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline void StreamStore(float* p, Vec v) { _mm256_stream_ps(p, v); }
+inline void FenceStreamStores() { _mm_sfence(); }
 inline Vec Broadcast(float value) { return _mm256_set1_ps(value); }
 inline Vec MulAdd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline float Sum(Vec v) {
   __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
   return _mm_cvtss_f32(_mm_add_ss(sum4, _mm_movehdup_ps(sum4)));
+}
+inline uint32_t PositiveBits(const float* p) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(Load(p), Zero(), _CMP_GT_OQ));
 }
 inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 }  // namespace avx2
@@ -63,9 +74,12 @@ constexpr int64_t kWidth = 1;
 inline Vec Zero() { return 0.f; }
 inline Vec Load(const float* p) { return *p; }
 inline void Store(float* p, Vec v) { *p = v; }
+inline void StreamStore(float* p, Vec v) { *p = v; }
+inline void FenceStreamStores() {}
 inline Vec Broadcast(float value) { return value; }
 inline Vec MulAdd(Vec a, Vec b, Vec c) { return a * b + c; }
 inline float Sum(Vec v) { return v; }
+inline uint32_t PositiveBits(const float* p) { return *p > 0.f; }
 inline void Prefetch(const float*) {}
 }  // namespace portable
 

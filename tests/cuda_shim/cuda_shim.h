@@ -89,6 +89,18 @@ T __shfl_down_sync(unsigned, T value, int offset) {
   return cuda_shim::Exchange(value, static_cast<int>(threadIdx.x % cuda_shim::kWarpSize) + offset);
 }
 
+// Bit l set where lane l's predicate is true; every lane of the warp takes part.
+inline unsigned __ballot_sync(unsigned, int predicate) {
+  unsigned bits = 0;
+  for (int lane = 0; lane < cuda_shim::kWarpSize; ++lane) {
+    bits |= static_cast<unsigned>(cuda_shim::Exchange(predicate != 0, lane)) << lane;
+  }
+  return bits;
+}
+
+// 1 + the index of the least significant set bit, 0 for none.
+inline int __ffs(int value) { return __builtin_ffs(value); }
+
 template <typename T>
 T __ldg(const T* pointer) {
   return *pointer;
