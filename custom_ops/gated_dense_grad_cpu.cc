@@ -190,10 +190,14 @@ void ComputeChunk(const GatedDenseGradArgs& a, const PairLists& units, const Pai
 }
 
 // The entries of a list set whose `first` is placed.
-absl::Status AllocateLists(tensorflow::OpKernelContext* ctx, int64_t pairs, tensorflow::Tensor tensors[2],
-                           PairLists* lists) {
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT32, {pairs}, &tensors[0]));
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, {pairs}, &tensors[1]));
+absl::Status AllocateLists(tensorflow::OpKernelContext* ctx, const GatedDenseGradArgs& a, int64_t pairs,
+                           tensorflow::Tensor tensors[2], PairLists* lists) {
+  if (!ctx->allocate_temp(tensorflow::DT_INT32, {pairs}, &tensors[0]).ok() ||
+      !ctx->allocate_temp(tensorflow::DT_FLOAT, {pairs}, &tensors[1]).ok()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "LrcGatedDenseGrad: out of memory allocating the lists of the ", pairs, " pairs with y > 0 (",
+        16 * pairs, " bytes) for batch ", a.batch, ", units ", a.units));
+  }
   lists->others = tensors[0].flat<int32_t>().data();
   lists->grads = tensors[1].flat<float>().data();
   return absl::OkStatus();
@@ -232,8 +236,8 @@ void GatedDenseGradFunctor<Eigen::ThreadPoolDevice>::operator()(tensorflow::OpKe
   const int64_t pairs = unit_first[a.units];
   tensorflow::Tensor unit_tensors[2], row_tensors[2];
   PairLists units{unit_first}, rows{row_first};
-  OP_REQUIRES_OK(ctx, AllocateLists(ctx, pairs, unit_tensors, &units));
-  OP_REQUIRES_OK(ctx, AllocateLists(ctx, pairs, row_tensors, &rows));
+  OP_REQUIRES_OK(ctx, AllocateLists(ctx, a, pairs, unit_tensors, &units));
+  OP_REQUIRES_OK(ctx, AllocateLists(ctx, a, pairs, row_tensors, &rows));
   // Items [0, words) fill the lists of a word's units, [words, words + batch) a row's list.
   // Cycles an item: a scan of `batch` (or `words`) bitmap words, and ~4 a listed pair.
   const double density = static_cast<double>(pairs) / std::max<int64_t>(1, a.batch * a.units);
