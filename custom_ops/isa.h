@@ -36,7 +36,8 @@ inline void FenceStreamStores() { _mm_sfence(); }
 inline Vec Broadcast(float value) { return _mm512_set1_ps(value); }
 inline Vec MulAdd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float Sum(Vec v) { return _mm512_reduce_add_ps(v); }
-// Bit k set where p[k] > 0 (not where NaN), for the vector at p.
+// Bit k set where p[k] > 0 (not where NaN), for the vector at p: PassesGradient
+// (gated_dense_grad.h) lane by lane, which the backward's lists rely on.
 inline uint32_t PositiveBits(const float* p) { return _mm512_cmp_ps_mask(Load(p), Zero(), _CMP_GT_OQ); }
 inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 }  // namespace avx512
