@@ -36,9 +36,6 @@ inline void FenceStreamStores() { _mm_sfence(); }
 inline Vec Broadcast(float value) { return _mm512_set1_ps(value); }
 inline Vec MulAdd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float Sum(Vec v) { return _mm512_reduce_add_ps(v); }
-// Bit k set where p[k] > 0 (not where NaN), for the vector at p: PassesGradient
-// (gated_dense_grad.h) lane by lane, which the backward's lists rely on.
-inline uint32_t PositiveBits(const float* p) { return _mm512_cmp_ps_mask(Load(p), Zero(), _CMP_GT_OQ); }
 inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 }  // namespace avx512
 #pragma GCC diagnostic pop
@@ -61,9 +58,6 @@ inline float Sum(Vec v) {
   sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
   return _mm_cvtss_f32(_mm_add_ss(sum4, _mm_movehdup_ps(sum4)));
 }
-inline uint32_t PositiveBits(const float* p) {
-  return _mm256_movemask_ps(_mm256_cmp_ps(Load(p), Zero(), _CMP_GT_OQ));
-}
 inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 }  // namespace avx2
 #pragma GCC pop_options
@@ -80,7 +74,6 @@ inline void FenceStreamStores() {}
 inline Vec Broadcast(float value) { return value; }
 inline Vec MulAdd(Vec a, Vec b, Vec c) { return a * b + c; }
 inline float Sum(Vec v) { return v; }
-inline uint32_t PositiveBits(const float* p) { return *p > 0.f; }
 inline void Prefetch(const float*) {}
 }  // namespace portable
 
