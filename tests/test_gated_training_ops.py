@@ -158,7 +158,9 @@ def test_function_and_only_the_fraction_used(rng):
 
 
 def test_deterministic_and_thread_safe(rng):
-    inputs = [layer_inputs(rng, 40, 300, 200) for _ in range(3)]
+    # Wide enough (17 chunks of 64 columns, ~20 000 pairs) for each call to split its chunks
+    # over the worker threads, while three Python threads call the op at once.
+    inputs = [layer_inputs(rng, 64, 1030, 512) for _ in range(3)]
     expected = [op_gradients(*i[:4], 0.3, i[4])[1:] for i in inputs]
     failures = []
 
