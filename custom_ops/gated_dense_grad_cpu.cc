@@ -10,7 +10,7 @@
 //    threads write the same element of grad_x or grad_kernel: no locks, no per-thread copies of
 //    a gradient. For its chunk a thread copies x's columns into dense rows (batch × 64 floats,
 //    32 KiB at batch 128: L1) and computes, each sum in registers and stored once,
-//      dW_j = Σ_{rows i listed for unit j} g · x_i   and   dx_i = Σ_{units j listed for row i} g · W_j,
+//      dW_j = Σ_{rows i listed for unit j} g · x_i,  dx_i = Σ_{units j listed for row i} g · W_j,
 //    the W_j read in place or, where the kernel's row stride would make them conflict in L2,
 //    from a dense copy of the chunk (PackKernelChunks). A large dW is written past the caches.
 //    Each worker thread's buffer for the copies, (batch + units) × 64 floats, is allocated the
@@ -102,8 +102,8 @@ struct PairLists {
 };
 
 // Unit lists of word `word`'s units, rows in increasing order.
-void ListUnitPairs(const GatedDenseGradArgs& a, int64_t word, int64_t words, const uint64_t* bitmap,
-                   const PairLists& units) {
+void ListUnitPairs(const GatedDenseGradArgs& a, int64_t word, int64_t words,
+                   const uint64_t* bitmap, const PairLists& units) {
   const int64_t unit = word * kUnitsPerWord;
   const int64_t width = std::min(kUnitsPerWord, a.units - unit);
   int64_t next[kUnitsPerWord];
@@ -146,7 +146,7 @@ constexpr int64_t kStreamBytes = 8 << 20;
 // d floats apart start in the same L2 set every 1024 / gcd(d / 16, 1024) rows: when d is a
 // multiple of 256 (a 1 KiB stride) a chunk of 4000 units has 64 sets or fewer to itself and
 // conflicts out of L2 (3072 -> 4000: 12.3 ms in place, 9.3 ms packed, at 6.6% of pairs), while
-// for other d packing only adds a copy of W (784 -> 1000: ~10% slower packed).
+// for other d packing only adds a copy of W (784 -> 1000: 5-25% slower packed).
 bool PackKernelChunks(int64_t input_dim) { return input_dim % 256 == 0; }
 
 // The narrowest of the ISA's gathers that covers `columns` (at most one chunk).
@@ -191,13 +191,13 @@ void ComputeChunk(const GatedDenseGradArgs& a, const PairLists& units, const Pai
 }
 
 // The entries of a list set whose `first` is placed.
-absl::Status AllocateLists(tensorflow::OpKernelContext* ctx, const GatedDenseGradArgs& a, int64_t pairs,
-                           tensorflow::Tensor tensors[2], PairLists* lists) {
+absl::Status AllocateLists(tensorflow::OpKernelContext* ctx, const GatedDenseGradArgs& a,
+                           int64_t pairs, tensorflow::Tensor tensors[2], PairLists* lists) {
   if (!ctx->allocate_temp(tensorflow::DT_INT32, {pairs}, &tensors[0]).ok() ||
       !ctx->allocate_temp(tensorflow::DT_FLOAT, {pairs}, &tensors[1]).ok()) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "LrcGatedDenseGrad: out of memory allocating the lists of the ", pairs, " pairs with y > 0 (",
-        16 * pairs, " bytes) for batch ", a.batch, ", units ", a.units));
+        "LrcGatedDenseGrad: out of memory allocating the lists of the ", pairs,
+        " pairs with y > 0 (", 16 * pairs, " bytes) for batch ", a.batch, ", units ", a.units));
   }
   lists->others = tensors[0].flat<int32_t>().data();
   lists->grads = tensors[1].flat<float>().data();
@@ -216,22 +216,26 @@ void GatedDenseGradFunctor<Eigen::ThreadPoolDevice>::operator()(tensorflow::OpKe
   // 1. The bitmap and counts, then the lists.
   const int64_t words = (a.units + kUnitsPerWord - 1) / kUnitsPerWord;
   tensorflow::Tensor bitmap_tensor, count_tensors[2];
-  OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_UINT64, {a.batch * words}, &bitmap_tensor));
+  OP_REQUIRES_OK(ctx,
+                 ctx->allocate_temp(tensorflow::DT_UINT64, {a.batch * words}, &bitmap_tensor));
   OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT64, {a.units + 1}, &count_tensors[0]));
   OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT64, {a.batch + 1}, &count_tensors[1]));
   uint64_t* bitmap = bitmap_tensor.flat<uint64_t>().data();
   int64_t* unit_first = count_tensors[0].flat<int64_t>().data();
   int64_t* row_first = count_tensors[1].flat<int64_t>().data();
   std::memset(row_first, 0, (a.batch + 1) * sizeof(int64_t));
-  workers->ParallelFor(words, Scheduling::Adaptive(3 * a.batch * kUnitsPerWord), [&](int64_t begin, int64_t end) {
+  const auto mark = [&](int64_t begin, int64_t end) {
     for (int64_t word = begin; word < end; ++word) kernels.mark(a, word, words, bitmap, unit_first + 1);
     // Row counts: this shard's words' share, added once a row.
     for (int64_t i = 0; i < a.batch; ++i) {
       int64_t count = 0;
-      for (int64_t word = begin; word < end; ++word) count += __builtin_popcountll(bitmap[i * words + word]);
+      for (int64_t word = begin; word < end; ++word) {
+        count += __builtin_popcountll(bitmap[i * words + word]);
+      }
       if (count) __atomic_fetch_add(&row_first[i + 1], count, __ATOMIC_RELAXED);
     }
-  });
+  };
+  workers->ParallelFor(words, Scheduling::Adaptive(3 * a.batch * kUnitsPerWord), mark);
   PlaceLists(unit_first, a.units);
   PlaceLists(row_first, a.batch);
   const int64_t pairs = unit_first[a.units];
@@ -242,9 +246,10 @@ void GatedDenseGradFunctor<Eigen::ThreadPoolDevice>::operator()(tensorflow::OpKe
   // Items [0, words) fill the lists of a word's units, [words, words + batch) a row's list.
   // Cycles an item: a scan of `batch` (or `words`) bitmap words, and ~4 a listed pair.
   const double density = static_cast<double>(pairs) / std::max<int64_t>(1, a.batch * a.units);
-  const int64_t fill_cost = static_cast<int64_t>(2 * a.batch * words * (1 + 4 * kUnitsPerWord * density)) /
-                            std::max<int64_t>(1, words + a.batch);
-  workers->ParallelFor(words + a.batch, Scheduling::Adaptive(fill_cost), [&](int64_t begin, int64_t end) {
+  const int64_t fill_cost =
+      static_cast<int64_t>(2 * a.batch * words * (1 + 4 * kUnitsPerWord * density)) /
+      std::max<int64_t>(1, words + a.batch);
+  const auto fill = [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       if (item < words) {
         ListUnitPairs(a, item, words, bitmap, units);
@@ -252,24 +257,27 @@ void GatedDenseGradFunctor<Eigen::ThreadPoolDevice>::operator()(tensorflow::OpKe
         ListRowPairs(a, item - words, words, bitmap, rows);
       }
     }
-  });
+  };
+  workers->ParallelFor(words + a.batch, Scheduling::Adaptive(fill_cost), fill);
 
   // 2. Both products, chunk by chunk of columns.
   const int64_t chunk = kernels.vectors[0] * kernels.width;
   const int64_t chunks = (a.input_dim + chunk - 1) / chunk;
   // As wide as the widest gather used: narrower than a chunk when the input is.
-  const int64_t buffer_width = kernels.vectors[PieceFor(kernels, std::min(chunk, a.input_dim))] * kernels.width;
+  const int64_t buffer_width =
+      kernels.vectors[PieceFor(kernels, std::min(chunk, a.input_dim))] * kernels.width;
   const int64_t buffer_floats = (a.batch + a.units) * buffer_width;
   const absl::Status no_buffer = absl::ResourceExhaustedError(absl::StrCat(
       "LrcGatedDenseGrad: out of memory allocating a thread's packing buffer of (batch ", a.batch,
       " + units ", a.units, ") x ", buffer_width, " floats"));
   const int buffer_count = workers->NumThreads() + 1;  // worker ids run to NumThreads() inclusive
-  std::unique_ptr<std::unique_ptr<float[]>[]> buffers(new (std::nothrow) std::unique_ptr<float[]>[buffer_count]);
+  std::unique_ptr<std::unique_ptr<float[]>[]> buffers(
+      new (std::nothrow) std::unique_ptr<float[]>[buffer_count]);
   OP_REQUIRES(ctx, buffers != nullptr, no_buffer);
   std::atomic<bool> out_of_memory{false};
   // Cycles a chunk: ~1 a vector of each pair in each product, and its packing.
   const int64_t chunk_cost = kernels.vectors[0] * (2 * pairs + 2 * (a.batch + a.units));
-  workers->ParallelForWithWorkerId(chunks, Scheduling::Adaptive(chunk_cost), [&](int64_t begin, int64_t end, int worker) {
+  const auto compute = [&](int64_t begin, int64_t end, int worker) {
     // An exception escaping a worker thread would abort the process: a failed allocation is
     // recorded instead, and the op fails with an error Python can catch.
     std::unique_ptr<float[]>& buffer = buffers[worker];
@@ -283,7 +291,8 @@ void GatedDenseGradFunctor<Eigen::ThreadPoolDevice>::operator()(tensorflow::OpKe
       ComputeChunk(a, units, rows, column, std::min(chunk, a.input_dim - column), buffer.get());
     }
     kernels.fence();
-  });
+  };
+  workers->ParallelForWithWorkerId(chunks, Scheduling::Adaptive(chunk_cost), compute);
   OP_REQUIRES(ctx, !out_of_memory.load(), no_buffer);
 }
 

@@ -13,7 +13,8 @@ void GatedDenseGradFunctor<Eigen::GpuDevice>::operator()(tensorflow::OpKernelCon
                                                           const GatedDenseGradArgs& args) {
   const char* error = LaunchGatedDenseGrad(args, ctx->eigen_device<Eigen::GpuDevice>().stream());
   OP_REQUIRES(ctx, error == nullptr,
-              absl::InternalError(absl::StrCat("LrcGatedDenseGrad: CUDA kernel launch failed: ", error)));
+              absl::InternalError(
+                  absl::StrCat("LrcGatedDenseGrad: CUDA kernel launch failed: ", error)));
 }
 
 }  // namespace lrc

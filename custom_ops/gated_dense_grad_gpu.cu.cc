@@ -18,10 +18,12 @@
 namespace lrc {
 
 const char* LaunchGatedDenseGrad(const GatedDenseGradArgs& a, ::CUstream_st* stream) {
-  gpu_grad::LaunchGatedDenseGradKernels(a, [stream](auto kernel, gpu_grad::Geometry geometry, auto... args) {
-    kernel<<<geometry.grid, geometry.block, 0, stream>>>(args...);
-  });
-  const cudaError_t error = cudaGetLastError();  // the launches' own errors, which <<<>>> does not return
+  gpu_grad::LaunchGatedDenseGradKernels(
+      a, [stream](auto kernel, gpu_grad::Geometry geometry, auto... args) {
+        kernel<<<geometry.grid, geometry.block, 0, stream>>>(args...);
+      });
+  // The launches' own errors, which <<<>>> does not return.
+  const cudaError_t error = cudaGetLastError();
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
 }
 

@@ -46,21 +46,24 @@ __device__ __forceinline__ WarpTask TaskOf(int64_t owner_blocks) {
 }
 
 __device__ __forceinline__ float WarpSum(float value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value += __shfl_down_sync(kFullWarp, value, offset);
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_down_sync(kFullWarp, value, offset);
+  }
   return value;  // complete in lane 0
 }
 
 // Adds g·source[c] for the lane's columns c = column + lane + 32·k of one row.
-__device__ __forceinline__ void AddScaledRow(float (&sum)[kColumnsPerLane], float g, const float* source,
-                                             int64_t column, int64_t input_dim, int lane) {
+__device__ __forceinline__ void AddScaledRow(float (&sum)[kColumnsPerLane], float g,
+                                             const float* source, int64_t column, int64_t input_dim,
+                                             int lane) {
   for (int k = 0; k < kColumnsPerLane; ++k) {
     const int64_t c = column + lane + k * kWarpSize;
     if (c < input_dim) sum[k] += g * __ldg(source + c);
   }
 }
 
-__device__ __forceinline__ void StoreRow(const float (&sum)[kColumnsPerLane], float* target, int64_t column,
-                                         int64_t input_dim, int lane) {
+__device__ __forceinline__ void StoreRow(const float (&sum)[kColumnsPerLane], float* target,
+                                         int64_t column, int64_t input_dim, int lane) {
   for (int k = 0; k < kColumnsPerLane; ++k) {
     const int64_t c = column + lane + k * kWarpSize;
     if (c < input_dim) target[c] = sum[k];
@@ -87,7 +90,8 @@ __global__ void GradKernelKernel(GatedDenseGradArgs a, int64_t unit_blocks) {
     for (unsigned voters = __ballot_sync(kFullWarp, passes); voters != 0; voters &= voters - 1) {
       const int source = __ffs(static_cast<int>(voters)) - 1;
       const float pair_g = __shfl_sync(kFullWarp, g, source);
-      AddScaledRow(sum, pair_g, a.x + (first + source) * a.input_dim, task.column, a.input_dim, lane);
+      const float* row = a.x + (first + source) * a.input_dim;
+      AddScaledRow(sum, pair_g, row, task.column, a.input_dim, lane);
     }
   }
   StoreRow(sum, a.grad_kernel + j * a.input_dim, task.column, a.input_dim, lane);
@@ -115,7 +119,8 @@ __global__ void GradInputKernel(GatedDenseGradArgs a, int64_t row_blocks) {
     for (unsigned voters = __ballot_sync(kFullWarp, passes); voters != 0; voters &= voters - 1) {
       const int source = __ffs(static_cast<int>(voters)) - 1;
       const float pair_g = __shfl_sync(kFullWarp, g, source);
-      AddScaledRow(sum, pair_g, a.kernel + (first + source) * a.input_dim, task.column, a.input_dim, lane);
+      const float* row = a.kernel + (first + source) * a.input_dim;
+      AddScaledRow(sum, pair_g, row, task.column, a.input_dim, lane);
     }
   }
   StoreRow(sum, a.grad_x + i * a.input_dim, task.column, a.input_dim, lane);
@@ -135,10 +140,12 @@ void LaunchGatedDenseGradKernels(const GatedDenseGradArgs& a, Launch launch) {
   const int64_t tiles = Tiles(a.input_dim);
   if (a.units > 0) {
     const int64_t kernel_tiles = tiles > 0 ? tiles : 1;
-    launch(GradKernelKernel, Geometry{static_cast<unsigned>(unit_blocks * kernel_tiles), kThreads}, a, unit_blocks);
+    const Geometry geometry{static_cast<unsigned>(unit_blocks * kernel_tiles), kThreads};
+    launch(GradKernelKernel, geometry, a, unit_blocks);
   }
   if (a.batch > 0 && tiles > 0) {
-    launch(GradInputKernel, Geometry{static_cast<unsigned>(row_blocks * tiles), kThreads}, a, row_blocks);
+    const Geometry geometry{static_cast<unsigned>(row_blocks * tiles), kThreads};
+    launch(GradInputKernel, geometry, a, row_blocks);
   }
 }
 

@@ -19,8 +19,9 @@ using ::tensorflow::TensorShape;
 
 std::string InputShapes(OpKernelContext* ctx) {
   return absl::StrCat(" (grad_y ", ctx->input(0).shape().DebugString(), ", y ",
-                      ctx->input(1).shape().DebugString(), ", x ", ctx->input(2).shape().DebugString(),
-                      ", kernel ", ctx->input(3).shape().DebugString(), ")");
+                      ctx->input(1).shape().DebugString(), ", x ",
+                      ctx->input(2).shape().DebugString(), ", kernel ",
+                      ctx->input(3).shape().DebugString(), ")");
 }
 
 absl::Status Prepare(OpKernelContext* ctx, GatedDenseGradArgs* args) {
@@ -64,7 +65,8 @@ class GatedDenseGradOpKernel : public OpKernel {
     Tensor* grad_kernel = nullptr;
     Tensor* grad_bias = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({args.batch, args.input_dim}), &grad_x));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({args.units, args.input_dim}), &grad_kernel));
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_output(1, TensorShape({args.units, args.input_dim}), &grad_kernel));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({args.units}), &grad_bias));
     args.grad_x = grad_x->flat<float>().data();
     args.grad_kernel = grad_kernel->flat<float>().data();
