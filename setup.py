@@ -10,7 +10,7 @@ install_requires below), and the version is recorded in _lrc_ops.json so that lr
 refuses a library built for another TensorFlow.
 
 The GPU kernels are compiled too when nvcc is found (on the PATH or in $CUDA_HOME/bin) and the
-installed TensorFlow is a CUDA build: nvcc compiles gated_dense_gpu.cu.cc, which needs only the
+installed TensorFlow is a CUDA build: nvcc compiles the *.cu.cc files, which need only the
 CUDA runtime header, and the host compiler the rest with the CUDA headers TensorFlow ships.
 
 Environment:
@@ -33,9 +33,11 @@ from setuptools.command.build import build
 
 TENSORFLOW_PIN = "tensorflow==2.21.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = ["custom_ops/gated_dense_ops.cc", "custom_ops/gated_dense_kernels.cc", "custom_ops/gated_dense_cpu.cc"]
-GPU_HOST_SOURCES = ["custom_ops/gated_dense_gpu.cc"]
-GPU_DEVICE_SOURCE = "custom_ops/gated_dense_gpu.cu.cc"
+CPU_SOURCES = ["custom_ops/gated_dense_ops.cc", "custom_ops/gated_dense_kernels.cc", "custom_ops/gated_dense_cpu.cc",
+               "custom_ops/gated_dense_grad_ops.cc", "custom_ops/gated_dense_grad_kernels.cc",
+               "custom_ops/gated_dense_grad_cpu.cc"]
+GPU_HOST_SOURCES = ["custom_ops/gated_dense_gpu.cc", "custom_ops/gated_dense_grad_gpu.cc"]
+GPU_DEVICE_SOURCES = ["custom_ops/gated_dense_gpu.cu.cc", "custom_ops/gated_dense_grad_gpu.cu.cc"]
 # sm_80 (A100) and sm_90 (H100) machine code, plus PTX that newer GPUs compile at load time.
 NVCC_ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
               "-gencode", "arch=compute_90,code=compute_90"]
@@ -79,12 +81,14 @@ def compile_ops(package_dir, build_temp):
     nvcc = find_nvcc(tf)
     if nvcc:
         os.makedirs(build_temp, exist_ok=True)
-        device_object = os.path.join(build_temp, "gated_dense_gpu.cu.o")
-        run([nvcc, "-c", "-x", "cu", "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-DGOOGLE_CUDA=1",
-             *NVCC_ARCHS, os.path.join(HERE, GPU_DEVICE_SOURCE), "-o", device_object])
+        device_objects = []
+        for source in GPU_DEVICE_SOURCES:
+            device_objects.append(os.path.join(build_temp, os.path.basename(source).replace(".cc", ".o")))
+            run([nvcc, "-c", "-x", "cu", "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-DGOOGLE_CUDA=1",
+                 *NVCC_ARCHS, os.path.join(HERE, source), "-o", device_objects[-1]])
         cuda_headers = os.path.join(tf.sysconfig.get_include(), "third_party", "gpus", "cuda", "include")
         flags += ["-DGOOGLE_CUDA=1", f"-I{cuda_headers}"]
-        sources += [os.path.join(HERE, source) for source in GPU_HOST_SOURCES] + [device_object]
+        sources += [os.path.join(HERE, source) for source in GPU_HOST_SOURCES] + device_objects
     compiler = os.environ.get("CXX", "g++")
     run([compiler, *flags, *sources, "-o", library, *tf.sysconfig.get_link_flags()])
     with open(os.path.join(package_dir, "_lrc_ops.json"), "w") as f:

@@ -1,6 +1,6 @@
 // The gated kernel's inner loop, written once and compiled once per instruction set.
 //
-// gated_dense_cpu.cc includes this file inside a namespace that defines, for its ISA,
+// gated_dense_cpu.cc includes this file inside each ISA's namespace of isa.h, which defines
 //   Vec, kWidth, Zero(), Load(p), MulAdd(a, b, c) = a * b + c, Sum(v), Prefetch(p)
 // under a `#pragma GCC target` for that ISA, so each copy runs only where
 // __builtin_cpu_supports says the CPU has it. No include guard: included once per ISA.

@@ -6,16 +6,13 @@
 // Every (row, unit) is summed in the same order whichever block it falls in, and by one
 // thread, so results do not depend on the batch's composition or on scheduling.
 #define EIGEN_USE_THREADS
-#include <immintrin.h>
-
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <memory>
 #include <new>
-#include <string>
 
 #include "gated_dense.h"
+#include "isa.h"
 #include "tensorflow/core/framework/op_kernel.h"
 
 namespace lrc {
@@ -31,21 +28,12 @@ using DotRowsFn = void (*)(const float* w, const float* const* rows, int64_t n,
 
 }  // namespace
 
-// One copy of dot_rows_impl.h per instruction set; GCC's vector extensions make `+` work on
-// Vec for all three.
+// One copy of dot_rows_impl.h per instruction set (isa.h defines each one's primitives).
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 #pragma GCC diagnostic push
-// GCC 12's own _mm512_reduce_add_ps trips -Wuninitialized (an _mm256_undefined_ps inside).
-#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"  // as in isa.h: GCC 12's _mm512_reduce_add_ps
 namespace avx512 {
-using Vec = __m512;
-constexpr int64_t kWidth = 16;
-inline Vec Zero() { return _mm512_setzero_ps(); }
-inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec MulAdd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float Sum(Vec v) { return _mm512_reduce_add_ps(v); }
-inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 #include "dot_rows_impl.h"
 }  // namespace avx512
 #pragma GCC diagnostic pop
@@ -54,30 +42,11 @@ inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-using Vec = __m256;
-constexpr int64_t kWidth = 8;
-inline Vec Zero() { return _mm256_setzero_ps(); }
-inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec MulAdd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline float Sum(Vec v) {
-  __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
-  return _mm_cvtss_f32(_mm_add_ss(sum4, _mm_movehdup_ps(sum4)));
-}
-inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 #include "dot_rows_impl.h"
 }  // namespace avx2
 #pragma GCC pop_options
 
-// x86-64 baseline: the same loop on scalars.
 namespace portable {
-using Vec = float;
-constexpr int64_t kWidth = 1;
-inline Vec Zero() { return 0.f; }
-inline Vec Load(const float* p) { return *p; }
-inline Vec MulAdd(Vec a, Vec b, Vec c) { return a * b + c; }
-inline float Sum(Vec v) { return v; }
-inline void Prefetch(const float*) {}
 #include "dot_rows_impl.h"
 }  // namespace portable
 
@@ -94,15 +63,14 @@ struct DotKernels {
   int count;
 };
 
-// The widest instruction set the CPU has; LRC_ISA=avx2|portable caps it (tests run every copy).
 DotKernels ChooseDotKernels() {
-  const char* cap = std::getenv("LRC_ISA");
-  const std::string limit = cap ? cap : "";
-  if (limit.empty() && __builtin_cpu_supports("avx512f")) {
-    return {{{8, avx512::DotRows<8>}, {4, avx512::DotRows<4>}, {1, avx512::DotRows<1>}}, 3};
-  }
-  if (limit != "portable" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return {{{4, avx2::DotRows<4>}, {1, avx2::DotRows<1>}}, 2};
+  switch (SelectedIsa()) {
+    case Isa::kAvx512:
+      return {{{8, avx512::DotRows<8>}, {4, avx512::DotRows<4>}, {1, avx512::DotRows<1>}}, 3};
+    case Isa::kAvx2:
+      return {{{4, avx2::DotRows<4>}, {1, avx2::DotRows<1>}}, 2};
+    case Isa::kPortable:
+      break;
   }
   return {{{4, portable::DotRows<4>}, {1, portable::DotRows<1>}}, 2};
 }
