@@ -145,7 +145,7 @@ class BuildOps(Command):
         return {}
 
     def get_source_files(self):
-        return [*CPU_SOURCES, *GPU_HOST_SOURCES, GPU_DEVICE_SOURCE]
+        return [*CPU_SOURCES, *GPU_HOST_SOURCES, *GPU_DEVICE_SOURCES]
 
 
 class BuildWithOps(build):
