@@ -7,10 +7,15 @@ d·n / (r·(d + n) + ρ·d·n). With --npz (MNIST digits), it also trains a 784-
 network with an L1 activity penalty and benchmarks its two hidden layers on their real inputs.
 Where TensorFlow sees a GPU, the synthetic rows are measured there too, labelled "GPU".
 
-With --training it times a training step instead (`train_on_batch`, fixed random data, L1 1e-3
-activity penalty, batch 128) of the paper's two networks, 784-1000-1000-10 at rank 20 and
-3072-4000-2000-1000-10 at ranks 50/40/30, for the Dense twin and a gated network per estimator,
-all interleaved in rounds so that drift on the machine reaches every network alike. Refits are
+With --training it times a training step instead (`train_on_batch`, L1 1e-3 activity penalty,
+batch 128) of the paper's two networks, 784-1000-1000-10 at rank 20 and 3072-4000-2000-1000-10 at
+ranks 50/40/30, for the Dense twin, a gated network per estimator (training_path "dense") and
+the default estimator on training_path "gated", all interleaved in rounds so that drift on the
+machine reaches every network alike. The gated path's time follows the density, so with --npz
+the 784 network trains every variant on the digits first (--pretrain-epochs) and times steps on
+digit batches at the densities training reached, printed beside; the 3072 network times fixed
+random inputs at its initial densities. The timed steps run with the learning rate set to 0, so
+the densities stay those; the estimators keep their upkeep and refits. Refits are
 rare, expensive steps, so each network's figure is its mean step over all rounds: the default
 20 rounds of 20 steps (after 3 untimed) hold the svd estimator's refits at steps 200 and 400 and
 input_svd's every ~55 steps in proportion. The median of the per-round means is printed beside.
@@ -25,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lrc_keras import LowRankGatedDense, ops
+from lrc_keras import LowRankGatedDense, gating, ops
 from lrc_keras.gating import margin_for_density
 from lrc_keras.timing import median_times
 from lrc_keras.estimators import estimate
@@ -77,15 +82,14 @@ def synthetic_rows(rng, repeats, calls, device_label=""):
 
 
 def trained_rows(npz, rng, repeats, calls, l1=3e-4, epochs=10):
-    data = np.load(npz)
-    x = data["x"].reshape(len(data["x"]), -1).astype(np.float32) / 255.0
+    x, labels = mnist_arrays(npz)
     model = keras.Sequential(
         [keras.Input((784,))]
         + [LowRankGatedDense(1000, rank=20, activity_regularizer=keras.regularizers.L1(l1)) for _ in range(2)]
         + [keras.layers.Dense(10)]
     )
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, data["y"], batch_size=128, epochs=epochs, verbose=0)
+    model.fit(x, labels, batch_size=128, epochs=epochs, verbose=0)
     rows = []
     inputs = x
     for layer in model.layers[:2]:
@@ -105,65 +109,121 @@ TRAINING_NETWORKS = (
     ("784-1000-1000-10", (784, 1000, 1000, 10), (20, 20)),
     ("3072-4000-2000-1000-10", (3072, 4000, 2000, 1000, 10), (50, 40, 30)),
 )
-TRAINING_VARIANTS = ("dense", "input_svd", "svd", "joint")
+# Variant: (estimator, training_path) of the gated layers; "dense" is the Dense twin.
+TRAINING_VARIANTS = {
+    "dense": None,
+    "input_svd": ("input_svd", "dense"),
+    "svd": ("svd", "dense"),
+    "joint": ("joint", "dense"),
+    "gated": ("input_svd", "gated"),
+    "auto": ("input_svd", "auto"),
+}
 
 
 def training_network(shape, ranks, variant):
-    """The Dense twin (variant "dense") or a gated network with `variant`'s default estimator."""
+    """The Dense twin (variant "dense") or a gated network with `variant`'s estimator and path."""
     layers = [keras.Input((shape[0],))]
     for units, rank in zip(shape[1:-1], ranks):
         penalty = keras.regularizers.L1(1e-3)
         if variant == "dense":
             layers.append(keras.layers.Dense(units, activation="relu", activity_regularizer=penalty))
         else:
-            layers.append(LowRankGatedDense(units, rank=rank, estimator=variant, activity_regularizer=penalty))
+            estimator, training_path = TRAINING_VARIANTS[variant]
+            layers.append(LowRankGatedDense(units, rank=rank, estimator=estimator, training_path=training_path,
+                                            activity_regularizer=penalty))
     layers.append(keras.layers.Dense(shape[-1]))
     model = keras.Sequential(layers)
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
 
 
-def training_steps(shape, ranks, rng, rounds, steps, batch=128, variants=TRAINING_VARIANTS):
-    """{variant: (mean seconds a step over all rounds, median of the rounds' means)}."""
-    x = rng.random((batch, shape[0]), np.float32)
-    y = rng.integers(0, shape[-1], batch)
-    models = {variant: training_network(shape, ranks, variant) for variant in variants}
+def training_steps(shape, ranks, data, rounds, steps, pretrain_epochs=0, batch=128, variants=tuple(TRAINING_VARIANTS)):
+    """{variant: (mean seconds a step over all rounds, median of the rounds' means, densities)}.
+
+    `data` is (x, y); with `pretrain_epochs`, every network first fits it for that many epochs.
+    The timed steps cycle through 20 fixed batches of it.
+    """
+    x, y = data
+    rng = np.random.default_rng(0)
+    batches = [rng.choice(len(x), batch, replace=False) for _ in range(20)]
+    models = {}
+    for variant in variants:
+        keras.utils.set_random_seed(0)
+        models[variant] = training_network(shape, ranks, variant)
+        if pretrain_epochs:
+            models[variant].fit(x, y, batch_size=batch, epochs=pretrain_epochs, verbose=0)
     for model in models.values():  # trace, and take Adam's first steps out of the timing
-        for _ in range(3):
-            model.train_on_batch(x, y)
+        for rows in batches[:3]:
+            model.train_on_batch(x[rows], y[rows])
+        # The same work a step, but weights that stay where training left them: 400 more steps
+        # on 20 batches would keep making the layers sparser, and the gated path cheaper.
+        model.optimizer.learning_rate.assign(0.0)
     rounds_seconds = {variant: [] for variant in variants}
     for _ in range(rounds):
         for variant, model in models.items():
             start = time.perf_counter()
-            for _ in range(steps):
-                model.train_on_batch(x, y)
+            for step in range(steps):
+                rows = batches[step % len(batches)]
+                model.train_on_batch(x[rows], y[rows])
             rounds_seconds[variant].append((time.perf_counter() - start) / steps)
-    return {variant: (float(np.mean(times)), float(np.median(times))) for variant, times in rounds_seconds.items()}
+    return {variant: (float(np.mean(times)), float(np.median(times)), predicted_densities(models[variant], x[:1000]))
+            for variant, times in rounds_seconds.items()}
 
 
-def training_rows(rng, rounds, steps):
+def predicted_densities(model, x):
+    """The fraction of units each gated layer computes on x (empty for the Dense twin)."""
+    return [round(float(np.mean(gating.gate_mask(estimate(inputs, layer.estimator_u, layer.estimator_v, layer.bias),
+                                                  layer.margin))), 3)
+            for layer, inputs in _gated_layers_and_inputs(model, x)]
+
+
+def _gated_layers_and_inputs(model, x):
+    inputs = tf.constant(x)
+    for layer in model.layers:
+        if isinstance(layer, LowRankGatedDense):
+            yield layer, inputs
+        inputs = layer(inputs)
+
+
+def training_rows(rng, rounds, steps, npz=None, pretrain_epochs=10):
     rows = []
     for label, shape, ranks in TRAINING_NETWORKS:
-        times = training_steps(shape, ranks, rng, rounds, steps)
-        dense_mean, dense_median = times["dense"]
+        pretrain = 0
+        if npz and shape[0] == 784:
+            data, pretrain = mnist_arrays(npz), pretrain_epochs
+        else:
+            data = (rng.random((1024, shape[0]), np.float32), rng.integers(0, shape[-1], 1024))
+        times = training_steps(shape, ranks, data, rounds, steps, pretrain)
+        dense_mean, dense_median, _ = times["dense"]
         row = {"network": label, "ranks": list(ranks), "dense_ms": dense_mean * 1e3,
-               "dense_median_ms": dense_median * 1e3, "rounds": rounds, "steps": steps}
-        for variant in TRAINING_VARIANTS[1:]:
+               "dense_median_ms": dense_median * 1e3, "rounds": rounds, "steps": steps,
+               "data": f"digits, after {pretrain} epochs" if pretrain else "random"}
+        for variant in list(TRAINING_VARIANTS)[1:]:
             row[f"{variant}_ratio"] = times[variant][0] / dense_mean
             row[f"{variant}_median_ratio"] = times[variant][1] / dense_median
+            row[f"{variant}_densities"] = times[variant][2]
         rows.append(row)
         print(format_training_row(row), flush=True)
     return rows
 
 
+def mnist_arrays(npz):
+    data = np.load(npz)
+    return data["x"].reshape(len(data["x"]), -1).astype(np.float32) / 255.0, data["y"].astype(np.int64)
+
+
 def format_training_row(row):
-    cells = " | ".join(f"{row[f'{v}_ratio']:.2f}x ({row[f'{v}_median_ratio']:.2f}x)" for v in TRAINING_VARIANTS[1:])
-    return f"| {row['network']}, ranks {'/'.join(map(str, row['ranks']))} | {row['dense_ms']:.1f} | {cells} |"
+    cells = " | ".join(
+        f"{row[f'{v}_ratio']:.2f}x ({row[f'{v}_median_ratio']:.2f}x) ρ {'/'.join(map(str, row[f'{v}_densities']))}"
+        for v in list(TRAINING_VARIANTS)[1:]
+    )
+    return f"| {row['network']}, ranks {'/'.join(map(str, row['ranks']))}, {row['data']} | {row['dense_ms']:.1f} | {cells} |"
 
 
 TRAINING_HEADER = (
-    "| network | Dense step ms | input_svd (default) | svd | joint |\n"
-    "|---|---|---|---|---|"
+    "| network, data | Dense step ms | input_svd, dense path | svd, dense path | joint, dense path "
+    "| input_svd, gated path | input_svd, auto (the default) |\n"
+    "|---|---|---|---|---|---|---|"
 )
 
 
@@ -194,6 +254,8 @@ def main(argv=None):
                         help="time training steps of the paper's two networks instead (see above)")
     parser.add_argument("--rounds", type=int, default=20, help="--training: interleaved rounds")
     parser.add_argument("--steps", type=int, default=20, help="--training: steps per network per round")
+    parser.add_argument("--pretrain-epochs", type=int, default=10,
+                        help="--training with --npz: epochs every 784 network fits on the digits before timing")
     args = parser.parse_args(argv)
     if not ops.is_compiled():
         parser.error("the compiled op is not loaded; the benchmark would only time the pure-TF path")
@@ -201,7 +263,7 @@ def main(argv=None):
     if args.training:
         print("training step time against the Dense twin: mean over all steps (median of rounds)")
         print(TRAINING_HEADER)
-        rows = training_rows(rng, args.rounds, args.steps)
+        rows = training_rows(rng, args.rounds, args.steps, args.npz, args.pretrain_epochs)
         with open(args.out, "w") as f:
             json.dump({"tensorflow": tf.__version__, "cpus": os.cpu_count(), "training_rows": rows}, f, indent=1)
         print(f"saved {args.out}")

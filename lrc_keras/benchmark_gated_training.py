@@ -61,7 +61,7 @@ def step_functions(kernel, bias, estimator_u, estimator_v, margin, cotangent):
 
 def part_functions(x, kernel, bias, estimator_u, estimator_v, margin, cotangent):
     """The gated step's parts, and one dense GEMM; each a function of x."""
-    library = ops._compiled()
+    library = ops.compiled_library()
     kernel_t, bias_t, dense_kernel = tf.constant(kernel), tf.constant(bias), tf.constant(kernel.T)
     u, v = tf.constant(estimator_u), tf.constant(estimator_v)
     product = low_rank_product(tf.constant(x), u, v)

@@ -1,4 +1,4 @@
-"""Callbacks: SVDRefit (refit the estimators from Python) and GateSummaries (TensorBoard)."""
+"""Callbacks: EstimatorRefit (refit the estimators from Python) and GateSummaries (TensorBoard)."""
 
 import os
 
@@ -11,11 +11,10 @@ from lrc_keras.audit import measure_gates
 from lrc_keras.metrics import GATE_RATES
 
 
-class SVDRefit(keras.callbacks.Callback):
-    """Refit every LowRankGatedDense's fitted estimator by its own rule from the callback loop.
-
-    (Named for the paper's truncated SVD; an input_svd layer refits from its buffered input
-    rows. A joint layer's factors are trained by gradient: it is left alone.)
+class EstimatorRefit(keras.callbacks.Callback):
+    """Refit every LowRankGatedDense's estimator by its own rule from the callback loop: svd
+    layers from the kernel, input_svd layers from their buffered input rows. A joint layer's
+    factors are trained by gradient: it is left alone.
 
     The layers already refit inside the train step (their estimator's `refit_every`); this is
     for users who prefer to schedule it from Python, e.g. with `SVDEstimator(refit_every=None)`.

@@ -1,4 +1,5 @@
-"""Dispatch: the one place that decides how a gated layer's inference runs, and says why.
+"""Dispatch: the one place that decides how a gated layer's inference runs, and says why
+(and, in `choose_training_path`, how its training step runs).
 
 `choose_path` picks one of the implementations of `lrc_keras.ops`:
     "reference"  plain TensorFlow, when the compiled ops are not loaded or the dtype is not
@@ -60,6 +61,36 @@ def choose_path(requested, dtype, input_dim, units, rank, batch):
         path = "gated" if crossover >= 1.0 else "gemm"
         return path, None, f"the cost model measured {path} faster at every density for batch {batch}"
     return "auto", crossover, "the cost model's crossover density against the last observed density"
+
+
+TRAINING_PATHS = ("auto", "dense", "gated")
+
+# Predicted density above which a layer's training step on the compiled gated kernels costs
+# about as much as on the GEMMs: measured with `python -m lrc_keras.benchmark_gated_training`
+# at batch 128, the two break even near 0.52 for 784→1000 and 1000→1000, and above 0.5 for
+# 3072→4000 (1.32x faster there); the gated step's time grows about linearly with the density
+# (BENCHMARKS.md).
+GATED_TRAINING_MAX_DENSITY = 0.5
+
+
+def choose_training_path(requested, dtype):
+    """"dense", "gated" or "auto" (gated while the layer's last observed density is at most
+    GATED_TRAINING_MAX_DENSITY, decided in the graph at every step) for a training call.
+
+    The gated kernels need the compiled library and float32; otherwise "dense", warned once.
+    """
+    if requested not in TRAINING_PATHS:
+        raise ValueError(f"training_path must be one of {TRAINING_PATHS}, got {requested!r}")
+    if requested == "dense" or not ops.is_compiled():  # without the library, the import warned
+        return "dense"
+    if dtype != tf.float32:
+        _warn_once(
+            ("training dtype", dtype.name),
+            f"lrc_keras: the compiled gated training kernels are float32 only and the inputs are "
+            f"{dtype.name}, so LowRankGatedDense trains by training_path=\"dense\" (a GEMM, then the mask).",
+        )
+        return "dense"
+    return requested
 
 
 def run(path, crossover, observed_density, x, kernel, bias, estimator_u, estimator_v, margin):

@@ -28,6 +28,7 @@ Example:
 
 import tensorflow as tf
 
+from lrc_keras import gating
 from lrc_keras import ops
 
 
@@ -58,7 +59,11 @@ def gated_dense_train_with_density(x, kernel, bias, product, margin):
 
 @tf.custom_gradient
 def _gated_dense_train(x, kernel, bias, product, margin):
-    library = ops._compiled()
+    library = ops.compiled_library()
+    # The gradient reads x and the kernel through tensors made here: inside a tf.cond branch
+    # (training_path="auto"), the branch's own inputs are placeholders that the gradient's
+    # graph cannot read, while tensors computed in the branch become outputs of the cond.
+    x, kernel = tf.identity(x), tf.identity(kernel)
     y, active_fraction = library.lrc_gated_dense(x, kernel, bias, product, margin)
 
     def gradient(grad_y, _):
@@ -66,3 +71,46 @@ def _gated_dense_train(x, kernel, bias, product, margin):
         return grad_x, grad_kernel, grad_bias, None, None
 
     return (y, active_fraction), gradient
+
+
+def gated_dense_train_with_sample(x, kernel, bias, product, margin, sample_rows):
+    """`(y, skipped)`: y of `gated_dense_train`, and for the first `sample_rows` rows of x the
+    active units the gate skipped, skipped = relu(z) where ẑ ≤ -margin, else 0, from z computed
+    densely for those rows alone (what the skipped-unit penalty and the gate metrics need).
+
+    One LrcGatedDenseGrad computes the gradient of both: y's pairs and skipped's positive pairs
+    never overlap, so the backward runs over their union, with dL/dy on the first and
+    dL/dskipped on the second. A separate backward for the sampled rows would cost two dense
+    products of the whole kernel's size and their sum, more than the sampled rows' forward.
+    Inputs as `gated_dense_train_with_density`'s, float32.
+    """
+    inputs = [tf.convert_to_tensor(value, tf.float32) for value in (x, kernel, bias, product, margin)]
+    return _gated_dense_train_with_sample(*inputs, sample_rows)
+
+
+def _gated_dense_train_with_sample(x, kernel, bias, product, margin, sample_rows):
+    @tf.custom_gradient
+    def forward(x, kernel, bias, product, margin):
+        library = ops.compiled_library()
+        x, kernel = tf.identity(x), tf.identity(kernel)  # see _gated_dense_train
+        y, _ = library.lrc_gated_dense(x, kernel, bias, product, margin)
+        rows = slice(None, sample_rows)
+        z = ops.dense_preactivation(x[rows], kernel, bias)
+        mask = gating.gate_mask(product[rows] + bias, margin)
+        skipped = tf.where(mask, tf.zeros([], z.dtype), tf.nn.relu(z))
+
+        def gradient(grad_y, grad_skipped):
+            if grad_skipped is None:
+                grad_passing, passing = grad_y, y
+            else:
+                # The sample's rows, padded to the batch: zeros add no pair and no gradient.
+                below = [[0, tf.shape(y)[0] - tf.shape(skipped)[0]], [0, 0]]
+                passing = y + tf.pad(skipped, below)
+                grad_passing = tf.where(y > 0, grad_y, tf.pad(grad_skipped, below))
+            grad_x, grad_kernel, grad_bias = library.lrc_gated_dense_grad(grad_passing, passing, x, kernel)
+            return grad_x, grad_kernel, grad_bias, None, None
+
+        return (y, skipped), gradient
+
+    return forward(x, kernel, bias, product, margin)
+

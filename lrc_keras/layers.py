@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from lrc_keras import dispatch
 from lrc_keras import estimators
+from lrc_keras import gated_training
 from lrc_keras import gating
 from lrc_keras import ops
 from lrc_keras.metrics import GateStatistics
@@ -24,12 +25,14 @@ class LowRankGatedDense(keras.layers.Layer):
     product being computed. Per row, the cost is `r·(d + n) + ρ·d·n` multiply-adds instead of
     `d·n`, ρ the fraction of units predicted positive.
 
-    Training (`training=True`) computes z densely (a GEMM is cheapest while gradients are
-    needed), applies the estimator's mask and returns `relu(z)·mask`: the network learns to live
-    with the estimator's mistakes. A training step costs more than its Dense twin's by the
-    estimate, the gate metrics, the estimator's upkeep and refits (BENCHMARKS.md, measured with
-    `python -m lrc_keras.benchmark --training`). The task's gradients reach W and b only through computed
-    units; the activity penalty also reaches the active units the gate skipped
+    Training (`training=True`) applies the estimator's mask too, so the network learns to live
+    with the estimator's mistakes: `training_path="dense"` computes z by a GEMM and masks it;
+    `"gated"` computes, forward and backward, only the units the gate selects
+    (`lrc_keras.gated_training`). Either way a few sampled rows of each batch are computed
+    densely for the gate metrics, the skipped-unit penalty and a trained estimator's loss.
+    BENCHMARKS.md gives the cost of a training step of each against its Dense twin, measured
+    with `python -m lrc_keras.benchmark --training`. The task's gradients reach W and b only
+    through computed units; the activity penalty also reaches the active units the gate skipped
     (`regularize_skipped_units`) and pushes them below zero.
     Inference runs the compiled op (`lrc_keras.dispatch` chooses the implementation), which
     never computes a skipped unit. NaN estimates count as "compute", so NaN inputs give NaN
@@ -72,6 +75,11 @@ class LowRankGatedDense(keras.layers.Layer):
             sees the gated output only.
         inference_path: `"auto"` (the cost model chooses per batch), `"gated"` (the compiled
             gated op) or `"gemm"` (TF's GEMM, then the compiled mask); see `lrc_keras.dispatch`.
+        training_path: `"dense"` (z by a GEMM, then the mask), `"gated"` (the compiled forward
+            and backward over the selected units only) or `"auto"` (gated while the density
+            last observed is at most `lrc_keras.dispatch.GATED_TRAINING_MAX_DENSITY`, dense
+            above, decided at every step). The gated kernels are float32 only: other dtypes
+            train by "dense", with a warning.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`. float32 runs the
             compiled ops; other compute dtypes (bfloat16, float16, the mixed policies) work
             through plain TensorFlow, with a warning at the first call. The estimator is fitted
@@ -85,8 +93,8 @@ class LowRankGatedDense(keras.layers.Layer):
 
     Metrics: `fit` logs `{name}_sign_accuracy`, `_recall`, `_precision`,
     `_false_negative_rate`, `_predicted_density` and `_true_density` (they need the dense z:
-    measured in training, on the first 32 rows of each batch, and in inference, on every row,
-    only while `layer.audit` is True).
+    measured in training on the first rows of each batch, 32 on the dense training path and 16
+    on the gated one, and in inference on every row, only while `layer.audit` is True).
 
     Example:
 
@@ -110,6 +118,7 @@ class LowRankGatedDense(keras.layers.Layer):
         activity_regularizer=None,
         inference_path="auto",
         regularize_skipped_units=True,
+        training_path="auto",
         **kwargs,
     ):
         moved = sorted(set(kwargs) & set(_MOVED_TO_ESTIMATOR))
@@ -141,6 +150,7 @@ class LowRankGatedDense(keras.layers.Layer):
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.inference_path = inference_path
+        self.training_path = training_path
         self.regularize_skipped_units = bool(regularize_skipped_units)
         self.gate_metric = GateStatistics(prefix=f"{self.name}_")
         self.audit = False  # lrc_keras.set_audit: measure the gate in inference too
@@ -215,6 +225,17 @@ class LowRankGatedDense(keras.layers.Layer):
         self._inference_path = path
 
     @property
+    def training_path(self):
+        """"auto", "dense" (GEMM, then mask) or "gated" (only the selected units, forward and backward)."""
+        return self._training_path
+
+    @training_path.setter
+    def training_path(self, path):
+        if path not in dispatch.TRAINING_PATHS:
+            raise ValueError(f"{self.name}: training_path must be one of {dispatch.TRAINING_PATHS}, got {path!r}")
+        self._training_path = path
+
+    @property
     def margin(self):
         """A unit is computed when ẑ > -margin; assigning it updates compiled functions too."""
         return self._margin
@@ -240,6 +261,7 @@ class LowRankGatedDense(keras.layers.Layer):
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
             "inference_path": self.inference_path,
             "regularize_skipped_units": self.regularize_skipped_units,
+            "training_path": self.training_path,
         }
         return {**base_config, **config}
 
@@ -438,26 +460,53 @@ class LowRankGatedDense(keras.layers.Layer):
         return z_hat, tf.stop_gradient(gating.gate_mask(z_hat, tf.cast(self.gate_margin, z_hat.dtype)))
 
     def _training_forward(self, x, batch_size):
-        """Training: z by a GEMM (cheapest while gradients are needed), masked by the gate; the
-        gate metrics, the estimator's loss and the activity penalty on skipped active units."""
-        z_hat, mask = self._estimate_and_mask(x)
-        y, skipped = ops.masked_dense_for_training(x, self.kernel, self.bias, mask)
-
-        # The metrics and a trained estimator's loss (a mean over entries) take a sample of each
-        # batch's rows (fit shuffles them): unbiased, for a quarter of the work at batch 128.
-        # z > 0 there: y and skipped never overlap, so their sum is relu(z).
-        positive = tf.stop_gradient(y[:GATE_SAMPLE_ROWS] + skipped[:GATE_SAMPLE_ROWS]) > 0
-        self._record_gate(mask[:GATE_SAMPLE_ROWS], positive)
+        """Training: y by the training path, then the gate metrics, a trained estimator's loss
+        and the activity penalty on skipped active units, from the first sampled rows."""
+        path = dispatch.choose_training_path(self.training_path, x.dtype)
+        if path == "auto":
+            y, sample = tf.cond(self.observed_density <= dispatch.GATED_TRAINING_MAX_DENSITY,
+                                lambda: self._gated_training(x), lambda: self._dense_training(x))
+        elif path == "gated":
+            y, sample = self._gated_training(x)
+        else:
+            y, sample = self._dense_training(x)
+        z_hat, mask, positive, skipped = sample
+        self._record_gate(mask, positive)
         if self.estimator.trainable:
-            self.add_loss(self.estimator.loss(self, z_hat[:GATE_SAMPLE_ROWS], positive))
+            self.add_loss(self.estimator.loss(self, z_hat, positive))
         if self.regularize_skipped_units and self.activity_regularizer is not None:
             # Keras charges the output and divides by the batch size; this charges the rest, on
             # the sampled rows scaled to the whole batch: the same penalty and gradient in
-            # expectation (for additive regularizers such as L1 and L2) for a quarter of the work.
-            sample = tf.cast(skipped[:GATE_SAMPLE_ROWS], tf.float32)
-            scale = tf.cast(tf.shape(x)[0], tf.float32) / tf.cast(tf.shape(sample)[0] * batch_size, tf.float32)
-            self.add_loss(self.activity_regularizer(sample) * scale)
+            # expectation (for additive regularizers such as L1 and L2) for a fraction of the work.
+            skipped = tf.cast(skipped, tf.float32)
+            scale = tf.cast(tf.shape(x)[0], tf.float32) / tf.cast(tf.shape(skipped)[0] * batch_size, tf.float32)
+            self.add_loss(self.activity_regularizer(skipped) * scale)
         return y
+
+    def _dense_training(self, x):
+        """y = relu(z)·mask with z by a GEMM, and the sample `(ẑ, mask, z > 0, relu(z)·¬mask)`
+        of its first GATE_SAMPLE_ROWS rows (fit shuffles them: an unbiased sample)."""
+        z_hat, mask = self._estimate_and_mask(x)
+        y, skipped = ops.masked_dense_for_training(x, self.kernel, self.bias, mask)
+        rows = slice(None, GATE_SAMPLE_ROWS)
+        # y and skipped never overlap, so their sum is relu(z).
+        positive = tf.stop_gradient(y[rows] + skipped[rows]) > 0
+        return y, (z_hat[rows], mask[rows], positive, skipped[rows])
+
+    def _gated_training(self, x):
+        """y from the compiled gated forward, whose gradient runs over the computed units only,
+        and the same sample as `_dense_training`'s, from its rows computed densely."""
+        bias = ops.bias_or_zeros(self.bias, self.kernel, x.dtype)
+        product = estimators.low_rank_product(tf.stop_gradient(x), self.estimator_u, self.estimator_v)
+        margin = tf.cast(self.gate_margin, x.dtype)
+        y, skipped = gated_training.gated_dense_train_with_sample(
+            x, self.kernel, bias, tf.stop_gradient(product), margin, GATED_SAMPLE_ROWS
+        )
+        rows = slice(None, GATED_SAMPLE_ROWS)
+        z_hat = product[rows] + tf.stop_gradient(bias)  # a trained estimator's loss reaches U, V here
+        mask = tf.stop_gradient(gating.gate_mask(z_hat, margin))
+        positive = tf.stop_gradient(y[rows] + skipped) > 0
+        return y, (z_hat, mask, positive, skipped)
 
     def _audited_inference(self, x):
         """Inference that also computes z densely to measure the gate (`lrc_keras.set_audit`)."""
@@ -473,8 +522,12 @@ class LowRankGatedDense(keras.layers.Layer):
         self.observed_density.assign(tf.cast((counts[0] + counts[1]) / tf.reduce_sum(counts), tf.float32))
 
 
-# Rows of each training batch whose gate decisions the metrics count (see _training_forward).
+# Rows of each training batch whose z the gate metrics, the skipped-unit penalty and a trained
+# estimator's loss use (see _training_forward). The dense path has their z anyway; the gated path
+# computes it for them alone: at 8 rows the noisier penalty left MNIST networks slightly denser
+# (.070/.240 against .067/.235 over 10 seeds), at 32 a step cost a tenth more than at 16.
 GATE_SAMPLE_ROWS = 32
+GATED_SAMPLE_ROWS = 16
 
 # Settings of 449377d's layer that belong to an estimator now, and where they went.
 _MOVED_TO_ESTIMATOR = {

@@ -185,24 +185,24 @@ def gated_dense_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
     """`(y, active_fraction)` of the compiled LrcGatedDense: only the selected dot products."""
     # The estimate is two thin GEMMs: TensorFlow's matmul does them best on every ISA.
     product = low_rank_product(x, estimator_u, estimator_v)
-    y, active_fraction = _compiled().lrc_gated_dense(
-        x, kernel, _bias_or_zeros(bias, kernel, x.dtype), product, _margin(margin, x.dtype)
+    y, active_fraction = compiled_library().lrc_gated_dense(
+        x, kernel, bias_or_zeros(bias, kernel, x.dtype), product, _margin(margin, x.dtype)
     )
     return y, active_fraction
 
 
 def gemm_then_mask_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
     """`(y, active_fraction)` from TF's dense GEMM and one fused masking pass (LrcMaskedRelu)."""
-    y, active_fraction = _compiled().lrc_masked_relu(
+    y, active_fraction = compiled_library().lrc_masked_relu(
         kernel_product(x, kernel),
-        _bias_or_zeros(bias, kernel, x.dtype),
+        bias_or_zeros(bias, kernel, x.dtype),
         low_rank_product(x, estimator_u, estimator_v),
         _margin(margin, x.dtype),
     )
     return y, active_fraction
 
 
-def _compiled():
+def compiled_library():
     if _library is None:
         raise RuntimeError(
             "lrc_keras: the compiled ops are not loaded (see the warning at import); "
@@ -211,7 +211,7 @@ def _compiled():
     return _library
 
 
-def _bias_or_zeros(bias, kernel, dtype):
+def bias_or_zeros(bias, kernel, dtype):
     return tf.zeros([tf.shape(kernel)[0]], dtype) if bias is None else bias
 
 

@@ -24,9 +24,10 @@ import tensorflow as tf
 from lrc_keras import LowRankGatedDense
 from lrc_keras.estimators import InputSVDEstimator, SVDEstimator
 
-# At most InputSVDEstimator.moment_rows (32): then every row of every replica enters the input
-# statistics, in the cluster as in the reference, and the sums can agree.
-GLOBAL_BATCH = 32
+# At most the rows a layer samples in training (lrc_keras.layers.GATED_SAMPLE_ROWS, 16) and
+# InputSVDEstimator.rows_per_step (32): then every row of every replica enters the sampled
+# penalty and the input rows, in the cluster as in the reference, and the results can agree.
+GLOBAL_BATCH = 16
 STEPS = 12
 INPUT_DIM = 20
 
@@ -42,12 +43,13 @@ def global_batches():
 def build_model():
     model = keras.Sequential([
         keras.Input((INPUT_DIM,)),
-        # the default estimator, refitted every 2 steps from the input rows gathered from every worker
+        # the default estimator, refitted every 2 steps from the input rows gathered from every
+        # worker, on the gated training path
         LowRankGatedDense(
             64, rank=4, estimator=InputSVDEstimator(refit_every=2), activity_regularizer=keras.regularizers.L1(1e-3),
-            name="gated_input_svd",
+            training_path="gated", name="gated_input_svd",
         ),
-        # the paper's SVD of the kernel, refitted every 2 steps
+        # the paper's SVD of the kernel, refitted every 2 steps, on the default "auto" path
         LowRankGatedDense(32, rank=4, estimator=SVDEstimator(refit_every=2), name="gated_svd"),
         keras.layers.Dense(3, name="logits"),
     ])

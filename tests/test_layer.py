@@ -7,8 +7,9 @@ import tensorflow as tf
 from conftest import away_from_boundary, numpy_gated_dense
 
 from lrc_keras import LowRankGatedDense, set_audit
+from lrc_keras.layers import GATE_SAMPLE_ROWS, GATED_SAMPLE_ROWS
 from lrc_keras.estimators import InputSVDEstimator, JointEstimator, SVDEstimator
-from lrc_keras.callbacks import SVDRefit
+from lrc_keras.callbacks import EstimatorRefit
 
 
 def built_layer(rng, input_dim=24, units=32, rank=4, **kwargs):
@@ -159,9 +160,9 @@ def refit_steps(model, callback, epochs=2):
 @pytest.mark.parametrize(
     "callback, expected",
     [
-        (lambda: SVDRefit(every_n_steps=5, on_epoch_end=False), [5, 10]),
-        (lambda: SVDRefit(every_n_steps=None, on_epoch_end=True), [6, 12]),
-        (lambda: SVDRefit(every_n_steps=4, on_epoch_end=True), [4, 6, 8, 12, 12]),
+        (lambda: EstimatorRefit(every_n_steps=5, on_epoch_end=False), [5, 10]),
+        (lambda: EstimatorRefit(every_n_steps=None, on_epoch_end=True), [6, 12]),
+        (lambda: EstimatorRefit(every_n_steps=4, on_epoch_end=True), [4, 6, 8, 12, 12]),
     ],
 )
 def test_svd_refit_callback_triggers(rng, callback, expected):
@@ -173,23 +174,24 @@ def test_svd_refit_callback_triggers(rng, callback, expected):
 def test_svd_refit_callback_fits_the_current_kernel(rng):
     model, x, y = small_classifier(rng, refit_every=None)
     layer = model.layers[0]
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[SVDRefit(every_n_steps=3, on_epoch_end=False)])
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[EstimatorRefit(every_n_steps=3, on_epoch_end=False)])
     np.testing.assert_allclose(
         np.abs(layer.estimator_u.numpy()), np.abs(_svd_u(layer.kernel.numpy(), 4)), rtol=1e-3, atol=1e-4
     )
     with pytest.raises(ValueError, match="every_n_steps"):
-        SVDRefit(every_n_steps=0)
+        EstimatorRefit(every_n_steps=0)
 
 
-def test_training_metrics_match_numpy(rng):
-    model, x, y = small_classifier(rng, refit_every=None)
+@pytest.mark.parametrize("training_path, sample_rows", [("dense", GATE_SAMPLE_ROWS), ("gated", GATED_SAMPLE_ROWS)])
+def test_training_metrics_match_numpy(rng, training_path, sample_rows):
+    model, x, y = small_classifier(rng, refit_every=None, training_path=training_path)
     layer = model.layers[0]
     # One full batch with SGD(0): the mask and z seen in training are those of the weights now.
     model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     _, mask, _, z = numpy_gated_dense(x, *weights_of(layer), 0.0)
     history = model.fit(x, y, batch_size=48, epochs=1, shuffle=False, verbose=0).history
-    # Training counts the first 32 rows of each batch of 48: rows 0-31 and 48-79.
-    counted = np.r_[0:32, 48:80]
+    # Training counts the first sampled rows of each batch of 48 (rows 0-31 and 48-79 for 32).
+    counted = np.r_[0:sample_rows, 48:48 + sample_rows]
     mask, positive = mask[counted], z[counted] > 0
     expected = {
         "sign_accuracy": np.mean(mask == positive),
@@ -261,11 +263,12 @@ def test_joint_estimator_loss_improves_recall(rng):
     assert len(model.losses) == 1
 
 
-def test_joint_loss_is_the_weighted_cross_entropy_of_the_sampled_rows(rng):
-    layer = built_layer(rng, estimator=JointEstimator(loss_weight=0.5, positive_weight=3.0))
+@pytest.mark.parametrize("training_path, sample_rows", [("dense", GATE_SAMPLE_ROWS), ("gated", GATED_SAMPLE_ROWS)])
+def test_joint_loss_is_the_weighted_cross_entropy_of_the_sampled_rows(rng, training_path, sample_rows):
+    layer = built_layer(rng, estimator=JointEstimator(loss_weight=0.5, positive_weight=3.0), training_path=training_path)
     x = rng.standard_normal((40, 24)).astype("float32")
     layer(x, training=True)
-    _, _, z_hat, z = numpy_gated_dense(x[:32], *weights_of(layer), 0.0)  # the first 32 rows of 40
+    _, _, z_hat, z = numpy_gated_dense(x[:sample_rows], *weights_of(layer), 0.0)  # the first rows of 40
     labels = (z > 0).astype(np.float64)
     log_sigmoid = -np.logaddexp(0.0, -z_hat)
     log_one_minus = -np.logaddexp(0.0, z_hat)
@@ -330,7 +333,7 @@ def test_save_and_load_round_trip(rng, tmp_path):
 
 CONSTRUCTOR_ARGUMENTS = {
     "units": 7, "rank": 2, "estimator": JointEstimator(loss_weight=0.25, positive_weight=2.5), "margin": 0.5,
-    "use_bias": False, "inference_path": "gemm", "regularize_skipped_units": False,
+    "use_bias": False, "inference_path": "gemm", "regularize_skipped_units": False, "training_path": "gated",
 }
 
 
@@ -360,12 +363,14 @@ def test_config_round_trip():
     assert parameters <= set(config), parameters - set(config)
 
 
+@pytest.mark.parametrize("training_path", ["dense", "gated"])
 @pytest.mark.parametrize("regularize_skipped_units", [True, False])
-@pytest.mark.parametrize("shape", [(6, 24), (3, 5, 24)])
-def test_activity_regularizer_charges_true_or_gated_activity(rng, regularize_skipped_units, shape):
-    """L1 on relu(z) of every unit (default) or of computed units only, per example of the batch."""
+@pytest.mark.parametrize("shape", [(6, 24), (2, 3, 24)])
+def test_activity_regularizer_charges_true_or_gated_activity(rng, regularize_skipped_units, shape, training_path):
+    """L1 on relu(z) of every unit (default) or of computed units only, per example of the batch
+    (a batch of at most GATED_SAMPLE_ROWS rows: the sample is the whole batch)."""
     layer = built_layer(rng, activity_regularizer=keras.regularizers.L1(0.01),
-                        regularize_skipped_units=regularize_skipped_units)
+                        regularize_skipped_units=regularize_skipped_units, training_path=training_path)
     for _ in range(20):  # inputs whose gate decisions float32 rounding cannot flip
         x = rng.standard_normal(shape).astype("float32")
         _, mask, z_hat, z = numpy_gated_dense(x.reshape(-1, 24), *weights_of(layer), 0.0)
@@ -383,25 +388,27 @@ def test_activity_regularizer_charges_true_or_gated_activity(rng, regularize_ski
                                rtol=1e-4, atol=1e-7)
 
 
-def test_the_sampled_skipped_unit_penalty_is_the_full_one_in_expectation(rng):
-    """Past 32 rows the skipped units are charged on the first 32, scaled to the batch: over the
-    two halves of a 64-row batch in turn, penalty and gradient average to the full ones."""
-    layer = built_layer(rng, activity_regularizer=keras.regularizers.L1(0.01))
+@pytest.mark.parametrize("training_path, sample_rows", [("dense", GATE_SAMPLE_ROWS), ("gated", GATED_SAMPLE_ROWS)])
+def test_the_sampled_skipped_unit_penalty_is_the_full_one_in_expectation(rng, training_path, sample_rows):
+    """Past the sampled rows the skipped units are charged on the sample, scaled to the batch:
+    over every part of a 64-row batch in turn, penalty and gradient average to the full ones."""
+    layer = built_layer(rng, activity_regularizer=keras.regularizers.L1(0.01), training_path=training_path)
     for _ in range(50):  # inputs whose gate decisions float32 rounding cannot flip
         x = rng.standard_normal((64, 24)).astype("float32")
         _, mask, z_hat, z = numpy_gated_dense(x, *weights_of(layer), 0.0)
         if away_from_boundary(z_hat, 0.0, tolerance=1e-4).all():
             break
-    assert away_from_boundary(z_hat, 0.0, tolerance=1e-4).all() and np.any(~mask[:32] & (z[:32] > 0))
+    assert away_from_boundary(z_hat, 0.0, tolerance=1e-4).all() and np.any(~mask[:sample_rows] & (z[:sample_rows] > 0))
     skipped = np.where(~mask & (z > 0), z, 0.0)
     penalties, gradients = [], []
-    for order in (x, np.roll(x, 32, axis=0)):
+    for shift in range(0, 64, sample_rows):
         with tf.GradientTape() as tape:
-            layer(order, training=True)
+            layer(np.roll(x, -shift, axis=0), training=True)
             skipped_penalty = layer.losses[0]  # Keras adds its own output penalty after call()
         penalties.append(float(skipped_penalty))
         gradients.append(tape.gradient(skipped_penalty, layer.bias).numpy())
-    np.testing.assert_allclose(penalties[0], 0.01 * skipped[:32].sum() * 2 / 64, rtol=1e-4)
+    scale = 64 / sample_rows
+    np.testing.assert_allclose(penalties[0], 0.01 * skipped[:sample_rows].sum() * scale / 64, rtol=1e-4)
     np.testing.assert_allclose(np.mean(penalties), 0.01 * skipped.sum() / 64, rtol=1e-4)
     np.testing.assert_allclose(np.mean(gradients, axis=0), 0.01 * (skipped > 0).sum(axis=0) / 64, rtol=1e-4, atol=1e-7)
 
@@ -435,8 +442,9 @@ def test_use_bias_false(rng):
     np.testing.assert_allclose(layer(x).numpy()[keep], expected[keep], rtol=1e-5, atol=1e-5)
 
 
-def test_nan_inputs_give_nan_outputs(rng):
-    layer = built_layer(rng)
+@pytest.mark.parametrize("training_path", ["dense", "gated"])
+def test_nan_inputs_give_nan_outputs(rng, training_path):
+    layer = built_layer(rng, training_path=training_path)
     x = rng.standard_normal((2, 24)).astype("float32")
     x[1, 3] = np.nan
     for training in (False, True):
@@ -475,6 +483,7 @@ def test_fit_under_mirrored_strategy(rng, mirrored_strategy):
         ({"units": 4, "rank": 2, "estimator_loss_weight": -1}, "estimator_loss_weight is a setting of the estimator"),
         ({"units": 4, "rank": 2, "activation": "tanh"}, "ReLU layer.*activation='tanh'"),
         ({"units": 4, "rank": 2, "regularize_skipped_units": "yes"}, "regularize_skipped_units=.yes."),
+        ({"units": 4, "rank": 2, "training_path": "sparse"}, r"training_path must be one of \('auto', 'dense', 'gated'\), got 'sparse'"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, message):

@@ -114,7 +114,7 @@ def test_multi_worker_matches_one_process(trained):
 
 def test_multi_worker_input_rows_are_the_global_batches(trained):
     # The first layer's inputs are the data: every worker's buffer holds the rows of all workers,
-    # in the order of the global batches (each worker's 16 rows of a batch of 32, gathered).
+    # in the order of the global batches (each worker's half of a global batch, gathered).
     worker0, _, _ = trained
     x, _ = global_batches()
     assert worker0["sequential/gated_input_svd/input_rows_seen"] == STEPS * GLOBAL_BATCH
