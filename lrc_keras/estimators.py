@@ -53,7 +53,19 @@ def get(identifier):
 
 
 def low_rank_product(x, estimator_u, estimator_v):
-    """(x·U)·V for 2-D x: two thin GEMMs, r·(d + n) multiply-adds per row."""
+    """(x·U)·V for 2-D x: two thin GEMMs, r·(d + n) multiply-adds per row.
+
+    U must be (input_dim, rank) and V (rank, units); shapes known when traced are checked here,
+    so that a mismatch names the factors rather than surfacing as MatMul's error.
+    """
+    input_dim, (u_rows, u_rank), (v_rank, _) = x.shape[-1], estimator_u.shape, estimator_v.shape
+    if (input_dim is not None and u_rows is not None and input_dim != u_rows) or (
+            u_rank is not None and v_rank is not None and u_rank != v_rank):
+        raise ValueError(
+            f"estimator_u {tuple(estimator_u.shape)} and estimator_v {tuple(estimator_v.shape)} do not make an "
+            f"estimate for inputs of width {input_dim}: they must be (input_dim, rank) and (rank, units) (if "
+            f"set_rank ran while this call was being traced, call again)"
+        )
     return tf.matmul(tf.matmul(x, estimator_u), estimator_v)
 
 

@@ -325,3 +325,15 @@ def test_missing_library_says_how_to_rebuild(tmp_path):
     os.remove(root / "lrc_keras" / "_lrc_ops.so")
     stderr = import_warnings(root)
     assert "_lrc_ops.so was not built" in stderr and "--no-build-isolation" in stderr, stderr
+
+
+@pytest.mark.parametrize("u_shape, v_shape", [((7, 3), (3, 5)), ((6, 2), (3, 5))])
+@pytest.mark.parametrize("implementation", [ops.reference_with_density, ops.gated_dense_with_density,
+                                            ops.gemm_then_mask_with_density])
+def test_factors_of_the_wrong_shape_are_named(rng, implementation, u_shape, v_shape):
+    x = rng.standard_normal((4, 6)).astype("float32")
+    kernel, bias = rng.standard_normal((5, 6)).astype("float32"), np.zeros(5, "float32")
+    u, v = np.ones(u_shape, "float32"), np.ones(v_shape, "float32")
+    with pytest.raises(ValueError, match=rf"estimator_u \({u_shape[0]}, {u_shape[1]}\) and estimator_v "
+                                         rf"\({v_shape[0]}, {v_shape[1]}\) do not make an estimate for inputs of width 6"):
+        implementation(x, kernel, bias, u, v, 0.0)
