@@ -1,3 +1,6 @@
+import json
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -31,10 +34,17 @@ def test_margin_for_density_selects_that_fraction(rng, density):
 
 def test_crossovers_are_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dispatch, "_measured", {})
     first = dispatch.crossover_densities(12, 10, 2)
     assert set(first) == set(dispatch.MEASURED_BATCHES)
-    assert (tmp_path / "cost_model.json").exists()
-    assert dispatch.crossover_densities(12, 10, 2) is first
+    assert dispatch.crossover_densities(12, 10, 2) is first  # the process remembers
+    # A new process (an empty memory) reads the file back instead of measuring again.
+    monkeypatch.setattr(dispatch, "_measured", {})
+    monkeypatch.setattr(dispatch, "_measure", lambda *shape: pytest.fail(f"measured {shape} again"))
+    assert dispatch.crossover_densities(12, 10, 2) == first
+    # The file holds what was measured, under this TF version, device and shape.
+    cached = json.loads((tmp_path / "cost_model.json").read_text())
+    assert {int(batch): value for batch, value in cached[dispatch._key(12, 10, 2)].items()} == first
 
 
 @pytest.mark.parametrize("path", ["auto", "gated", "gemm"])
@@ -51,6 +61,34 @@ def test_every_inference_path_gives_the_same_numbers(rng, path):
     keep = away_from_boundary(z_hat, 0.0)
     np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)
     assert float(layer.observed_density.numpy()) == pytest.approx(mask.mean(), abs=np.mean(~keep) + 1e-6)
+
+
+@pytest.mark.parametrize("path, observed_density, expected_ops", [
+    ("gated", 0.9, {"LrcGatedDense"}), ("gemm", 0.0, {"LrcMaskedRelu"}),
+    ("auto", 0.0, {"LrcGatedDense"}), ("auto", 1.0, {"LrcMaskedRelu"}),
+])
+def test_the_chosen_path_runs_its_op(rng, monkeypatch, tmp_path, path, observed_density, expected_ops):
+    """Which compiled op runs, read from the executed graph's step stats: "auto" runs the gated op
+    below the crossover (monkeypatched to 0.5) and the GEMM path above it."""
+    monkeypatch.setattr(dispatch, "crossover_densities", lambda *shape: {1: 0.5, 16: 0.5, 256: 0.5})
+    layer = LowRankGatedDense(40, rank=5, inference_path=path)
+    layer.build((None, 30))
+    function = tf.function(lambda x: layer(x)).get_concrete_function(tf.TensorSpec([None, 30], tf.float32))
+    x = tf.constant(rng.standard_normal((8, 30)).astype(np.float32))
+    function(x)  # the first call instantiates the function: keep it out of the trace
+    layer.observed_density.assign(observed_density)  # which that call overwrote with its own
+    assert _compiled_ops_that_ran(function, x, tmp_path) == expected_ops
+
+
+def _compiled_ops_that_ran(function, x, trace_dir):
+    """The compiled ops whose kernels ran in one call, from the profiler's host trace (an untaken
+    tf.cond branch runs none)."""
+    tf.profiler.experimental.start(str(trace_dir))
+    function(x)
+    tf.profiler.experimental.stop()
+    trace = b"".join(open(os.path.join(root, name), "rb").read()
+                     for root, _, names in os.walk(trace_dir) for name in names if name.endswith(".xplane.pb"))
+    return {op for op in ("LrcGatedDense", "LrcMaskedRelu") if op.encode() in trace}
 
 
 def test_bad_inference_path():
