@@ -1,14 +1,13 @@
 """Dispatch: the one place that decides how a gated layer's inference runs, and says why
 (and, in `choose_training_path`, how its training step runs).
 
-`choose_path` picks one of the implementations of `lrc_keras.ops`:
+`choose_path` picks one of the implementations of `lrc_keras.ops` (`infer` runs it for a layer):
     "reference"  plain TensorFlow, when the compiled ops are not loaded or the dtype is not
                  float32 (warned once per reason, naming the faster choice)
     "gated"      the compiled LrcGatedDense
     "gemm"       TF's dense GEMM, then the compiled LrcMaskedRelu
     "auto"       gated or gemm inside the graph, by the density last observed against the
                  crossover density measured for this shape and batch (the cost model below)
-and `run` executes it.
 
 The gated op's time grows with the density ρ of computed units; the dense path's does not.
 For a layer shape (d, n, r) and a few batch sizes, `crossover_densities` times both once on
@@ -29,6 +28,7 @@ import tensorflow as tf
 
 from lrc_keras import ops
 from lrc_keras.estimators import estimate
+from lrc_keras.estimators import low_rank_product
 from lrc_keras.gating import margin_for_density
 from lrc_keras.timing import median_times
 
@@ -93,9 +93,15 @@ def choose_training_path(requested, dtype):
     return requested
 
 
-def run(path, crossover, observed_density, x, kernel, bias, estimator_u, estimator_v, margin):
-    """`(y, active_fraction)` by the path `choose_path` returned."""
-    args = (x, kernel, bias, estimator_u, estimator_v, margin)
+def infer(layer, x):
+    """`(y, active_fraction)` of a built LowRankGatedDense's inference on 2-D x, by the
+    implementation `choose_path` picks for it: the estimate is computed once, here, and every
+    implementation takes it."""
+    batch = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+    path, crossover, _ = choose_path(layer.inference_path, x.dtype, layer.kernel.shape[1], layer.units,
+                                     layer.rank, batch)
+    product = low_rank_product(x, layer.estimator_u, layer.estimator_v)
+    args = (x, layer.kernel, layer.bias, product, tf.cast(layer.gate_margin, x.dtype))
     if path == "reference":
         return ops.reference_with_density(*args)
     if path == "gated":
@@ -103,7 +109,7 @@ def run(path, crossover, observed_density, x, kernel, bias, estimator_u, estimat
     if path == "gemm":
         return ops.gemm_then_mask_with_density(*args)
     return tf.cond(
-        observed_density <= crossover,
+        layer.observed_density <= crossover,
         lambda: ops.gated_dense_with_density(*args),
         lambda: ops.gemm_then_mask_with_density(*args),
     )
@@ -163,15 +169,18 @@ def _measure(input_dim, units, rank):
     for batch in MEASURED_BATCHES:
         x = tf.constant(rng.standard_normal((batch, input_dim), np.float32))
         z_hat = estimate(x, estimator_u, estimator_v, bias).numpy()
+        # Both paths compute the estimate, as in the layer.
         paths = {
             "dense": lambda x: ops.gemm_then_mask_with_density(
-                x, kernel, bias, estimator_u, estimator_v, 0.0
+                x, kernel, bias, low_rank_product(x, estimator_u, estimator_v), 0.0
             )[0]
         }
         for density in MEASURED_DENSITIES:
             margin = margin_for_density(z_hat, density)
             paths[density] = (
-                lambda margin: lambda x: ops.gated_dense(x, kernel, bias, estimator_u, estimator_v, margin)
+                lambda margin: lambda x: ops.gated_dense(
+                    x, kernel, bias, low_rank_product(x, estimator_u, estimator_v), margin
+                )
             )(margin)
         times = median_times(paths, x)
         crossovers[str(batch)] = crossover(

@@ -440,14 +440,7 @@ class LowRankGatedDense(keras.layers.Layer):
 
     def _gated_inference(self, x):
         """Inference by the implementation `lrc_keras.dispatch` chooses; records the density."""
-        batch = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
-        path, crossover, _ = dispatch.choose_path(
-            self.inference_path, x.dtype, self.kernel.shape[1], self.units, self.rank, batch
-        )
-        y, density = dispatch.run(
-            path, crossover, self.observed_density, x, self.kernel, self.bias,
-            self.estimator_u, self.estimator_v, tf.cast(self.gate_margin, x.dtype),
-        )
+        y, density = dispatch.infer(self, x)
         # Outside tf.cond: under a distribution strategy the assignment synchronises replicas.
         self.observed_density.assign(tf.cast(density, tf.float32))
         return y

@@ -1,9 +1,12 @@
 """The gated-compute stage: the compiled ops, their gradients, and the pure-TF reference.
 
-`gated_dense(x, kernel, bias, estimator_u, estimator_v, margin)` returns, for 2-D x,
-    y[i, j] = relu(x_i·W_j + b_j)  where the mask of `lrc_keras.gating` selects (i, j),  else exactly 0,
-with ẑ = (x·U)·V + b and the weight layout of `lrc_keras.estimators`. Three implementations give
-the same numbers up to float rounding, each as `(y, active_fraction)`:
+Each implementation takes exactly the registered LrcGatedDense's inputs, x [batch, d], the kernel
+[units, d] (the layer's stored layout), the bias [units] (or None), the estimate's product
+(x·U)·V [batch, units] without the bias (`lrc_keras.estimators.low_rank_product`: the estimate
+is computed once, by its stage) and the margin, and returns `(y, active_fraction)`,
+    y[i, j] = relu(x_i·W_j + b_j)  where `lrc_keras.gating.gate_mask(product + b, margin)` selects (i, j),
+              else exactly 0,
+the same numbers up to float rounding:
     gated_dense_with_density      the compiled LrcGatedDense: never computes a skipped unit
     gemm_then_mask_with_density   TF's dense GEMM, then the compiled LrcMaskedRelu in one pass
     reference_with_density        plain TensorFlow: z densely, then the mask (any float dtype)
@@ -21,8 +24,6 @@ import warnings
 
 import tensorflow as tf
 
-from lrc_keras.estimators import estimate
-from lrc_keras.estimators import low_rank_product
 from lrc_keras.gating import gate_mask
 from lrc_keras.gating import masked_relu
 
@@ -164,40 +165,30 @@ def masked_dense_for_training(x, kernel, bias, mask):
     return forward(x, kernel, bias)
 
 
-def reference_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
+def reference_with_density(x, kernel, bias, product, margin):
     """`(y, active_fraction)` in plain TensorFlow: z computed densely, then masked."""
-    mask = gate_mask(estimate(x, estimator_u, estimator_v, bias), margin)
+    mask = gate_mask(product if bias is None else product + bias, margin)
     y = masked_relu(dense_preactivation(x, kernel, bias), mask)
     return y, tf.reduce_mean(tf.cast(mask, tf.float32))
 
 
-def gated_dense_reference(x, kernel, bias, estimator_u, estimator_v, margin):
-    """The ops' contract in plain TensorFlow: y of `reference_with_density`."""
-    return reference_with_density(x, kernel, bias, estimator_u, estimator_v, margin)[0]
-
-
-def gated_dense(x, kernel, bias, estimator_u, estimator_v, margin):
+def gated_dense(x, kernel, bias, product, margin):
     """y of the compiled LrcGatedDense (`gated_dense_with_density`)."""
-    return gated_dense_with_density(x, kernel, bias, estimator_u, estimator_v, margin)[0]
+    return gated_dense_with_density(x, kernel, bias, product, margin)[0]
 
 
-def gated_dense_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
+def gated_dense_with_density(x, kernel, bias, product, margin):
     """`(y, active_fraction)` of the compiled LrcGatedDense: only the selected dot products."""
-    # The estimate is two thin GEMMs: TensorFlow's matmul does them best on every ISA.
-    product = low_rank_product(x, estimator_u, estimator_v)
     y, active_fraction = compiled_library().lrc_gated_dense(
         x, kernel, bias_or_zeros(bias, kernel, x.dtype), product, _margin(margin, x.dtype)
     )
     return y, active_fraction
 
 
-def gemm_then_mask_with_density(x, kernel, bias, estimator_u, estimator_v, margin):
+def gemm_then_mask_with_density(x, kernel, bias, product, margin):
     """`(y, active_fraction)` from TF's dense GEMM and one fused masking pass (LrcMaskedRelu)."""
     y, active_fraction = compiled_library().lrc_masked_relu(
-        kernel_product(x, kernel),
-        bias_or_zeros(bias, kernel, x.dtype),
-        low_rank_product(x, estimator_u, estimator_v),
-        _margin(margin, x.dtype),
+        kernel_product(x, kernel), bias_or_zeros(bias, kernel, x.dtype), product, _margin(margin, x.dtype)
     )
     return y, active_fraction
 

@@ -131,7 +131,7 @@ def test_gpu_op_matches_numpy_on_device(rng, path):
     estimator_v = (rng.standard_normal((6, 70)) / 12).astype(np.float32)
     function = ops.gated_dense_with_density if path == "gated" else ops.gemm_then_mask_with_density
     with tf.device("/GPU:0"):
-        y, fraction = function(x, kernel, bias, estimator_u, estimator_v, 0.1)
+        y, fraction = function(x, kernel, bias, (x @ estimator_u) @ estimator_v, 0.1)
     assert "GPU" in y.device
     product = (x.astype(np.float64) @ estimator_u) @ estimator_v
     expected, selected = expected_output(x.astype(np.float64) @ kernel.T.astype(np.float64), bias, product, 0.1)

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from lrc_keras import ops
@@ -31,14 +30,14 @@ import numpy as np
 import tensorflow as tf
 tf.config.threading.set_intra_op_parallelism_threads(2)
 sys.path.insert(0, %r)
-from conftest import away_from_boundary, numpy_gated_dense, random_weights
+from conftest import away_from_boundary, numpy_gated_dense, op_inputs, random_weights
 from lrc_keras import ops
 
 def run(batch, units, seed=0):
     rng = np.random.default_rng(seed)
     weights = random_weights(rng, 1, units, 1)
     x = rng.standard_normal((batch, 1)).astype(np.float32)
-    return x, weights, ops.gated_dense(x, *weights, 0.0).numpy()
+    return x, weights, ops.gated_dense(*op_inputs(x, *weights), 0.0).numpy()
 
 def check(x, weights, y):
     expected, mask, z_hat, _ = numpy_gated_dense(x, *weights, 0.0)
@@ -143,7 +142,7 @@ def test_peak_memory_grows_with_the_data_not_with_scratch():
     script = """
 x, weights = np.ones((%d, 1), np.float32), random_weights(np.random.default_rng(0), 1, %d, 1)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-y = ops.gated_dense(x, *weights, 0.0)
+y = ops.gated_dense(*op_inputs(x, *weights), 0.0)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
     batches = (3000, 12000)

@@ -8,9 +8,10 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import away_from_boundary, numpy_gated_dense, random_weights
+from conftest import away_from_boundary, numpy_gated_dense, op_inputs, random_weights
 
 from lrc_keras import LowRankGatedDense, ops
+from lrc_keras.estimators import estimate, low_rank_product
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,8 +29,9 @@ COMPILED_PATHS = {
 
 
 def run_both(x, kernel, bias, estimator_u, estimator_v, margin, path="gated"):
-    compiled, fraction = COMPILED_PATHS[path](x, kernel, bias, estimator_u, estimator_v, margin)
-    reference = ops.gated_dense_reference(x, kernel, bias, estimator_u, estimator_v, margin)
+    inputs = op_inputs(x, kernel, bias, estimator_u, estimator_v)
+    compiled, fraction = COMPILED_PATHS[path](*inputs, margin)
+    reference, _ = ops.reference_with_density(*inputs, margin)
     return compiled.numpy(), float(fraction), reference.numpy()
 
 
@@ -157,14 +159,14 @@ def test_every_instruction_set_copy_matches_numpy(isa, tmp_path):
     script = (
         "import numpy as np, sys\n"
         "sys.path.insert(0, %r)\n"
-        "from conftest import numpy_gated_dense, random_weights, away_from_boundary\n"
+        "from conftest import numpy_gated_dense, op_inputs, random_weights, away_from_boundary\n"
         "from lrc_keras import ops\n"
         "rng = np.random.default_rng(5)\n"
         "for batch, d, n in [(1, 37, 20), (9, 64, 33), (33, 131, 70)]:\n"
         "    weights = random_weights(rng, d, n, 3)\n"
         "    x = rng.standard_normal((batch, d)).astype(np.float32)\n"
         "    expected, mask, z_hat, _ = numpy_gated_dense(x, *weights, 0.1)\n"
-        "    y = ops.gated_dense(x, *weights, 0.1).numpy()\n"
+        "    y = ops.gated_dense(*op_inputs(x, *weights), 0.1).numpy()\n"
         "    keep = away_from_boundary(z_hat, 0.1)\n"
         "    np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)\n"
         "print('OK', ops.is_compiled())\n"
@@ -181,8 +183,9 @@ def test_every_instruction_set_copy_matches_numpy(isa, tmp_path):
 def test_deterministic_and_thread_safe(rng):
     weights = random_weights(rng, 300, 400, 10)
     inputs = [rng.standard_normal((17, 300)).astype(np.float32) for _ in range(4)]
-    expected = [ops.gated_dense(x, *weights, 0.0).numpy() for x in inputs]
-    function = tf.function(lambda x: ops.gated_dense(x, *weights, 0.0))
+    kernel, bias, estimator_u, estimator_v = weights
+    function = tf.function(lambda x: ops.gated_dense(x, kernel, bias, low_rank_product(x, estimator_u, estimator_v), 0.0))
+    expected = [function(x).numpy() for x in inputs]  # one at a time, before the threads
     failures = []
 
     def worker(index):
@@ -204,10 +207,12 @@ def test_deterministic_and_thread_safe(rng):
 def test_a_row_does_not_depend_on_its_batch(rng):
     weights = random_weights(rng, 77, 50, 6)
     x = rng.standard_normal((13, 77)).astype(np.float32)
-    whole = ops.gated_dense(x, *weights, 0.0).numpy()
+    _, kernel, bias, product = op_inputs(x, *weights)
+    whole = ops.gated_dense(x, kernel, bias, product, 0.0).numpy()
     assert_matches_numpy(whole, x, weights, 0.0)
     for i in (0, 5, 12):
-        np.testing.assert_array_equal(ops.gated_dense(x[i : i + 1], *weights, 0.0).numpy()[0], whole[i])
+        alone = ops.gated_dense(x[i : i + 1], kernel, bias, product[i : i + 1], 0.0).numpy()[0]
+        np.testing.assert_array_equal(alone, whole[i])
 
 
 def test_wide_inputs_span_several_tiles(rng):
@@ -232,11 +237,11 @@ def test_wide_inputs_span_several_tiles(rng):
 def test_gradient_matches_finite_differences(rng, path):
     kernel, bias, estimator_u, estimator_v = random_weights(rng, 6, 5, 2)
     x = rng.standard_normal((3, 6)).astype(np.float64)
+    product = op_inputs(x, kernel, bias, estimator_u, estimator_v)[3]  # the mask is a constant
 
     def through_op(x, kernel, bias):
         return COMPILED_PATHS[path](
-            tf.cast(x, tf.float32), tf.cast(kernel, tf.float32), tf.cast(bias, tf.float32),
-            estimator_u, estimator_v, 0.0,
+            tf.cast(x, tf.float32), tf.cast(kernel, tf.float32), tf.cast(bias, tf.float32), product, 0.0,
         )[0]
 
     theoretical, numerical = tf.test.compute_gradient(
@@ -249,7 +254,7 @@ def test_gradient_matches_finite_differences(rng, path):
     xt = tf.constant(x, tf.float32)
     with tf.GradientTape() as tape:
         tape.watch(xt)
-        total = tf.reduce_sum(COMPILED_PATHS[path](xt, kernel, bias, estimator_u, estimator_v, 0.0)[0])
+        total = tf.reduce_sum(COMPILED_PATHS[path](xt, kernel, bias, product, 0.0)[0])
     np.testing.assert_allclose(
         tape.gradient(total, xt).numpy(), np.where(mask & (z > 0), 1.0, 0.0) @ kernel, rtol=1e-5, atol=1e-6
     )
@@ -328,12 +333,9 @@ def test_missing_library_says_how_to_rebuild(tmp_path):
 
 
 @pytest.mark.parametrize("u_shape, v_shape", [((7, 3), (3, 5)), ((6, 2), (3, 5))])
-@pytest.mark.parametrize("implementation", [ops.reference_with_density, ops.gated_dense_with_density,
-                                            ops.gemm_then_mask_with_density])
-def test_factors_of_the_wrong_shape_are_named(rng, implementation, u_shape, v_shape):
+def test_factors_of_the_wrong_shape_are_named(rng, u_shape, v_shape):
     x = rng.standard_normal((4, 6)).astype("float32")
-    kernel, bias = rng.standard_normal((5, 6)).astype("float32"), np.zeros(5, "float32")
     u, v = np.ones(u_shape, "float32"), np.ones(v_shape, "float32")
     with pytest.raises(ValueError, match=rf"estimator_u \({u_shape[0]}, {u_shape[1]}\) and estimator_v "
                                          rf"\({v_shape[0]}, {v_shape[1]}\) do not make an estimate for inputs of width 6"):
-        implementation(x, kernel, bias, u, v, 0.0)
+        estimate(x, u, v, np.zeros(5, "float32"))
