@@ -7,7 +7,7 @@ startup.start()  # the Keras backend check and TensorFlow's start, before the la
 from lrc_keras import callbacks
 from lrc_keras import ops
 from lrc_keras.audit import measure_gates
-from lrc_keras.convert import calibrate
+from lrc_keras.calibrate import calibrate
 from lrc_keras.convert import convert
 from lrc_keras.convert import to_dense
 from lrc_keras.audit import set_audit

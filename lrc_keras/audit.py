@@ -87,3 +87,10 @@ def measure_gates(model, x):
         )
         reports.append(report)
     return reports
+
+
+def inputs_of(model, layer, x):
+    """The 2-D inputs `layer` sees when `model` runs on x (inference)."""
+    with capture_inputs([layer]) as captured:
+        model(x, training=False)
+    return tf.concat(captured[layer.name], axis=0).numpy()

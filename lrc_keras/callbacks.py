@@ -3,11 +3,11 @@
 import os
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from lrc_keras.audit import gated_layers
 from lrc_keras.audit import measure_gates
+from lrc_keras.inputs import checked_model_inputs
 from lrc_keras.metrics import GATE_RATES
 
 
@@ -73,9 +73,7 @@ class GateSummaries(keras.callbacks.Callback):
         super().__init__()
         self.scalars = (GATE_RATES if rates else ()) + ("cost_model_speedup", "energy_captured")
         x = validation_data[0] if isinstance(validation_data, tuple) else validation_data
-        self.x = np.asarray(x)[:max_rows]
-        if not len(self.x):
-            raise ValueError("GateSummaries needs a non-empty validation batch")
+        self.x = checked_model_inputs(x, "GateSummaries validation_data")[:max_rows]
         self.every_n_steps = _check_every_n_steps(every_n_steps)
         self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "gates"))
 

@@ -5,7 +5,7 @@ from conftest import numpy_gated_dense
 
 from lrc_keras import LowRankGatedDense, calibrate, convert, to_dense
 from lrc_keras.audit import gated_layers
-from lrc_keras.convert import margin_for_recall
+from lrc_keras.gating import margin_for_recall
 
 
 def dense_model(rng, input_dim=20, hidden=(32, 24)):

@@ -5,7 +5,6 @@ import warnings
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from lrc_keras import LowRankGatedDense, estimators
 from lrc_keras.estimators import InputSVDEstimator, JointEstimator, SVDEstimator, reduced_rank_factors

@@ -1,5 +1,4 @@
 import csv
-import glob
 import inspect
 import os
 import re
