@@ -243,10 +243,9 @@ HEADER = (
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m lrc_keras.benchmark", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    default_npz = os.path.join("..", "shared", "data", "mnist_dev_4k.npz")
-    parser.add_argument("--npz", default=default_npz if os.path.exists(default_npz) else None,
-                        help="MNIST arrays (x uint8 [N, 28, 28], y [N]) for the trained-layer rows "
-                        "(None: synthetic rows only)")
+    parser.add_argument("--npz", default=None,
+                        help="MNIST arrays (x uint8 [N, 28, 28], y [N]) for the trained-layer rows, and with "
+                        "--training for training the 784 network before timing it (None: synthetic only)")
     parser.add_argument("--out", default="benchmark.json", help="where to save the table as JSON")
     parser.add_argument("--repeats", type=int, default=9, help="timed graphs per row; the median is reported")
     parser.add_argument("--calls", type=int, default=20, help="calls per timed graph")
