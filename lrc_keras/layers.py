@@ -73,7 +73,7 @@ class LowRankGatedDense(keras.layers.Layer):
             estimator misses outputs 0, escapes the penalty and stays active, and the layer
             grows denser than its estimate predicts. False is the paper's recipe: the penalty
             sees the gated output only.
-        inference_path: `"auto"` (the cost model chooses per batch), `"gated"` (the compiled
+        inference_path: `"auto"` (the measured timing model chooses per batch), `"gated"` (the compiled
             gated op) or `"gemm"` (TF's GEMM, then the compiled mask); see `lrc_keras.dispatch`.
         training_path: `"dense"` (z by a GEMM, then the mask), `"gated"` (the compiled forward
             and backward over the selected units only) or `"auto"` (gated while the density
@@ -213,7 +213,7 @@ class LowRankGatedDense(keras.layers.Layer):
 
     @property
     def inference_path(self):
-        """"auto" (the cost model chooses), "gated" (the gated op) or "gemm" (GEMM, then mask)."""
+        """"auto" (the measured timing model chooses), "gated" (the gated op) or "gemm" (GEMM, then mask)."""
         return self._inference_path
 
     @inference_path.setter
@@ -391,7 +391,7 @@ class LowRankGatedDense(keras.layers.Layer):
 
     def _build_estimator(self, input_dim):
         self.estimator.build(self, input_dim)
-        # The density seen at the last call, which the dispatch's cost model compares.
+        # The density seen at the last call, which the dispatch compares with the crossover.
         self.observed_density = self.add_weight(
             name="observed_density", shape=(), initializer="zeros", dtype="float32",
             trainable=False, aggregation="only_first_replica",

@@ -6,45 +6,46 @@ import pytest
 import tensorflow as tf
 from conftest import away_from_boundary, numpy_gated_dense
 
-from lrc_keras import LowRankGatedDense, dispatch
+from lrc_keras import LowRankGatedDense, crossover
+from lrc_keras.gating import margin_for_density
 
 
 @pytest.mark.parametrize("batch", [1, 3, 16, 40, 256, 1000])
 def test_crossover_interpolates_in_log_batch(batch):
     crossovers = {1: 2.0, 16: 0.5, 256: 0.1}
     expected = np.interp(np.log2(batch), [0, 4, 8], [2.0, 0.5, 0.1])
-    assert dispatch.crossover_for_batch(crossovers, batch) == pytest.approx(expected)
-    as_tensor = dispatch.crossover_for_batch(crossovers, tf.constant(batch))
+    assert crossover.crossover_for_batch(crossovers, batch) == pytest.approx(expected)
+    as_tensor = crossover.crossover_for_batch(crossovers, tf.constant(batch))
     assert float(as_tensor) == pytest.approx(expected, rel=1e-5)
 
 
 def test_crossover_of_measured_curve():
     densities, times = (0.0, 0.1, 0.5, 1.0), (1.0, 2.0, 4.0, 5.0)
-    assert dispatch.crossover(densities, times, 3.0) == pytest.approx(0.3)
-    assert dispatch.crossover(densities, times, 0.5) == 0.0
-    assert dispatch.crossover(densities, times, 7.0) == pytest.approx(2.0)  # slope 2 past 1.0
+    assert crossover.crossover(densities, times, 3.0) == pytest.approx(0.3)
+    assert crossover.crossover(densities, times, 0.5) == 0.0
+    assert crossover.crossover(densities, times, 7.0) == pytest.approx(2.0)  # slope 2 past 1.0
 
 
 @pytest.mark.parametrize("density", [0.0, 0.2, 0.5, 1.0])
 def test_margin_for_density_selects_that_fraction(rng, density):
     z_hat = rng.standard_normal((10, 100))
-    margin = dispatch.margin_for_density(z_hat, density)
+    margin = margin_for_density(z_hat, density)
     assert np.mean(z_hat > -margin) == pytest.approx(density, abs=0.011)
 
 
 def test_crossovers_are_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(dispatch, "_measured", {})
-    first = dispatch.crossover_densities(12, 10, 2)
-    assert set(first) == set(dispatch.MEASURED_BATCHES)
-    assert dispatch.crossover_densities(12, 10, 2) is first  # the process remembers
+    monkeypatch.setattr(crossover, "_measured", {})
+    first = crossover.crossover_densities(12, 10, 2)
+    assert set(first) == set(crossover.MEASURED_BATCHES)
+    assert crossover.crossover_densities(12, 10, 2) is first  # the process remembers
     # A new process (an empty memory) reads the file back instead of measuring again.
-    monkeypatch.setattr(dispatch, "_measured", {})
-    monkeypatch.setattr(dispatch, "_measure", lambda *shape: pytest.fail(f"measured {shape} again"))
-    assert dispatch.crossover_densities(12, 10, 2) == first
+    monkeypatch.setattr(crossover, "_measured", {})
+    monkeypatch.setattr(crossover, "_measure", lambda *shape: pytest.fail(f"measured {shape} again"))
+    assert crossover.crossover_densities(12, 10, 2) == first
     # The file holds what was measured, under this TF version, device and shape.
     cached = json.loads((tmp_path / "cost_model.json").read_text())
-    assert {int(batch): value for batch, value in cached[dispatch._key(12, 10, 2)].items()} == first
+    assert {int(batch): value for batch, value in cached[crossover._key(12, 10, 2)].items()} == first
 
 
 @pytest.mark.parametrize("path", ["auto", "gated", "gemm"])
@@ -70,7 +71,7 @@ def test_every_inference_path_gives_the_same_numbers(rng, path):
 def test_the_chosen_path_runs_its_op(rng, monkeypatch, tmp_path, path, observed_density, expected_ops):
     """Which compiled op runs, read from the executed graph's step stats: "auto" runs the gated op
     below the crossover (monkeypatched to 0.5) and the GEMM path above it."""
-    monkeypatch.setattr(dispatch, "crossover_densities", lambda *shape: {1: 0.5, 16: 0.5, 256: 0.5})
+    monkeypatch.setattr(crossover, "crossover_densities", lambda *shape: {1: 0.5, 16: 0.5, 256: 0.5})
     layer = LowRankGatedDense(40, rank=5, inference_path=path)
     layer.build((None, 30))
     function = tf.function(lambda x: layer(x)).get_concrete_function(tf.TensorSpec([None, 30], tf.float32))

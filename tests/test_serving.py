@@ -17,7 +17,7 @@ from conftest import away_from_boundary, numpy_gated_dense
 from tensorflow.core.protobuf import saved_model_pb2
 
 import lrc_keras
-from lrc_keras import LowRankGatedDense, dispatch, ops
+from lrc_keras import LowRankGatedDense, crossover, ops
 
 pytestmark = pytest.mark.skipif(
     not ops.is_compiled(), reason="without the compiled library an export holds no custom op"
@@ -53,8 +53,8 @@ trace = b"".join(
 )
 report = {op: trace.count(op.encode()) for op in ("LrcGatedDense", "LrcMaskedRelu")}
 if how == "lrc_keras":
-    from lrc_keras import dispatch
-    report["cost_models_read"] = sorted(dispatch._measured)  # what this process looked up
+    from lrc_keras import crossover
+    report["cost_models_read"] = sorted(crossover._measured)  # what this process looked up
 json.dump(report, open(report_file, "w"))
 """
 
@@ -162,25 +162,25 @@ def test_loading_without_lrc_keras_names_the_missing_op(trained, tmp_path):
     np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
 
 
-def write_cost_model(directory, model, crossover):
-    """A cost_model.json giving every gated layer of `model` the same crossover at every batch."""
+def write_cost_model(directory, model, density):
+    """A cost_model.json giving every gated layer of `model` the same crossover density at every batch."""
     directory.mkdir(parents=True, exist_ok=True)
     entries = {
-        dispatch._key(layer.kernel.shape[1], layer.units, layer.rank): {b: crossover for b in ("1", "16", "256")}
+        crossover._key(layer.kernel.shape[1], layer.units, layer.rank): {b: density for b in ("1", "16", "256")}
         for layer in model.layers if isinstance(layer, LowRankGatedDense)
     }
     (directory / "cost_model.json").write_text(json.dumps(entries))
     return (directory / "cost_model.json").read_text()
 
 
-# A crossover ≥ 1 means "gated at every density", 0 "gemm at every density" (dispatch.crossover).
+# A crossover ≥ 1 means "gated at every density", 0 "gemm at every density" (lrc_keras.crossover.crossover).
 @pytest.mark.parametrize("exporter, server, runs, not_run", [(1.5, 0.0, GATED_OP, MASK_OP), (0.0, 1.5, MASK_OP, GATED_OP)])
 def test_exported_auto_path_keeps_the_exporting_machines_cost_model(
     trained, tmp_path, monkeypatch, exporter, server, runs, not_run
 ):
     model, x = trained
     monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path / "exporter_cache"))
-    monkeypatch.setattr(dispatch, "_measured", {})  # forget what this process already read
+    monkeypatch.setattr(crossover, "_measured", {})  # forget what this process already read
     write_cost_model(tmp_path / "exporter_cache", model, exporter)
     set_paths(model, "auto")
     expected = keras_outputs(model, x)

@@ -28,11 +28,11 @@ def test_repeated_keeps_a_pure_function_alive():
         repeated(lambda x: tf.gather(x, [99]), calls=3)(tf.ones((2, 2)))
 
 
-def test_measuring_the_cost_model_logs_no_retracing_warning(monkeypatch, tmp_path):
-    """The cost model traces one graph per timed function on purpose: no "retracing" noise."""
+def test_measuring_the_timing_model_logs_no_retracing_warning(monkeypatch, tmp_path):
+    """The timing model traces one graph per timed function on purpose: no "retracing" noise."""
     import logging
 
-    from lrc_keras import dispatch
+    from lrc_keras import crossover
 
     monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path))
     records = []
@@ -40,7 +40,7 @@ def test_measuring_the_cost_model_logs_no_retracing_warning(monkeypatch, tmp_pat
     handler.emit = records.append
     tf.get_logger().addHandler(handler)
     try:
-        dispatch.crossover_densities(9, 7, 2)
+        crossover.crossover_densities(9, 7, 2)
     finally:
         tf.get_logger().removeHandler(handler)
     assert not [r.getMessage() for r in records if "retracing" in r.getMessage()]

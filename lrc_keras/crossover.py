@@ -1,0 +1,123 @@
+"""The measured timing model: the density below which the gated op beats TF's GEMM + mask.
+
+The gated op's time grows with the density ρ of computed units; the dense path's does not.
+For a layer shape (d, n, r) and a few batch sizes, `crossover_densities` times both once on
+this machine (gated at several densities, set exactly through the margin, since its time is
+not linear in ρ: sparse selections fill its row blocks less well) and caches the density
+below which gated wins in `$LRC_CACHE_DIR/cost_model.json` (default ~/.cache/lrc_keras).
+`lrc_keras.dispatch` compares the density a layer last observed against that crossover for
+the batch at hand.
+"""
+
+import json
+import os
+import platform
+
+import numpy as np
+import tensorflow as tf
+
+from lrc_keras import ops
+from lrc_keras.estimators import estimate
+from lrc_keras.estimators import low_rank_product
+from lrc_keras.gating import margin_for_density
+from lrc_keras.timing import median_times
+
+MEASURED_BATCHES = (1, 16, 256)
+MEASURED_DENSITIES = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)
+_measured = {}
+
+
+def cache_file():
+    directory = os.environ.get("LRC_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "lrc_keras"))
+    return os.path.join(directory, "cost_model.json")
+
+
+def _key(input_dim, units, rank):
+    # Measured where TF places ops by default: the first GPU when there is one.
+    device = "gpu" if tf.config.list_logical_devices("GPU") else f"{platform.machine()}-{os.cpu_count()}cpu"
+    return f"tf{tf.__version__}/{device}/{input_dim}x{units}/r{rank}"
+
+
+def crossover_densities(input_dim, units, rank):
+    """{batch: density below which the gated op beats the dense path}, measured once per shape."""
+    key = _key(input_dim, units, rank)
+    if key not in _measured:
+        path = cache_file()
+        try:
+            with open(path) as f:
+                cached = json.load(f)
+        except (OSError, ValueError):
+            cached = {}
+        if key not in cached:
+            with tf.init_scope():  # measure eagerly even when called while tracing
+                cached[key] = _measure(input_dim, units, rank)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump(cached, f, indent=1, sort_keys=True)
+            except OSError:
+                pass  # an unwritable cache only costs a re-measurement next process
+        _measured[key] = {int(batch): density for batch, density in cached[key].items()}
+    return _measured[key]
+
+
+def _measure(input_dim, units, rank):
+    rng = np.random.default_rng(0)
+    kernel = tf.constant(rng.standard_normal((units, input_dim), np.float32) / float(np.sqrt(input_dim)))
+    bias = tf.zeros([units])
+    estimator_u = tf.constant(rng.standard_normal((input_dim, rank), np.float32))
+    estimator_v = tf.constant(rng.standard_normal((rank, units), np.float32) / float(np.sqrt(input_dim)))
+    crossovers = {}
+    for batch in MEASURED_BATCHES:
+        x = tf.constant(rng.standard_normal((batch, input_dim), np.float32))
+        z_hat = estimate(x, estimator_u, estimator_v, bias).numpy()
+        # Both paths compute the estimate, as in the layer.
+        paths = {
+            "dense": lambda x: ops.gemm_then_mask_with_density(
+                x, kernel, bias, low_rank_product(x, estimator_u, estimator_v), 0.0
+            )[0]
+        }
+        for density in MEASURED_DENSITIES:
+            margin = margin_for_density(z_hat, density)
+            paths[density] = (
+                lambda margin: lambda x: ops.gated_dense(
+                    x, kernel, bias, low_rank_product(x, estimator_u, estimator_v), margin
+                )
+            )(margin)
+        times = median_times(paths, x)
+        crossovers[str(batch)] = crossover(
+            MEASURED_DENSITIES, [times[d] for d in MEASURED_DENSITIES], times["dense"]
+        )
+    return crossovers
+
+
+def crossover(densities, gated_times, dense_time):
+    """The density where the measured gated times, linearly interpolated, first exceed dense_time.
+
+    Past the last measured density the last segment's slope is extended (a crossover above 1
+    means gated wins at every density).
+    """
+    points = list(zip(densities, gated_times))
+    if gated_times[0] >= dense_time:
+        return 0.0
+    for (d0, t0), (d1, t1) in zip(points, points[1:]):
+        if t1 >= dense_time:
+            return float(d0 + (d1 - d0) * (dense_time - t0) / (t1 - t0))
+    (d0, t0), (d1, t1) = points[-2], points[-1]
+    slope = max((t1 - t0) / (d1 - d0), 1e-12)
+    return float(d1 + (dense_time - t1) / slope)
+
+
+def crossover_for_batch(crossovers, batch):
+    """Interpolate the measured crossovers in log2(batch); a tensor when `batch` is one."""
+    batches = sorted(crossovers)
+    logs = [float(np.log2(b)) for b in batches]
+    values = [crossovers[b] for b in batches]
+    if isinstance(batch, int):
+        return float(np.interp(np.log2(max(batch, 1)), logs, values))
+    log_batch = tf.math.log(tf.cast(tf.maximum(batch, 1), tf.float32)) / np.log(2.0)
+    result = tf.constant(values[0], tf.float32)
+    for (x0, y0), (x1, y1) in zip(zip(logs, values), zip(logs[1:], values[1:])):
+        segment = y0 + (y1 - y0) * (log_batch - x0) / (x1 - x0)
+        result = tf.where(log_batch > x0, segment, result)
+    return tf.where(log_batch > logs[-1], values[-1], result)
