@@ -12,6 +12,7 @@ from lrc_keras import estimators
 from lrc_keras import gated_training
 from lrc_keras import gating
 from lrc_keras import ops
+from lrc_keras.inputs import checked_sample_inputs
 from lrc_keras.metrics import GateStatistics
 from lrc_keras.metrics import confusion_counts
 
@@ -302,7 +303,7 @@ class LowRankGatedDense(keras.layers.Layer):
                 f"{dense_layer.name!r} is not built yet"
             )
         input_dim = dense_layer.kernel.shape[0]
-        sample_inputs = _checked_sample_inputs(sample_inputs, input_dim, dense_layer.name)
+        sample_inputs = checked_sample_inputs(sample_inputs, input_dim, dense_layer.name)
         settings = {
             "name": dense_layer.name,
             "use_bias": dense_layer.use_bias,
@@ -349,7 +350,7 @@ class LowRankGatedDense(keras.layers.Layer):
         the rules that use inputs fit to (input_svd, joint's start) instead of the statistics
         gathered in training; they are checked before any weight changes.
         """
-        sample_inputs = _checked_sample_inputs(sample_inputs, self.kernel.shape[1], self.name)
+        sample_inputs = checked_sample_inputs(sample_inputs, self.kernel.shape[1], self.name)
         estimator_u, estimator_v = self.estimator.factors(self, sample_inputs)
         if not (np.all(np.isfinite(estimator_u)) and np.all(np.isfinite(estimator_v))):
             estimators.warn_non_finite(self.name)
@@ -373,7 +374,7 @@ class LowRankGatedDense(keras.layers.Layer):
         _check_positive_int("rank", rank)
         input_dim = self.kernel.shape[1]
         self._check_rank_fits(rank, input_dim)
-        sample_inputs = _checked_sample_inputs(sample_inputs, input_dim, self.name)
+        sample_inputs = checked_sample_inputs(sample_inputs, input_dim, self.name)
         first = next(i for i, v in enumerate(self.variables) if v is self.estimator_u)
         kept = [v for v in self.variables[first:] if v is not self.gate_margin and v is not self.estimator_rank]
         state = {v.name: v.numpy() for v in kept if v.name not in ("estimator_u", "estimator_v")}
@@ -556,35 +557,6 @@ def _check_margin(margin, name=None):
 def _check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
-
-
-def _checked_sample_inputs(sample_inputs, input_dim, name):
-    """None, or sample inputs as a float32 2-D array of width `input_dim` without NaN or inf."""
-    if sample_inputs is None:
-        return None
-    try:
-        array = np.asarray(sample_inputs)
-    except ValueError as error:  # ragged nested lists
-        raise ValueError(f"{name}: sample_inputs must be a 2-D array of numbers ({error})") from None
-    if array.ndim != 2 or array.shape[1] != input_dim or array.shape[0] == 0:
-        raise ValueError(
-            f"{name}: sample_inputs must be a non-empty 2-D array of width {input_dim} (the layer's "
-            f"input_dim), got shape {array.shape}"
-        )
-    if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
-        bad = np.argwhere(~np.isfinite(array.astype(np.float64)))[0] if np.issubdtype(array.dtype, np.number) else None
-        raise ValueError(
-            f"{name}: sample_inputs must be finite numbers; got {array.dtype}"
-            + (f" with {array[tuple(bad)]} at {tuple(int(i) for i in bad)}" if bad is not None else "")
-        )
-    largest = float(np.max(np.abs(array))) if array.size else 0.0
-    if largest > np.finfo(np.float32).max:
-        row = int(np.argwhere(np.abs(array) == largest)[0][0])
-        raise ValueError(
-            f"{name}: sample_inputs row {row} holds {largest:g}, beyond float32's range: the layer "
-            f"computes in float32"
-        )
-    return array.astype(np.float32)
 
 
 def _transposed(initializer):
