@@ -30,7 +30,7 @@ def op_inputs(x, kernel, bias, estimator_u, estimator_v):
     """The compiled op's inputs (x, kernel, bias, product) for the layer's weights: the product
     (x·U)·V as `lrc_keras.estimators.low_rank_product` computes it, in float32."""
     product = (np.asarray(x, np.float32) @ np.asarray(estimator_u, np.float32)) @ np.asarray(estimator_v, np.float32)
-    return x, kernel, bias, product.astype(np.float32)
+    return x, kernel, bias, product
 
 
 def away_from_boundary(z_hat, margin, tolerance=1e-3):

@@ -1,20 +1,14 @@
 """Memory of the gated backward's CPU kernel (LrcGatedDenseGrad): scratch that follows the work,
 and failures to allocate it that are Python exceptions, not aborts.
 
-As in test_op_memory.py, each check runs in a fresh process (a memory limit, a replaced operator
-new or a peak RSS is process-wide), with `MALLOC_ARENA_MAX=2` and two intra-op threads.
+As in test_op_memory.py, each check runs in a fresh process (tests/memory_harness.py) with two
+intra-op threads.
 """
 
-import os
-import subprocess
-import sys
-
+import memory_harness
 import pytest
 
 from lrc_keras import ops
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ops.__file__)))
 
 pytestmark = pytest.mark.skipif(not ops.is_compiled(), reason="the compiled op is not loaded")
 
@@ -47,17 +41,7 @@ grad_op(*inputs(64, 8, 16, 0.5))  # TensorFlow's thread pools and allocators exi
 
 
 def run_children(scripts, env=None):
-    """Runs the scripts concurrently, each in a fresh Python; returns (returncode, stdout, stderr)s."""
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", PRELUDE + script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, cwd=HERE,
-            env={**os.environ, "PYTHONPATH": PACKAGE_ROOT, "TF_CPP_MIN_LOG_LEVEL": "3",
-                 "MALLOC_ARENA_MAX": "2", **(env or {})},
-        )
-        for script in scripts
-    ]
-    return [(child.wait(timeout=180),) + child.communicate() for child in children]
+    return memory_harness.run_children(PRELUDE, scripts, env, timeout=180)
 
 
 def test_peak_memory_follows_the_pairs():
@@ -92,35 +76,10 @@ check(*(a.numpy() for a in arrays), dx, dw, db)
             assert growth <= 16 * batch * 512 / 10, (batch, growth)
 
 
-# Replaces the global operator new and new[]: after fail_allocations_above(n), a request of
-# more than n bytes throws std::bad_alloc, as when memory runs out (nothrow new returns null).
-FAILING_NEW = r'''
-#include <atomic>
-#include <cstdlib>
-#include <new>
-static std::atomic<std::size_t> limit{~std::size_t{0}};
-extern "C" void fail_allocations_above(std::size_t bytes) { limit = bytes; }
-static void* Allocate(std::size_t bytes) {
-  void* p = bytes > limit.load() ? nullptr : std::malloc(bytes ? bytes : 1);
-  if (!p) throw std::bad_alloc();
-  return p;
-}
-void* operator new(std::size_t bytes) { return Allocate(bytes); }
-void* operator new[](std::size_t bytes) { return Allocate(bytes); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-'''
-
-
 def test_packing_buffer_failure_is_resource_exhausted(tmp_path):
     # A worker thread's packing buffer, (1024 + 2048) x 64 floats = 768 KiB, is the only request
     # of the op above 256 KiB through operator new (TensorFlow's tensors use its own allocator).
-    source = tmp_path / "failing_new.cc"
-    source.write_text(FAILING_NEW)
-    library = str(tmp_path / "failing_new.so")
-    subprocess.run(["g++", "-shared", "-fPIC", "-O1", str(source), "-o", library], check=True)
+    library = memory_harness.failing_new_library(str(tmp_path))
     script = """
 failing_new = ctypes.CDLL(%r)
 arrays = [tf.constant(a) for a in inputs(1024, 100, 2048, 0.1)]

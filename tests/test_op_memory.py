@@ -1,23 +1,14 @@
 """Memory of the CPU kernel (issue 12 §1): scratch bounded by the layer, not by the batch, and
 an allocation failure is a Python exception, not an abort.
 
-Each check runs in a fresh process: a memory limit, a replaced operator new or a peak RSS is
-process-wide. The children set `MALLOC_ARENA_MAX=2` and two intra-op threads so that their
-virtual size does not depend on the machine's core count (glibc reserves 64 MiB of address
-space for each thread's arena).
+Each check runs in a fresh process (tests/memory_harness.py) with two intra-op threads.
 """
 
-import os
-import subprocess
-import sys
-
+import memory_harness
 import pytest
+from memory_harness import HERE
 
 from lrc_keras import ops
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-# The same lrc_keras as this process imported (python -c would prefer the current directory).
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ops.__file__)))
 
 pytestmark = pytest.mark.skipif(not ops.is_compiled(), reason="the compiled op is not loaded")
 
@@ -50,17 +41,7 @@ run(64, 16)  # TensorFlow's thread pools and allocators exist from here on
 
 
 def run_children(scripts, env=None):
-    """Runs the scripts concurrently, each in a fresh Python; returns (returncode, stdout, stderr)s."""
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", PRELUDE + script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, cwd=HERE,
-            env={**os.environ, "PYTHONPATH": PACKAGE_ROOT, "TF_CPP_MIN_LOG_LEVEL": "3",
-                 "MALLOC_ARENA_MAX": "2", **(env or {})},
-        )
-        for script in scripts
-    ]
-    return [(child.wait(timeout=120),) + child.communicate() for child in children]
+    return memory_harness.run_children(PRELUDE, scripts, env, timeout=120)
 
 
 def test_large_batch_of_a_narrow_layer_runs_under_a_memory_limit():
@@ -81,36 +62,11 @@ print('OK')
     assert returncode == 0 and stdout.strip() == "OK", (returncode, stderr[-2000:])
 
 
-# Replaces the global operator new and new[]: after fail_allocations_above(n), a request of
-# more than n bytes throws std::bad_alloc, as when memory runs out.
-FAILING_NEW = r"""
-#include <atomic>
-#include <cstdlib>
-#include <new>
-static std::atomic<std::size_t> limit{~std::size_t{0}};
-extern "C" void fail_allocations_above(std::size_t bytes) { limit = bytes; }
-static void* Allocate(std::size_t bytes) {
-  void* p = bytes > limit.load() ? nullptr : std::malloc(bytes ? bytes : 1);
-  if (!p) throw std::bad_alloc();
-  return p;
-}
-void* operator new(std::size_t bytes) { return Allocate(bytes); }
-void* operator new[](std::size_t bytes) { return Allocate(bytes); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-"""
-
-
 def test_scratch_allocation_failure_is_resource_exhausted(tmp_path):
     # Scratch is now at most 512 KiB a thread, so no memory limit fails it deterministically
     # (the op's inputs and outputs would fail first): operator new fails it instead, in the
     # worker threads, where an escaping std::bad_alloc used to abort the process.
-    source = tmp_path / "failing_new.cc"
-    source.write_text(FAILING_NEW)
-    library = str(tmp_path / "failing_new.so")
-    subprocess.run(["g++", "-shared", "-fPIC", "-O1", str(source), "-o", library], check=True)
+    library = memory_harness.failing_new_library(str(tmp_path))
     script = """
 failing_new = ctypes.CDLL(%r)
 # Two threads split 2048 units into shards of 256 (Eigen aims at 4 shards a thread), whose
@@ -134,15 +90,16 @@ print('OK')
 
 
 def test_peak_memory_grows_with_the_data_not_with_scratch():
-    # Peak RSS growth of one call (after a warm-up) is what the call newly touched: the estimate
-    # product and y (4 bytes x units a row each) and x. The old kernel added 98 304 x 8 bytes a
+    # Peak RSS growth of one call (after a warm-up) is what the call newly touched: y, and
+    # TensorFlow's copies of the estimate's product (4 bytes x units a row each) and of x. The old kernel added 98 304 x 8 bytes a
     # row per thread (2.25 GB at batch 3000); a tile capped only by the shard's units would add
     # 256 x 8 bytes a row per thread (48 MB at batch 12 000).
     units = 256  # a full tile wide: the scratch's largest
     script = """
 x, weights = np.ones((%d, 1), np.float32), random_weights(np.random.default_rng(0), 1, %d, 1)
+inputs = op_inputs(x, *weights)  # the estimate's product is the estimate stage's memory
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-y = ops.gated_dense(*op_inputs(x, *weights), 0.0)
+y = ops.gated_dense(*inputs, 0.0)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
     batches = (3000, 12000)
