@@ -6,39 +6,26 @@ Select with `pytest -k "cuda or gpu"`. Tests that need a GPU are skipped where n
 import ctypes
 import json
 import os
-import subprocess
 
+import cuda_shim_library
 import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import away_from_boundary
+from cuda_shim_library import FLOAT_P, pointer
 from tensorflow.python.framework import kernels
 
 from lrc_keras import ops
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CUSTOM_OPS = os.path.join(HERE, "..", "custom_ops")
-FLOAT_P = ctypes.POINTER(ctypes.c_float)
-
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory):
-    library = str(tmp_path_factory.mktemp("cuda_shim") / "run_kernels.so")
-    subprocess.run(
-        ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{CUSTOM_OPS}",
-         os.path.join(HERE, "cuda_shim", "run_kernels.cc"), "-o", library],
-        check=True,
-    )
-    shim = ctypes.CDLL(library)
+    shim = cuda_shim_library.build("run_kernels.cc", tmp_path_factory.mktemp("cuda_shim"))
     shim.run_gated_dense.restype = ctypes.c_float
     shim.run_gated_dense.argtypes = [ctypes.c_int64] * 3 + [FLOAT_P] * 4 + [ctypes.c_float, FLOAT_P] + [ctypes.c_uint] * 2 + [ctypes.c_int]
     shim.run_masked_relu.restype = ctypes.c_float
     shim.run_masked_relu.argtypes = [ctypes.c_int64] * 2 + [FLOAT_P] * 3 + [ctypes.c_float, FLOAT_P] + [ctypes.c_uint] * 2
     return shim
-
-
-def pointer(array):
-    return array.ctypes.data_as(FLOAT_P)
 
 
 def inputs(rng, batch, input_dim, units):

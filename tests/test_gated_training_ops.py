@@ -10,15 +10,16 @@ import subprocess
 import sys
 import threading
 
+import cuda_shim_library
 import numpy as np
 import pytest
 import tensorflow as tf
+from cuda_shim_library import FLOAT_P, pointer
 
 from lrc_keras import ops
 from lrc_keras.gated_training import gated_dense_train, gated_dense_train_with_density
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CUSTOM_OPS = os.path.join(HERE, "..", "custom_ops")
 
 pytestmark = pytest.mark.skipif(not ops.is_compiled(), reason="the compiled ops are not loaded")
 
@@ -219,18 +220,9 @@ def test_every_instruction_set_copy_matches_numpy(isa, tmp_path):
     assert result.returncode == 0 and "OK True" in result.stdout, result.stderr[-2000:]
 
 
-FLOAT_P = ctypes.POINTER(ctypes.c_float)
-
-
 @pytest.fixture(scope="module")
 def grad_shim(tmp_path_factory):
-    library = str(tmp_path_factory.mktemp("cuda_shim") / "run_grad_kernels.so")
-    subprocess.run(
-        ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{CUSTOM_OPS}",
-         os.path.join(HERE, "cuda_shim", "run_grad_kernels.cc"), "-o", library],
-        check=True,
-    )
-    shim = ctypes.CDLL(library)
+    shim = cuda_shim_library.build("run_grad_kernels.cc", tmp_path_factory.mktemp("cuda_shim"))
     shim.run_gated_dense_grad.restype = None
     shim.run_gated_dense_grad.argtypes = [ctypes.c_int64] * 3 + [FLOAT_P] * 7
     return shim
@@ -241,7 +233,7 @@ def shim_gradients(shim, grad_y, y, x, kernel):
     batch, input_dim = x.shape
     outputs = [np.full(shape, np.nan, np.float32) for shape in (x.shape, kernel.shape, kernel.shape[:1])]
     arrays = [np.ascontiguousarray(a, np.float32) for a in (grad_y, y, x, kernel)] + outputs
-    shim.run_gated_dense_grad(batch, input_dim, kernel.shape[0], *(a.ctypes.data_as(FLOAT_P) for a in arrays))
+    shim.run_gated_dense_grad(batch, input_dim, kernel.shape[0], *(pointer(a) for a in arrays))
     return outputs
 
 
