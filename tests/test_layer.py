@@ -63,8 +63,9 @@ def test_refit_before_any_input_is_the_exact_truncated_svd(rng, estimator):
     np.testing.assert_allclose(np.linalg.norm(w - approximation, 2), singular_values[5], rtol=1e-4)
 
 
-def test_gradients_flow_only_through_computed_units(rng):
-    layer = built_layer(rng, rank=3)
+@pytest.mark.parametrize("training_path", ["dense", "gated"])
+def test_gradients_flow_only_through_computed_units(rng, training_path):
+    layer = built_layer(rng, rank=3, training_path=training_path)
     x = tf.constant(rng.standard_normal((10, 24)).astype("float32"))
     upstream = rng.standard_normal((10, 32)).astype("float32")
     with tf.GradientTape() as tape:
