@@ -49,28 +49,8 @@ def gated_dense_train_with_density(x, kernel, bias, product, margin):
     Returns:
       y [batch, units] and the fraction of computed pairs (a float32 scalar, no gradient).
     """
-    inputs = {"x": x, "kernel": kernel, "bias": bias, "product": product}
-    inputs = {name: tf.convert_to_tensor(value) for name, value in inputs.items()}
-    for name, value in inputs.items():
-        if value.dtype != tf.float32:
-            raise TypeError(f"gated_dense_train: {name} must be float32 (the compiled kernels' only dtype), got {value.dtype.name}")
-    return _gated_dense_train(*inputs.values(), tf.convert_to_tensor(margin, tf.float32))
-
-
-@tf.custom_gradient
-def _gated_dense_train(x, kernel, bias, product, margin):
-    library = ops.compiled_library()
-    # The gradient reads x and the kernel through tensors made here: inside a tf.cond branch
-    # (training_path="auto"), the branch's own inputs are placeholders that the gradient's
-    # graph cannot read, while tensors computed in the branch become outputs of the cond.
-    x, kernel = tf.identity(x), tf.identity(kernel)
-    y, active_fraction = library.lrc_gated_dense(x, kernel, bias, product, margin)
-
-    def gradient(grad_y, _):
-        grad_x, grad_kernel, grad_bias = library.lrc_gated_dense_grad(grad_y, y, x, kernel)
-        return grad_x, grad_kernel, grad_bias, None, None
-
-    return (y, active_fraction), gradient
+    y, active_fraction, _ = _gated_dense_train(*_checked(x, kernel, bias, product, margin), sample_rows=0)
+    return y, active_fraction
 
 
 def gated_dense_train_with_sample(x, kernel, bias, product, margin, sample_rows):
@@ -82,24 +62,38 @@ def gated_dense_train_with_sample(x, kernel, bias, product, margin, sample_rows)
     never overlap, so the backward runs over their union, with dL/dy on the first and
     dL/dskipped on the second. A separate backward for the sampled rows would cost two dense
     products of the whole kernel's size and their sum, more than the sampled rows' forward.
-    Inputs as `gated_dense_train_with_density`'s, float32.
+    Inputs as `gated_dense_train_with_density`'s.
     """
-    inputs = [tf.convert_to_tensor(value, tf.float32) for value in (x, kernel, bias, product, margin)]
-    return _gated_dense_train_with_sample(*inputs, sample_rows)
+    y, _, skipped = _gated_dense_train(*_checked(x, kernel, bias, product, margin), sample_rows=sample_rows)
+    return y, skipped
 
 
-def _gated_dense_train_with_sample(x, kernel, bias, product, margin, sample_rows):
+def _checked(x, kernel, bias, product, margin):
+    inputs = {"x": x, "kernel": kernel, "bias": bias, "product": product}
+    inputs = {name: tf.convert_to_tensor(value) for name, value in inputs.items()}
+    for name, value in inputs.items():
+        if value.dtype != tf.float32:
+            raise TypeError(f"gated_dense_train: {name} must be float32 (the compiled kernels' only dtype), got {value.dtype.name}")
+    return (*inputs.values(), tf.convert_to_tensor(margin, tf.float32))
+
+
+def _gated_dense_train(x, kernel, bias, product, margin, sample_rows):
+    """`(y, active_fraction, skipped)` with the gated backward over y's and skipped's pairs."""
+
     @tf.custom_gradient
     def forward(x, kernel, bias, product, margin):
         library = ops.compiled_library()
-        x, kernel = tf.identity(x), tf.identity(kernel)  # see _gated_dense_train
-        y, _ = library.lrc_gated_dense(x, kernel, bias, product, margin)
+        # The gradient reads x and the kernel through tensors made here: inside a tf.cond branch
+        # (training_path="auto"), the branch's own inputs are placeholders that the gradient's
+        # graph cannot read, while tensors computed in the branch become outputs of the cond.
+        x, kernel = tf.identity(x), tf.identity(kernel)
+        y, active_fraction = library.lrc_gated_dense(x, kernel, bias, product, margin)
         rows = slice(None, sample_rows)
         z = ops.dense_preactivation(x[rows], kernel, bias)
         mask = gating.gate_mask(product[rows] + bias, margin)
         skipped = tf.where(mask, tf.zeros([], z.dtype), tf.nn.relu(z))
 
-        def gradient(grad_y, grad_skipped):
+        def gradient(grad_y, grad_active_fraction, grad_skipped):
             if grad_skipped is None:
                 grad_passing, passing = grad_y, y
             else:
@@ -110,7 +104,6 @@ def _gated_dense_train_with_sample(x, kernel, bias, product, margin, sample_rows
             grad_x, grad_kernel, grad_bias = library.lrc_gated_dense_grad(grad_passing, passing, x, kernel)
             return grad_x, grad_kernel, grad_bias, None, None
 
-        return (y, skipped), gradient
+        return (y, active_fraction, skipped), gradient
 
     return forward(x, kernel, bias, product, margin)
-
