@@ -55,10 +55,9 @@ def choose_path(requested, dtype, input_dim, units, rank, batch):
 TRAINING_PATHS = ("auto", "dense", "gated")
 
 # Predicted density above which a layer's training step on the compiled gated kernels costs
-# about as much as on the GEMMs: measured with `python -m lrc_keras.benchmark_gated_training`
-# at batch 128, the two break even near 0.52 for 784→1000 and 1000→1000, and above 0.5 for
-# 3072→4000 (1.32x faster there); the gated step's time grows about linearly with the density
-# (BENCHMARKS.md).
+# about as much as on the GEMMs: where the two break even for the 784→1000 and 1000→1000 layers
+# measured by `python -m lrc_keras.benchmark_gated_training` (BENCHMARKS.md); wider layers
+# break even later.
 GATED_TRAINING_MAX_DENSITY = 0.5
 
 

@@ -94,8 +94,8 @@ class LowRankGatedDense(keras.layers.Layer):
 
     Metrics: `fit` logs `{name}_sign_accuracy`, `_recall`, `_precision`,
     `_false_negative_rate`, `_predicted_density` and `_true_density` (they need the dense z:
-    measured in training on the first rows of each batch, 32 on the dense training path and 16
-    on the gated one, and in inference on every row, only while `layer.audit` is True).
+    measured in training on the first 32 rows of each batch, and in inference on every row,
+    only while `layer.audit` is True).
 
     Example:
 
@@ -489,14 +489,14 @@ class LowRankGatedDense(keras.layers.Layer):
 
     def _gated_training(self, x):
         """y from the compiled gated forward, whose gradient runs over the computed units only,
-        and the same sample as `_dense_training`'s, from its rows computed densely."""
+        and the same sample as `_dense_training`'s, from its GATE_SAMPLE_ROWS rows computed densely."""
         bias = ops.bias_or_zeros(self.bias, self.kernel, x.dtype)
         product = estimators.low_rank_product(tf.stop_gradient(x), self.estimator_u, self.estimator_v)
         margin = tf.cast(self.gate_margin, x.dtype)
         y, skipped = gated_training.gated_dense_train_with_sample(
-            x, self.kernel, bias, tf.stop_gradient(product), margin, GATED_SAMPLE_ROWS
+            x, self.kernel, bias, tf.stop_gradient(product), margin, GATE_SAMPLE_ROWS
         )
-        rows = slice(None, GATED_SAMPLE_ROWS)
+        rows = slice(None, GATE_SAMPLE_ROWS)
         z_hat = product[rows] + tf.stop_gradient(bias)  # a trained estimator's loss reaches U, V here
         mask = tf.stop_gradient(gating.gate_mask(z_hat, margin))
         positive = tf.stop_gradient(y[rows] + skipped) > 0
@@ -518,10 +518,8 @@ class LowRankGatedDense(keras.layers.Layer):
 
 # Rows of each training batch whose z the gate metrics, the skipped-unit penalty and a trained
 # estimator's loss use (see _training_forward). The dense path has their z anyway; the gated path
-# computes it for them alone: at 8 rows the noisier penalty left MNIST networks slightly denser
-# (.070/.240 against .067/.235 over 10 seeds), at 32 a step cost a tenth more than at 16.
+# computes it for them alone, which costs a step no more at 32 rows than at 8 (BENCHMARKS.md).
 GATE_SAMPLE_ROWS = 32
-GATED_SAMPLE_ROWS = 16
 
 # Settings of 449377d's layer that belong to an estimator now, and where they went.
 _MOVED_TO_ESTIMATOR = {

@@ -1,10 +1,9 @@
 import json
-import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import away_from_boundary, numpy_gated_dense
+from conftest import away_from_boundary, compiled_ops_that_ran, numpy_gated_dense
 
 from lrc_keras import LowRankGatedDense, crossover
 from lrc_keras.gating import margin_for_density
@@ -78,18 +77,7 @@ def test_the_chosen_path_runs_its_op(rng, monkeypatch, tmp_path, path, observed_
     x = tf.constant(rng.standard_normal((8, 30)).astype(np.float32))
     function(x)  # the first call instantiates the function: keep it out of the trace
     layer.observed_density.assign(observed_density)  # which that call overwrote with its own
-    assert _compiled_ops_that_ran(function, x, tmp_path) == expected_ops
-
-
-def _compiled_ops_that_ran(function, x, trace_dir):
-    """The compiled ops whose kernels ran in one call, from the profiler's host trace (an untaken
-    tf.cond branch runs none)."""
-    tf.profiler.experimental.start(str(trace_dir))
-    function(x)
-    tf.profiler.experimental.stop()
-    trace = b"".join(open(os.path.join(root, name), "rb").read()
-                     for root, _, names in os.walk(trace_dir) for name in names if name.endswith(".xplane.pb"))
-    return {op for op in ("LrcGatedDense", "LrcMaskedRelu") if op.encode() in trace}
+    assert compiled_ops_that_ran(function, x, tmp_path) == expected_ops
 
 
 def test_bad_inference_path():
