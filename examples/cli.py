@@ -4,6 +4,7 @@ import argparse
 import sys
 import textwrap
 
+from lrc_keras.dispatch import TRAINING_PATHS
 from lrc_keras.estimators import ESTIMATORS
 
 from data import DataError
@@ -104,6 +105,9 @@ class ExampleParser(argparse.ArgumentParser):
                               help="training steps between SVD refits (default: the layer's default)")
             self.add_argument("--margin", type=float, default=None,
                               help="compute units with estimate > -margin (default: the layer's default)")
+            self.add_argument("--training-path", choices=TRAINING_PATHS, default=None,
+                              help="how the gated layers train: the compiled gated kernels, a GEMM then the mask, "
+                              "or auto (default: the layer's default)")
             self.add_argument("--gated-output-penalty", dest="regularize_skipped_units", action="store_const",
                               const=False, default=None,
                               help="charge --l1 on the gated output only, as the paper does (default: also on "

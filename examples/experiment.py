@@ -87,7 +87,8 @@ def train_and_measure(args, dataset, data, seed, ranks=None, estimator=None, nam
     # Flags left unset are not passed: the layer's defaults apply.
     gate_options = {key: value for key, value in
                     (("estimator", estimator), ("margin", args.margin),
-                     ("regularize_skipped_units", args.regularize_skipped_units))
+                     ("regularize_skipped_units", args.regularize_skipped_units),
+                     ("training_path", args.training_path))
                     if value is not None}
     model = models.build_network(x_train.shape[1], dataset.classes, args.hidden, ranks, gate_options,
                                  l1=args.l1, dropout=args.dropout, learning_rate=args.learning_rate)

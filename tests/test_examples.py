@@ -160,11 +160,11 @@ def test_mnist_on_mock_tfds(tmp_path, capsys):
         _, (x_test, y_test) = data.load(data.MNIST, None, None, 0)  # mock data is the same at every load
     check_progress_lines(capsys.readouterr().out, rows, x_test)
     assert [row["network"] for row in rows] == ["mnist_dense", "mnist_gated"]
-    # No --estimator, --refit-every or --margin: the layer's own defaults, whatever they are.
+    # No --estimator, --refit-every, --margin or --training-path: the layer's own defaults, whatever they are.
     defaults = inspect.signature(LowRankGatedDense).parameters
     for layer in gated_layers(rows[-1]["model"]):
-        assert (layer.estimator, layer.margin) == (
-            estimators.get(defaults["estimator"].default), defaults["margin"].default)
+        assert (layer.estimator, layer.margin, layer.training_path) == (
+            estimators.get(defaults["estimator"].default), defaults["margin"].default, defaults["training_path"].default)
     assert [row["run"] for row in rows] == ["mnist_dense_seed0", f"mnist_gated_{layer.estimator.name}_seed0"]
     for run in rows:
         assert_run_matches_numpy(run, x_test, y_test)
@@ -255,7 +255,8 @@ def test_seeds_report_mean_and_std_of_the_per_seed_runs(tmp_path):
     npz = tiny_npz(tmp_path / "digits.npz")
     estimators = list(ESTIMATORS)[:2]
     runs = mnist.main(TINY + ["--npz", npz, "--baseline", "--seeds", "3,4", "--estimator", ",".join(estimators),
-                              "--speed-batches", "1", "--logdir", str(tmp_path)])
+                              "--training-path", "dense", "--speed-batches", "1", "--logdir", str(tmp_path)])
+    assert {layer.training_path for run in runs[1:3] for layer in gated_layers(run["model"])} == {"dense"}
     groups = [("mnist_dense", "")] + [("mnist_gated", estimator) for estimator in estimators]
     assert [(run["network"], run["estimator"] or "", run["seed"]) for run in runs] == [
         group + (seed,) for seed in (3, 4) for group in groups]
