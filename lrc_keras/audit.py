@@ -67,7 +67,7 @@ def measure_gates(model, x):
         if not captured[layer.name]:
             raise ValueError(f"layer {layer.name!r} was not called when running {model.name!r} on x")
         inputs = tf.concat(captured[layer.name], axis=0)
-        z_hat = estimate(inputs, layer.estimator_u, layer.estimator_v, layer.bias)
+        z_hat = estimate(inputs, *layer.current_factors(), layer.bias)
         z = ops.dense_preactivation(inputs, layer.kernel, layer.bias)
         mask = gate_mask(z_hat, layer.margin)
         rates = rates_from_counts(confusion_counts(mask, z > 0)).numpy()

@@ -50,7 +50,7 @@ def time_pair(dense, gated, x, repeats, calls):
 def benchmark_layer(dense, gated, x, density, label, repeats, calls):
     """One table row: density None keeps the layer's own margin (a trained layer)."""
     if density is not None:
-        z_hat = estimate(x, gated.estimator_u, gated.estimator_v, gated.bias).numpy()
+        z_hat = estimate(x, *gated.current_factors(), gated.bias).numpy()
         gated.margin = margin_for_density(z_hat, density)
     dense_time, gated_time = time_pair(dense, gated, x, repeats, calls)
     observed = float(gated.observed_density.numpy())
@@ -172,7 +172,7 @@ def training_steps(shape, ranks, data, rounds, steps, pretrain_epochs=0, batch=1
 
 def predicted_densities(model, x):
     """The fraction of units each gated layer computes on x (empty for the Dense twin)."""
-    return [round(float(np.mean(gating.gate_mask(estimate(inputs, layer.estimator_u, layer.estimator_v, layer.bias),
+    return [round(float(np.mean(gating.gate_mask(estimate(inputs, *layer.current_factors(), layer.bias),
                                                   layer.margin))), 3)
             for layer, inputs in _gated_layers_and_inputs(model, x)]
 

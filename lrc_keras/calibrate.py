@@ -117,7 +117,7 @@ def _choose(layer, inputs, target_recall, target_density, ranks):
 
     def factors(rank):  # the layer's own U, V at its own rank
         if rank == layer.rank:
-            return layer.estimator_u, layer.estimator_v
+            return layer.current_factors()
         return layer.estimator.factors(layer, inputs, rank)
 
     estimates = {rank: low_rank_product(inputs, *factors(rank)).numpy() + bias for rank in candidates}

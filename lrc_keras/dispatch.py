@@ -88,7 +88,7 @@ def infer(layer, x):
     batch = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
     path, crossover_density, _ = choose_path(layer.inference_path, x.dtype, layer.kernel.shape[1], layer.units,
                                              layer.rank, batch)
-    product = low_rank_product(x, layer.estimator_u, layer.estimator_v)
+    product = low_rank_product(x, *layer.current_factors())
     args = (x, layer.kernel, layer.bias, product, tf.cast(layer.gate_margin, x.dtype))
     if path == "reference":
         return ops.reference_with_density(*args)

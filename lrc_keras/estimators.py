@@ -1,10 +1,12 @@
 """The estimate stage: the rank-r sign estimator ẑ = (x·U)·V + b, and the rules that fit U, V.
 
-Stored layout (shared with the compiled ops, see `custom_ops/gated_dense.h`):
-    kernel       (units, input_dim)  row j is unit j's weights, contiguous
-    estimator_u  (input_dim, rank)   one dense GEMM x·U per batch
-    estimator_v  (rank, units)       V as the paper writes it: the second GEMM needs no transpose
-so W = kernel^T and ẑ = (x·U)·V + b.
+Stored layout (the kernel's is shared with the compiled ops, see `custom_ops/gated_dense.h`):
+    kernel             (units, input_dim)          row j is unit j's weights, contiguous
+    estimator_factors  (rank·input_dim + rank·units,)  U (input_dim, rank) then V (rank, units),
+                                                   each row-major, V as the paper writes it
+so W = kernel^T and ẑ = (x·U)·V + b. U and V share one variable so that a refit replaces both in
+one assignment: a call running beside it reads the old pair or the new one, never old U with
+new V (`pack_factors`, `unpack_factors`; the layer's `current_factors()` reads them).
 
 An estimator is a small object holding its own settings (`get_config`), passed to the layer as
 `LowRankGatedDense(estimator=InputSVDEstimator(refit_every=50))` or by name
@@ -67,6 +69,17 @@ def low_rank_product(x, estimator_u, estimator_v):
             f"set_rank ran while this call was being traced, call again)"
         )
     return tf.matmul(tf.matmul(x, estimator_u), estimator_v)
+
+
+def pack_factors(estimator_u, estimator_v):
+    """U (input_dim, rank) and V (rank, units) as the one vector `estimator_factors` stores."""
+    return tf.concat([tf.reshape(estimator_u, [-1]), tf.reshape(estimator_v, [-1])], axis=0)
+
+
+def unpack_factors(packed, input_dim, rank):
+    """(U, V) from one read of `estimator_factors`: the inverse of `pack_factors`."""
+    split = input_dim * rank
+    return tf.reshape(packed[:split], [input_dim, rank]), tf.reshape(packed[split:], [rank, -1])
 
 
 def estimate(x, estimator_u, estimator_v, bias):
@@ -207,12 +220,8 @@ class Estimator:
 
     def build(self, layer, input_dim):
         # Assigned inside the (possibly replicated) train step: the first replica's value is kept.
-        layer.estimator_u = layer.add_weight(
-            name="estimator_u", shape=(input_dim, layer.rank), initializer="zeros",
-            trainable=self.trainable, aggregation="only_first_replica",
-        )
-        layer.estimator_v = layer.add_weight(
-            name="estimator_v", shape=(layer.rank, layer.units), initializer="zeros",
+        layer.estimator_factors = layer.add_weight(
+            name="estimator_factors", shape=(layer.rank * (input_dim + layer.units),), initializer="zeros",
             trainable=self.trainable, aggregation="only_first_replica",
         )
 
@@ -234,12 +243,12 @@ class Estimator:
 
 
 def _current_factors(layer):
-    return tf.cast(layer.estimator_u, tf.float32), tf.cast(layer.estimator_v, tf.float32)
+    return tuple(tf.cast(factor, tf.float32) for factor in layer.current_factors())
 
 
 def _warm_start(layer):
     """The current Vᵀ, whose columns span the last fit's top right singular vectors."""
-    return tf.transpose(tf.cast(layer.estimator_v, tf.float32))
+    return tf.transpose(_current_factors(layer)[1])
 
 
 def _add_step_counter(layer):

@@ -39,11 +39,13 @@ class LowRankGatedDense(keras.layers.Layer):
     never computes a skipped unit. NaN estimates count as "compute", so NaN inputs give NaN
     outputs rather than being hidden as zeros.
 
-    Stored layout (the compiled ops read it as is): `kernel` is `(units, input_dim)` (W
-    transposed, each unit's weights contiguous), `estimator_u` `(input_dim, rank)` and
-    `estimator_v` `(rank, units)`, so that `ẑ = (x·estimator_u)·estimator_v + bias`. The
-    layer's `gate_margin` and `estimator_rank` come before them (they outlive `set_rank`), the
-    estimator's own state after them (`lrc_keras.estimators`), then `observed_density`.
+    Stored layout (the compiled ops read the kernel as is): `kernel` is `(units, input_dim)` (W
+    transposed, each unit's weights contiguous); `estimator_factors` holds U `(input_dim, rank)`
+    then V `(rank, units)` in one variable, so that a refit replaces both at once;
+    `ẑ = (x·U)·V + bias`. `current_factors()` returns (U, V) from one read; `estimator_u` and
+    `estimator_v` read one each. The layer's `gate_margin` and `estimator_rank` come before the
+    factors (they outlive `set_rank`), the estimator's own state after them
+    (`lrc_keras.estimators`), then `observed_density`.
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -358,9 +360,24 @@ class LowRankGatedDense(keras.layers.Layer):
         self.assign_estimator(estimator_u, estimator_v)
 
     def assign_estimator(self, estimator_u, estimator_v):
-        """Store float32 factors in the variables' dtype (bfloat16/float16 layers fit in float32)."""
-        self.estimator_u.assign(tf.cast(estimator_u, self.estimator_u.dtype))
-        self.estimator_v.assign(tf.cast(estimator_v, self.estimator_v.dtype))
+        """Store float32 factors in the variable's dtype (bfloat16/float16 layers fit in float32),
+        both in one assignment: a call running beside it sees the old pair or this one."""
+        dtype = self.estimator_factors.dtype
+        self.estimator_factors.assign(estimators.pack_factors(tf.cast(estimator_u, dtype), tf.cast(estimator_v, dtype)))
+
+    def current_factors(self):
+        """(U, V) from one read of `estimator_factors`: always a pair one refit stored."""
+        return estimators.unpack_factors(tf.convert_to_tensor(self.estimator_factors), self.kernel.shape[1], self.rank)
+
+    @property
+    def estimator_u(self):
+        """U (input_dim, rank), read now; `current_factors()` gives U and V from one read."""
+        return self.current_factors()[0]
+
+    @property
+    def estimator_v(self):
+        """V (rank, units), read now; `current_factors()` gives U and V from one read."""
+        return self.current_factors()[1]
 
     def set_rank(self, rank, sample_inputs=None):
         """Change the estimator's rank of a built layer and refit U, V (see `refit`).
@@ -375,9 +392,9 @@ class LowRankGatedDense(keras.layers.Layer):
         input_dim = self.kernel.shape[1]
         self._check_rank_fits(rank, input_dim)
         sample_inputs = checked_sample_inputs(sample_inputs, input_dim, self.name)
-        first = next(i for i, v in enumerate(self.variables) if v is self.estimator_u)
+        first = next(i for i, v in enumerate(self.variables) if v is self.estimator_factors)
         kept = [v for v in self.variables[first:] if v is not self.gate_margin and v is not self.estimator_rank]
-        state = {v.name: v.numpy() for v in kept if v.name not in ("estimator_u", "estimator_v")}
+        state = {v.name: v.numpy() for v in kept if v is not self.estimator_factors}
         for variable in kept:
             self._untrack_variable(variable)
         self.rank = int(rank)
@@ -410,20 +427,29 @@ class LowRankGatedDense(keras.layers.Layer):
         )
 
     def load_own_variables(self, store):
-        """Loads this version's variables, or those of a model saved by lrc-keras 449377d."""
+        """Loads this version's variables, or those of a model saved by lrc-keras 43b1cca or 449377d."""
         if len(store) == len(self.variables):
             return super().load_own_variables(store)
-        names = self._variables_saved_by_449377d()
-        if len(store) != len(names):
+        layouts = {"43b1cca": self._variables_saved_by_43b1cca(), "449377d": self._variables_saved_by_449377d()}
+        names = next((names for names in layouts.values() if len(names) == len(store)), None)
+        if names is None:
             raise ValueError(
                 f"{self.name}: the saved layer has {len(store)} variables; this version expects "
                 f"{len(self.variables)} ({', '.join(v.name for v in self.variables)}) and reads the "
-                f"{len(names)} of lrc-keras 449377d. Re-save the model with the version that wrote it."
+                + " or ".join(f"{len(names)} of lrc-keras {version}" for version, names in layouts.items())
+                + ". Re-save the model with the version that wrote it."
             )
-        by_name = {v.name: v for v in self.variables}
-        for index, name in enumerate(names):
-            if name in by_name:  # the old d×d input moment has no place here: the buffer refills
-                by_name[name].assign(store[str(index)])
+        saved = {name: store[str(index)] for index, name in enumerate(names)}
+        for variable in self.variables:
+            if variable.name in saved:  # the old d×d input moment has no place here: the buffer refills
+                variable.assign(saved[variable.name])
+        self.assign_estimator(saved["estimator_u"], saved["estimator_v"])
+
+    def _variables_saved_by_43b1cca(self):
+        """lrc-keras 43b1cca saved U and V as two variables where `estimator_factors` is now."""
+        names = [v.name for v in self.variables]
+        at = names.index("estimator_factors")
+        return names[:at] + ["estimator_u", "estimator_v"] + names[at + 1:]
 
     def _variables_saved_by_449377d(self):
         """The order in which lrc-keras 449377d saved this layer's variables (trainable first)."""
@@ -450,7 +476,7 @@ class LowRankGatedDense(keras.layers.Layer):
         """ẑ and the gate's mask. The estimate sees no gradient from x or b: an estimator loss
         trains only U, V."""
         bias = None if self.bias is None else tf.stop_gradient(self.bias)
-        z_hat = estimators.estimate(tf.stop_gradient(x), self.estimator_u, self.estimator_v, bias)
+        z_hat = estimators.estimate(tf.stop_gradient(x), *self.current_factors(), bias)
         return z_hat, tf.stop_gradient(gating.gate_mask(z_hat, tf.cast(self.gate_margin, z_hat.dtype)))
 
     def _training_forward(self, x, batch_size):
@@ -491,7 +517,7 @@ class LowRankGatedDense(keras.layers.Layer):
         """y from the compiled gated forward, whose gradient runs over the computed units only,
         and the same sample as `_dense_training`'s, from its GATE_SAMPLE_ROWS rows computed densely."""
         bias = ops.bias_or_zeros(self.bias, self.kernel, x.dtype)
-        product = estimators.low_rank_product(tf.stop_gradient(x), self.estimator_u, self.estimator_v)
+        product = estimators.low_rank_product(tf.stop_gradient(x), *self.current_factors())
         margin = tf.cast(self.gate_margin, x.dtype)
         y, skipped = gated_training.gated_dense_train_with_sample(
             x, self.kernel, bias, tf.stop_gradient(product), margin, GATE_SAMPLE_ROWS

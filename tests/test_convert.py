@@ -232,7 +232,7 @@ def test_calibration_uses_the_layers_own_estimator(rng, estimator):
     converted = convert(model, rank=3, estimator=estimator)
     layer = converted.get_layer("wide")
     own_u = 0.5 * rng.standard_normal(layer.estimator_u.shape).astype("float32")  # no SVD of anything
-    layer.estimator_u.assign(own_u)
+    layer.assign_estimator(own_u, layer.estimator_v)
     report = calibrate(converted, x, target_recall=0.9)
     np.testing.assert_array_equal(layer.estimator_u.numpy(), own_u)
     weights = (layer.kernel.numpy(), layer.bias.numpy(), own_u, layer.estimator_v.numpy())

@@ -23,8 +23,8 @@ def gated_layer(rng, input_dim, units, rank, training_path="gated"):
     layer.kernel.assign(rng.standard_normal((units, input_dim)).astype("float32") / np.sqrt(input_dim))
     layer.bias.assign(0.1 * rng.standard_normal(units).astype("float32"))
     # An estimator that is right about most signs and wrong about some: both kinds of pairs.
-    layer.estimator_u.assign(rng.standard_normal((input_dim, rank)).astype("float32"))
-    layer.estimator_v.assign(rng.standard_normal((rank, units)).astype("float32") / np.sqrt(input_dim))
+    layer.assign_estimator(rng.standard_normal((input_dim, rank)).astype("float32"),
+                           rng.standard_normal((rank, units)).astype("float32") / np.sqrt(input_dim))
     return layer
 
 
@@ -122,11 +122,11 @@ def test_fit_under_mirrored_strategy_equals_one_device(rng, mirrored_strategy, t
             model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
         return [v.numpy() for v in model.layers[0].trainable_variables + model.layers[0].non_trainable_variables
-                if v.name in ("kernel", "bias", "estimator_u", "estimator_v", "training_steps")]
+                if v.name in ("kernel", "bias", "estimator_factors", "training_steps")]
 
     one_device = fitted(tf.distribute.get_strategy())
     mirrored = fitted(mirrored_strategy)
-    assert len(one_device) == 5
+    assert len(one_device) == 4
     for a, b in zip(one_device, mirrored):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 

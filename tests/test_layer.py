@@ -1,4 +1,5 @@
 import os
+import threading
 
 import keras
 import numpy as np
@@ -83,7 +84,7 @@ def test_svd_estimator_variables_are_not_trainable(rng):
     layer = built_layer(rng, estimator="svd")
     assert {v.name for v in layer.trainable_variables} == {"kernel", "bias"}
     joint = built_layer(rng, estimator="joint")
-    assert {v.name for v in joint.trainable_variables} == {"kernel", "bias", "estimator_u", "estimator_v"}
+    assert {v.name for v in joint.trainable_variables} == {"kernel", "bias", "estimator_factors"}
 
 
 def small_classifier(rng, estimator=None, refit_every=200, **kwargs):
@@ -250,7 +251,7 @@ def test_joint_estimator_loss_improves_recall(rng):
     layer.kernel.trainable = False
     layer.bias.trainable = False
     model.layers[1].trainable = False
-    layer.estimator_u.assign(0.1 * rng.standard_normal(layer.estimator_u.shape).astype("float32"))
+    layer.assign_estimator(0.1 * rng.standard_normal(layer.estimator_u.shape).astype("float32"), layer.estimator_v)
     model.compile(keras.optimizers.Adam(0.02), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
     def recall():
@@ -285,9 +286,10 @@ def test_joint_loss_does_not_pull_kernel_or_bias(rng):
         tape.watch(x)
         layer(x, training=True)
         auxiliary = tf.add_n(layer.losses)
-    grads = tape.gradient(auxiliary, [layer.kernel, layer.bias, x, layer.estimator_u, layer.estimator_v])
+    grads = tape.gradient(auxiliary, [layer.kernel, layer.bias, x, layer.estimator_factors])
     assert grads[0] is None and grads[1] is None and grads[2] is None
-    assert float(tf.reduce_sum(tf.abs(grads[3]))) > 0 and float(tf.reduce_sum(tf.abs(grads[4]))) > 0
+    grad_u, grad_v = np.split(grads[3].numpy(), [24 * layer.rank])  # U (24, rank), then V
+    assert np.abs(grad_u).sum() > 0 and np.abs(grad_v).sum() > 0
 
 
 def test_from_dense_copies_weights_and_fits_svd(rng):
@@ -300,12 +302,12 @@ def test_from_dense_copies_weights_and_fits_svd(rng):
     np.testing.assert_array_equal(gated.bias.numpy(), dense.bias.numpy())
     np.testing.assert_allclose(np.abs(gated.estimator_u.numpy()), np.abs(_svd_u(gated.kernel.numpy(), 3)), rtol=1e-3, atol=1e-5)
     weights = gated.get_weights()
-    # kernel, bias, margin, rank, U, V, steps, observed density
-    assert [w.shape for w in weights] == [(12, 9), (12,), (), (), (9, 3), (3, 12), (), ()]
+    # kernel, bias, margin, rank, U then V, steps, observed density
+    assert [w.shape for w in weights] == [(12, 9), (12,), (), (), (9 * 3 + 3 * 12,), (), ()]
     # The default estimator adds its buffer of 1024 input rows, the rows seen and since the last refit.
     default = LowRankGatedDense.from_dense(dense, rank=3)
     assert [w.shape for w in default.get_weights()] == [
-        (12, 9), (12,), (), (), (9, 3), (3, 12), (), (1024, 9), (), (), ()]
+        (12, 9), (12,), (), (), (9 * 3 + 3 * 12,), (), (1024, 9), (), (), ()]
 
 
 def test_from_dense_rejects_what_it_cannot_copy():
@@ -320,7 +322,7 @@ def test_from_dense_rejects_what_it_cannot_copy():
 def test_save_and_load_round_trip(rng, tmp_path):
     model, x, y = small_classifier(rng, estimator="joint", margin=0.2)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    model.layers[0].estimator_v.assign(model.layers[0].estimator_v * 1.5)  # not an SVD any more
+    model.layers[0].assign_estimator(model.layers[0].estimator_u, model.layers[0].estimator_v * 1.5)  # not an SVD any more
     path = os.path.join(tmp_path, "m.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
@@ -547,13 +549,15 @@ def test_low_precision_layers_train_and_infer(rng, monkeypatch, dtype, tolerance
     np.testing.assert_allclose(np.asarray(y, np.float64)[keep], expected[keep], rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("version", ["449377d", "43b1cca"])
 @pytest.mark.parametrize("estimator, expected", [
     ("input_svd", InputSVDEstimator(refit_every=3)), ("svd", SVDEstimator(refit_every=3)), ("joint", JointEstimator()),
 ])
-def test_models_saved_by_449377d_still_load(estimator, expected):
+def test_models_saved_by_earlier_versions_still_load(version, estimator, expected):
     """tests/data holds tiny models saved by lrc-keras 449377d (estimator settings on the layer,
-    a d×d input moment): they load with their weights, settings and predictions."""
-    data = os.path.join(os.path.dirname(__file__), "data", f"legacy_449377d_{estimator}")
+    a d×d input moment) and 43b1cca (U and V in two variables): they load with their weights,
+    settings and predictions."""
+    data = os.path.join(os.path.dirname(__file__), "data", f"legacy_{version}_{estimator}")
     saved = np.load(data + ".npz")
     model = keras.models.load_model(data + ".keras")
     layer = model.layers[0]
@@ -632,3 +636,35 @@ def test_unclear_sample_inputs_get_a_clear_error(rng, sample, message):
     layer = built_layer(rng)
     with pytest.raises(ValueError, match=message):
         layer.refit(sample)
+
+
+def test_inference_during_refits_sees_one_estimator_or_the_other(rng):
+    """Refits alternating between two sample sets while 4 threads infer: every output is the
+    layer's output under the first fit or under the second, never under a mix of their factors."""
+    layer = built_layer(rng, input_dim=16, units=64, rank=4, estimator="input_svd")
+    x = rng.standard_normal((32, 16)).astype("float32")
+    samples = [rng.standard_normal((64, 16)).astype("float32") * scale for scale in (np.ones(16), np.arange(16.0))]
+    infer = tf.function(lambda x: layer(x))
+    expected = []
+    for sample in samples:
+        layer.refit(sample)
+        _, mask, _, _ = numpy_gated_dense(x, *weights_of(layer), 0.0)
+        expected.append((infer(x).numpy(), mask))
+    assert not np.array_equal(expected[0][1], expected[1][1]), "the two fits must gate differently"
+    stop, mixed = threading.Event(), []
+
+    def infer_until_stopped():
+        while not stop.is_set():
+            y = infer(x).numpy()
+            if not any(np.allclose(y, fitted, rtol=1e-6, atol=1e-6) for fitted, _ in expected):
+                mixed.append(y)
+
+    threads = [threading.Thread(target=infer_until_stopped) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for refit in range(60):
+        layer.refit(samples[refit % 2])
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not mixed, f"{len(mixed)} of the outputs came from a mix of the two fits' factors"
