@@ -8,6 +8,7 @@
 #define EIGEN_USE_THREADS
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <memory>
 #include <new>
 
@@ -22,6 +23,8 @@ namespace {
 // 4 elsewhere (8 of 16); leftovers go 4 at a time, then one by one.
 constexpr int kMaxRowBlock = 8;
 constexpr int64_t kFloatsPerLine = 64 / sizeof(float);  // one 64-byte cache line
+// The selection reads 8 flag bytes as one word, flag k in its byte k.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the selection assumes little-endian words");
 
 using DotRowsFn = void (*)(const float* w, const float* const* rows, int64_t n,
                            const float* ahead, float* out);
@@ -106,16 +109,26 @@ TileShape ChooseTileShape(const GatedDenseArgs& a, int64_t begin, int64_t end) {
           std::min(std::max(kMinRowBlock, block), a.batch)};
 }
 
-// Scratch of one tile, sized by what the tile can hold: first[units + 1], and
-// selected_rows[units * rows]. Both are written before they are read: no zero-fill.
-// Each shard allocates its own, where its tile's size is known: at most 512 KiB, which glibc
-// serves from its heap again after the first call, and nothing stays held between calls.
+// Scratch of one tile, sized by what the tile can hold: per unit, how many rows select it
+// (counts[units]), which rows (selected_rows[units * rows], unit u's from u * rows on), and one
+// flag byte a unit for the row being scanned (padded to whole 8-byte words). Written before read:
+// no zero-fill beyond the counts and the padding. Each shard allocates its own, where its tile's
+// size is known: at most ~520 KiB, which glibc serves from its heap again after the first call,
+// and nothing stays held between calls.
 struct TileScratch {
   explicit TileScratch(TileShape tile)
-      : first(new int64_t[tile.units + 1]), selected_rows(new int64_t[tile.units * tile.rows]) {}
-  static int64_t Bytes(TileShape tile) { return (tile.units * (tile.rows + 1) + 1) * sizeof(int64_t); }
-  std::unique_ptr<int64_t[]> first;
+      : rows(tile.rows),
+        counts(new int64_t[tile.units]),
+        selected_rows(new int64_t[tile.units * tile.rows]),
+        flags(new uint8_t[FlagBytes(tile)]) {}
+  static int64_t FlagBytes(TileShape tile) { return (tile.units + 7) / 8 * 8; }
+  static int64_t Bytes(TileShape tile) {
+    return tile.units * (tile.rows + 1) * sizeof(int64_t) + FlagBytes(tile);
+  }
+  int64_t rows;
+  std::unique_ptr<int64_t[]> counts;
   std::unique_ptr<int64_t[]> selected_rows;
+  std::unique_ptr<uint8_t[]> flags;
 };
 
 // Units [unit_begin, unit_end) × rows [row_begin, row_end): select the rows, compute only the
@@ -123,47 +136,62 @@ struct TileScratch {
 int64_t ComputeTile(const GatedDenseArgs& a, int64_t unit_begin, int64_t unit_end, int64_t row_begin,
                     int64_t row_end, TileScratch& scratch) {
   const DotKernels& dot = SelectedDotKernels();
-  // selected_rows[first[u] .. first[u + 1]) are the rows that select unit unit_begin + u.
-  // Compacted without branches: masks are as unpredictable as coin flips.
   // Locals, not a.*: a store through y could otherwise alias a.margin and block optimisation.
   // y may be product's own buffer (forwarded): each element is read before it is written.
-  int64_t* first = scratch.first.get();
+  int64_t* counts = scratch.counts.get();
   int64_t* selected_rows = scratch.selected_rows.get();
+  uint8_t* flags = scratch.flags.get();
+  const int64_t capacity = scratch.rows;  // a unit's list never outgrows the tile's rows
   const float* product = a.product;
+  const float* bias = a.bias + unit_begin;
   float* y = a.y;
   const float margin = a.margin;
   const int64_t units = a.units;
   const int64_t tile_units = unit_end - unit_begin;
+  // Selection, row by row: product and y are read and written contiguously (the compiler
+  // vectorises the flags and the zeros), then the flags are read 8 at a time, so that the runs of
+  // unselected units low densities are made of cost one test a word. Rows join their units' lists
+  // in increasing order.
+  std::fill(counts, counts + tile_units, int64_t{0});
+  const int64_t words = (tile_units + 7) / 8;
+  std::fill(flags + tile_units, flags + words * 8, uint8_t{0});
   int64_t count = 0;
-  first[0] = 0;
-  for (int64_t j = unit_begin; j < unit_end; ++j) {
-    const float b = a.bias[j];
-    for (int64_t i = row_begin; i < row_end; ++i) {
-      const bool selected = UnitIsComputed(product[i * units + j] + b, margin);
-      selected_rows[count] = i;
-      y[i * units + j] = 0.f;
-      count += selected;
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const float* estimates = product + i * units + unit_begin;
+    float* out = y + i * units + unit_begin;
+    for (int64_t u = 0; u < tile_units; ++u) {
+      flags[u] = UnitIsComputed(estimates[u] + bias[u], margin);
+      out[u] = 0.f;
     }
-    first[j - unit_begin + 1] = count;
+    for (int64_t word = 0; word < words; ++word) {
+      uint64_t bits;
+      std::memcpy(&bits, flags + word * 8, sizeof(bits));
+      for (; bits != 0; bits &= bits - 1) {  // each flag byte is 0 or 1: one bit a selected unit
+        const int64_t u = word * 8 + __builtin_ctzll(bits) / 8;
+        selected_rows[u * capacity + counts[u]++] = i;
+        ++count;
+      }
+    }
   }
   const float* rows[kMaxRowBlock];
   float dots[kMaxRowBlock];
   int64_t next = 0;  // the next unit with selected rows, whose weights are prefetched
   for (int64_t u = 0; u < tile_units; ++u) {
-    if (first[u] == first[u + 1]) continue;
-    for (next = std::max(next, u + 1); next < tile_units && first[next] == first[next + 1];) ++next;
+    if (counts[u] == 0) continue;
+    for (next = std::max(next, u + 1); next < tile_units && counts[next] == 0;) ++next;
     const float* w = a.kernel + (unit_begin + u) * a.input_dim;
     const float* ahead = next < tile_units ? a.kernel + (unit_begin + next) * a.input_dim : w;
-    const float b = a.bias[unit_begin + u];
-    int64_t s = first[u];
-    const int64_t stop = first[u + 1];
+    const float b = bias[u];
+    const int64_t* selected = selected_rows + u * capacity;
+    int64_t s = 0;
+    const int64_t stop = counts[u];
     for (int t = 0; t < dot.count; ++t) {
       const RowTier& tier = dot.tiers[t];
       for (; s + tier.rows <= stop; s += tier.rows, ahead = w) {
-        for (int r = 0; r < tier.rows; ++r) rows[r] = a.x + selected_rows[s + r] * a.input_dim;
+        for (int r = 0; r < tier.rows; ++r) rows[r] = a.x + selected[s + r] * a.input_dim;
         tier.dot(w, rows, a.input_dim, ahead, dots);
         for (int r = 0; r < tier.rows; ++r) {
-          y[selected_rows[s + r] * units + unit_begin + u] = MaskedRelu(dots[r] + b, true);
+          y[selected[s + r] * units + unit_begin + u] = MaskedRelu(dots[r] + b, true);
         }
       }
     }

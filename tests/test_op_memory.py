@@ -70,7 +70,7 @@ def test_scratch_allocation_failure_is_resource_exhausted(tmp_path):
     script = """
 failing_new = ctypes.CDLL(%r)
 # Two threads split 2048 units into shards of 256 (Eigen aims at 4 shards a thread), whose
-# 256 x 256 tiles need 514 KiB each; nothing else the op does asks for more than 256 KiB.
+# 256 x 256 tiles need 514 KiB each (256 x (256 rows + 1 count) x 8 bytes + 256 flag bytes); nothing else the op does asks for more than 256 KiB.
 failing_new.fail_allocations_above(ctypes.c_size_t(256 * 1024))
 try:
     run(1024, 2048)
@@ -85,7 +85,7 @@ print('OK')
     assert returncode == 0, (returncode, stderr[-2000:])
     assert stdout.startswith("RESOURCE EXHAUSTED"), stdout
     assert "LrcGatedDense: out of memory allocating the scratch of a tile of up to " \
-        "256 units x 256 rows (526344 bytes a thread) for batch 1024, input_dim 1, units 2048" in stdout, stdout
+        "256 units x 256 rows (526592 bytes a thread) for batch 1024, input_dim 1, units 2048" in stdout, stdout
     assert stdout.strip().endswith("OK")
 
 
