@@ -127,7 +127,7 @@ HEADER = (
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lrc_keras.benchmark_gated_training", description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--calls", type=int, default=10, help="calls per timed graph")

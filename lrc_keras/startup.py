@@ -13,7 +13,7 @@ import tempfile
 # TF_CPP_MIN_LOG_LEVEL that lrc-keras' own commands (`python -m lrc_keras.benchmark`, examples/)
 # set when the user has not: warnings and errors, no INFO lines.
 COMMAND_LOG_LEVEL = "1"
-COMMANDS = ("lrc_keras.benchmark",)
+COMMANDS = ("lrc_keras.benchmark", "lrc_keras.benchmark_gated_training")
 
 # An absl log line: severity (I, W, E, F), month and day, time (seconds since 1970 before absl starts),
 # thread, file:line].

@@ -105,12 +105,13 @@ def test_start_up_lines_shown_at_a_log_level(level, lines, shown):
     assert startup._shown(lines, level) == shown
 
 
-def test_benchmark_starts_quietly(tmp_path):
+@pytest.mark.parametrize("command", ["lrc_keras.benchmark", "lrc_keras.benchmark_gated_training"])
+def test_benchmarks_start_quietly(tmp_path, command):
     # TF_CPP_MIN_LOG_LEVEL unset: the command sets 1, which hides TensorFlow's INFO banner.
-    done = subprocess.run([sys.executable, "-m", "lrc_keras.benchmark", "--help"], cwd=tmp_path, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", command, "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120,
                           env={key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
                           | {"PYTHONPATH": PACKAGE_PARENT})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("usage: python -m lrc_keras.benchmark")
+    assert done.stdout.startswith(f"usage: python -m {command}")
     assert [line for line in done.stderr.splitlines() if line[:1] == "I" or "absl" in line or "cuInit" in line] == []
