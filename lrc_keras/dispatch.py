@@ -22,7 +22,17 @@ from lrc_keras import ops
 from lrc_keras.estimators import low_rank_product
 
 INFERENCE_PATHS = ("auto", "gated", "gemm")
+TRAINING_PATHS = ("auto", "dense", "gated")
 _warned = set()
+
+
+def checked_path(setting, path, owner=None):
+    """`path` if it is one of the choices of `setting` ("inference_path" or "training_path"),
+    else a ValueError naming the setting, the value and, where given, the layer `owner`."""
+    choices = {"inference_path": INFERENCE_PATHS, "training_path": TRAINING_PATHS}[setting]
+    if path not in choices:
+        raise ValueError(f"{owner + ': ' if owner else ''}{setting} must be one of {choices}, got {path!r}")
+    return path
 
 
 def choose_path(requested, dtype, input_dim, units, rank, batch):
@@ -31,8 +41,7 @@ def choose_path(requested, dtype, input_dim, units, rank, batch):
     `requested` is the layer's `inference_path`; `batch` an int or a scalar tensor. `crossover`
     is the density below which "auto" runs the gated op (None for the other paths).
     """
-    if requested not in INFERENCE_PATHS:
-        raise ValueError(f"inference_path must be one of {INFERENCE_PATHS}, got {requested!r}")
+    checked_path("inference_path", requested)
     if not ops.is_compiled():
         return "reference", None, "the compiled ops are not loaded"
     if dtype != tf.float32:
@@ -52,8 +61,6 @@ def choose_path(requested, dtype, input_dim, units, rank, batch):
     return "auto", density, "the timing model's crossover density against the last observed density"
 
 
-TRAINING_PATHS = ("auto", "dense", "gated")
-
 # Predicted density above which a layer's training step on the compiled gated kernels costs
 # about as much as on the GEMMs: where the two break even for the 784→1000 and 1000→1000 layers
 # measured by `python -m lrc_keras.benchmark_gated_training` (BENCHMARKS.md); wider layers
@@ -67,8 +74,7 @@ def choose_training_path(requested, dtype):
 
     The gated kernels need the compiled library and float32; otherwise "dense", warned once.
     """
-    if requested not in TRAINING_PATHS:
-        raise ValueError(f"training_path must be one of {TRAINING_PATHS}, got {requested!r}")
+    checked_path("training_path", requested)
     if requested == "dense" or not ops.is_compiled():  # without the library, the import warned
         return "dense"
     if dtype != tf.float32:

@@ -221,11 +221,7 @@ class LowRankGatedDense(keras.layers.Layer):
 
     @inference_path.setter
     def inference_path(self, path):
-        if path not in dispatch.INFERENCE_PATHS:
-            raise ValueError(
-                f"{self.name}: inference_path must be one of {dispatch.INFERENCE_PATHS}, got {path!r}"
-            )
-        self._inference_path = path
+        self._inference_path = dispatch.checked_path("inference_path", path, self.name)
 
     @property
     def training_path(self):
@@ -234,9 +230,7 @@ class LowRankGatedDense(keras.layers.Layer):
 
     @training_path.setter
     def training_path(self, path):
-        if path not in dispatch.TRAINING_PATHS:
-            raise ValueError(f"{self.name}: training_path must be one of {dispatch.TRAINING_PATHS}, got {path!r}")
-        self._training_path = path
+        self._training_path = dispatch.checked_path("training_path", path, self.name)
 
     @property
     def margin(self):
