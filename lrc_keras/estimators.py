@@ -219,9 +219,15 @@ class Estimator:
         return hash((type(self), tuple(sorted(self.get_config().items()))))
 
     def build(self, layer, input_dim):
+        # An initializer rather than an assignment in build: when Keras builds a subclassed
+        # model's layers symbolically, variables are initialised after build returns, and an
+        # assignment there would be lost (or, failing, make Keras build the layer twice).
+        def initial_factors(shape, dtype=None):
+            return tf.cast(pack_factors(*self.initial_factors(layer)), dtype)
+
         # Assigned inside the (possibly replicated) train step: the first replica's value is kept.
         layer.estimator_factors = layer.add_weight(
-            name="estimator_factors", shape=(layer.rank * (input_dim + layer.units),), initializer="zeros",
+            name="estimator_factors", shape=(layer.rank * (input_dim + layer.units),), initializer=initial_factors,
             trainable=self.trainable, aggregation="only_first_replica",
         )
 
@@ -232,6 +238,15 @@ class Estimator:
         assigned: `LowRankGatedDense.assign_estimator` stores the result.
         """
         return truncated_svd_factors(layer.kernel, rank or layer.rank)
+
+    def initial_factors(self, layer):
+        """(U, V) for the initial kernel, before any input: `factors(layer)` unless overridden.
+
+        It runs as the initializer of `estimator_factors`, which may be deferred until after
+        build (Keras' symbolic build of a subclassed model): it may read the kernel but not the
+        variables this estimator's `build` creates after the factors.
+        """
+        return self.factors(layer)
 
     def observe(self, layer, x):
         """Called with every 2-D training batch inside the train step."""
@@ -378,6 +393,10 @@ class InputSVDEstimator(Estimator):
             name="rows_since_refit", shape=(), initializer="zeros", dtype="float32", trainable=False,
             aggregation="only_first_replica", autocast=False,
         )
+
+    def initial_factors(self, layer):
+        """No input seen yet: the truncated SVD of the kernel, as `factors` gives on an empty buffer."""
+        return truncated_svd_factors(layer.kernel, layer.rank)
 
     def factors(self, layer, sample_inputs=None, rank=None):
         rank = rank or layer.rank

@@ -194,7 +194,6 @@ class LowRankGatedDense(keras.layers.Layer):
         )
         self._build_estimator(input_dim)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
-        self.refit()
 
     def call(self, inputs, training=None):
         if not inputs.dtype.is_floating:

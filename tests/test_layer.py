@@ -63,6 +63,30 @@ def test_refit_before_any_input_is_the_exact_truncated_svd(rng, estimator):
     np.testing.assert_allclose(np.linalg.norm(w - approximation, 2), singular_values[5], rtol=1e-4)
 
 
+@pytest.mark.parametrize("estimator", ["svd", "input_svd", "joint"])
+def test_a_subclassed_model_builds_the_layer_once_with_the_truncated_svd(estimator):
+    """Keras builds a subclassed model's layers symbolically first, initialising their variables
+    after build returns: the layer gets one set of variables and its estimator starts from the
+    truncated SVD of the kernel it ends up with."""
+
+    class Model(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden = LowRankGatedDense(20, rank=5, estimator=estimator)
+
+        def call(self, x):
+            return self.hidden(x)
+
+    model = Model()
+    model(np.ones((2, 30), "float32"))
+    assert [v.path for v in model.trainable_variables].count(model.hidden.kernel.path) == 1
+    assert len(model.variables) == len(model.hidden.variables) == len({id(v) for v in model.variables})
+    w = model.hidden.kernel.numpy().T.astype(np.float64)
+    singular_values = np.linalg.svd(w, compute_uv=False)
+    error = np.linalg.norm(w - model.hidden.estimator_u.numpy() @ model.hidden.estimator_v.numpy())
+    np.testing.assert_allclose(error, np.sqrt(np.sum(singular_values[5:] ** 2)), rtol=1e-4)
+
+
 @pytest.mark.parametrize("training_path", ["dense", "gated"])
 def test_gradients_flow_only_through_computed_units(rng, training_path):
     layer = built_layer(rng, rank=3, training_path=training_path)
