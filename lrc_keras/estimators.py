@@ -15,6 +15,11 @@ ones it needs on the layer (`build`), says what to do with each training batch (
 to compute new factors (`factors`) and which auxiliary loss, if any, trains U, V (`loss`). Every
 method receives the layer, so one estimator object may serve several layers. A new estimator is
 one class decorated with `@register`; the layer needs no change.
+
+A fit is the estimator's rule, not a function of the weights to differentiate: the fitting
+functions read the kernel and rows through tf.stop_gradient, so that a refit traced inside the
+train step stays out of gradient tapes (under nested tapes, for second-order gradients,
+TensorFlow would otherwise build the SVD's gradient, which it cannot for run-time shapes).
 """
 
 import math
@@ -104,7 +109,7 @@ def truncated_svd_factors(kernel, rank):
 
     Eckart-Young: the best rank-r approximation of W in Frobenius and spectral norm.
     """
-    kernel = tf.cast(kernel, tf.float32)
+    kernel = tf.cast(tf.stop_gradient(kernel), tf.float32)
     # kernel = left·diag(s)·rightᵀ, so the right singular vectors of W = kernelᵀ are `left`.
     _, left, _ = tf.linalg.svd(kernel, full_matrices=False)
     return balanced_factors(tf.transpose(kernel), left[:, :rank])
@@ -121,8 +126,8 @@ def reduced_rank_factors(kernel, rows, rank, seed, warm_start=None, power_iterat
     Cholesky, no triangular solve. X and W are scaled to a largest magnitude of 1 first, which
     leaves P unchanged and keeps every product finite for any finite input.
     """
-    w = tf.transpose(tf.cast(kernel, tf.float32))  # (d, n)
-    x = tf.cast(rows, tf.float32)
+    w = tf.transpose(tf.cast(tf.stop_gradient(kernel), tf.float32))  # (d, n)
+    x = tf.cast(tf.stop_gradient(rows), tf.float32)
     x = x / tf.maximum(tf.reduce_max(tf.abs(x)), 1e-30)
     w_scaled = w / tf.maximum(tf.reduce_max(tf.abs(w)), 1e-30)
     m, d = tf.shape(x)[0], tf.shape(w)[0]
@@ -145,7 +150,7 @@ def subspace_svd_factors(kernel, rank, seed, warm_start, power_iterations=1, ove
     """The truncated SVD factors of W = kernelᵀ by `top_right_singular_vectors` from a warm
     start: what the svd estimator refits with in training, where an exact SVD of a wide kernel
     (seconds) would cost more than the steps between refits."""
-    w = tf.transpose(tf.cast(kernel, tf.float32))
+    w = tf.transpose(tf.cast(tf.stop_gradient(kernel), tf.float32))
     w_scaled = w / tf.maximum(tf.reduce_max(tf.abs(w)), 1e-30)
     right = top_right_singular_vectors(
         lambda q: tf.matmul(w_scaled, q), lambda p: tf.matmul(w_scaled, p, transpose_a=True),

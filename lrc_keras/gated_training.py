@@ -1,4 +1,5 @@
-"""The gated training path: a forward and a backward that both skip the units the estimate skips.
+"""The training paths' forward and backward: gated (both skip the units the estimate skips) or
+dense (a GEMM, then the mask), chosen per call by `train_with_sample`.
 
 `gated_dense_train(x, kernel, bias, product, margin)` takes exactly the inputs of the compiled
 LrcGatedDense (x [batch, d], kernel [n, d], bias [n], product = (x·U)·V [batch, n] without the
@@ -17,6 +18,8 @@ These are the gradients of the dense layer's where the gate computed every activ
 and margin get none (the estimator learns by its own rule). A NaN output passes no gradient, as
 in tf.nn.relu's, so a row of NaN inputs leaves dL/dW finite where a dense GEMM's 0·NaN would not;
 the loss is NaN either way. float32 only, and the compiled library must be loaded.
+LrcGatedDenseGrad has a registered gradient of its own (`lrc_keras.ops`), so second-order
+gradients (gradient penalties, Hessian-vector products) run through the gated backward too.
 
 Example:
     product = lrc_keras.estimators.low_rank_product(x, estimator_u, estimator_v)
@@ -49,22 +52,35 @@ def gated_dense_train_with_density(x, kernel, bias, product, margin):
     Returns:
       y [batch, units] and the fraction of computed pairs (a float32 scalar, no gradient).
     """
-    y, active_fraction, _ = _gated_dense_train(*_checked(x, kernel, bias, product, margin), sample_rows=0)
+    y, active_fraction, _ = _train(*_checked(x, kernel, bias, product, margin), sample_rows=0, gated=True)
     return y, active_fraction
 
 
 def gated_dense_train_with_sample(x, kernel, bias, product, margin, sample_rows):
-    """`(y, skipped)`: y of `gated_dense_train`, and for the first `sample_rows` rows of x the
-    active units the gate skipped, skipped = relu(z) where ẑ ≤ -margin, else 0, from z computed
-    densely for those rows alone (what the skipped-unit penalty and the gate metrics need).
+    """`(y, skipped)` of `train_with_sample` on the gated path."""
+    return train_with_sample(x, kernel, bias, product, margin, sample_rows, gated=True)
 
-    One LrcGatedDenseGrad computes the gradient of both: y's pairs and skipped's positive pairs
-    never overlap, so the backward runs over their union, with dL/dy on the first and
-    dL/dskipped on the second. A separate backward for the sampled rows would cost two dense
-    products of the whole kernel's size and their sum, more than the sampled rows' forward.
+
+def train_with_sample(x, kernel, bias, product, margin, sample_rows, gated):
+    """`(y, skipped)`: the training path's y, and for the first `sample_rows` rows of x the
+    active units the gate skipped, skipped = relu(z) where ẑ ≤ -margin, else 0, from z computed
+    densely for those rows (what the skipped-unit penalty and the gate metrics need).
+
+    `gated` chooses how: True runs the compiled gated forward and backward (float32 only);
+    False a GEMM for z, then the mask, and the backward by GEMMs (any float dtype); a scalar
+    bool tensor decides in the graph at every call. Both choices live inside one custom
+    gradient, so a second-order gradient differentiates the chosen backward (TensorFlow
+    cannot differentiate twice a custom gradient inside tf.cond).
+
+    The backward runs over the union of y's computed positive pairs and skipped's positive
+    pairs, which never overlap, with dL/dy on the first and dL/dskipped on the second: one
+    LrcGatedDenseGrad (or one set of GEMMs) for both. A separate backward for the sampled rows
+    would cost two dense products of the whole kernel's size and their sum.
     Inputs as `gated_dense_train_with_density`'s.
     """
-    y, _, skipped = _gated_dense_train(*_checked(x, kernel, bias, product, margin), sample_rows=sample_rows)
+    if gated is not False:
+        x, kernel, bias, product, margin = _checked(x, kernel, bias, product, margin)
+    y, _, skipped = _train(x, kernel, bias, product, margin, sample_rows, gated)
     return y, skipped
 
 
@@ -77,21 +93,27 @@ def _checked(x, kernel, bias, product, margin):
     return (*inputs.values(), tf.convert_to_tensor(margin, tf.float32))
 
 
-def _gated_dense_train(x, kernel, bias, product, margin, sample_rows):
-    """`(y, active_fraction, skipped)` with the gated backward over y's and skipped's pairs."""
+def _train(x, kernel, bias, product, margin, sample_rows, gated):
+    """`(y, active_fraction, skipped)` with the backward over y's and skipped's pairs."""
+    # Tensors, not variables: the gradient below is the variables' gradient through their reads.
+    x, kernel, bias = tf.convert_to_tensor(x), tf.convert_to_tensor(kernel), tf.convert_to_tensor(bias)
+    rows = slice(None, sample_rows)
 
     @tf.custom_gradient
-    def forward(x, kernel, bias, product, margin):
-        library = ops.compiled_library()
-        # The gradient reads x and the kernel through tensors made here: inside a tf.cond branch
-        # (training_path="auto"), the branch's own inputs are placeholders that the gradient's
-        # graph cannot read, while tensors computed in the branch become outputs of the cond.
-        x, kernel = tf.identity(x), tf.identity(kernel)
-        y, active_fraction = library.lrc_gated_dense(x, kernel, bias, product, margin)
-        rows = slice(None, sample_rows)
-        z = ops.dense_preactivation(x[rows], kernel, bias)
-        mask = gating.gate_mask(product[rows] + bias, margin)
-        skipped = tf.where(mask, tf.zeros([], z.dtype), tf.nn.relu(z))
+    def forward(x, kernel, bias):
+        def gated_forward():
+            y, active_fraction = ops.compiled_library().lrc_gated_dense(x, kernel, bias, product, margin)
+            sample_mask = gating.gate_mask(product[rows] + bias, margin)
+            z = ops.dense_preactivation(x[rows], kernel, bias)
+            return y, active_fraction, gating.masked_relu(z, tf.logical_not(sample_mask))
+
+        def dense_forward():
+            z = ops.dense_preactivation(x, kernel, bias)
+            mask = gating.gate_mask(product + bias, margin)
+            skipped = gating.masked_relu(z[rows], tf.logical_not(mask[rows]))
+            return gating.masked_relu(z, mask), tf.reduce_mean(tf.cast(mask, tf.float32)), skipped
+
+        y, active_fraction, skipped = _either(gated, gated_forward, dense_forward)
 
         def gradient(grad_y, grad_active_fraction, grad_skipped):
             if grad_skipped is None:
@@ -101,9 +123,25 @@ def _gated_dense_train(x, kernel, bias, product, margin, sample_rows):
                 below = [[0, tf.shape(y)[0] - tf.shape(skipped)[0]], [0, 0]]
                 passing = y + tf.pad(skipped, below)
                 grad_passing = tf.where(y > 0, grad_y, tf.pad(grad_skipped, below))
-            grad_x, grad_kernel, grad_bias = library.lrc_gated_dense_grad(grad_passing, passing, x, kernel)
-            return grad_x, grad_kernel, grad_bias, None, None
+
+            def gated_backward():
+                return tuple(ops.compiled_library().lrc_gated_dense_grad(grad_passing, passing, x, kernel))
+
+            def dense_backward():
+                grad_z = tf.where(passing > 0, grad_passing, tf.zeros_like(grad_passing))
+                return tf.matmul(grad_z, kernel), tf.matmul(grad_z, x, transpose_a=True), tf.reduce_sum(grad_z, axis=0)
+
+            return _either(gated, gated_backward, dense_backward)
 
         return (y, active_fraction, skipped), gradient
 
-    return forward(x, kernel, bias, product, margin)
+    return forward(x, kernel, bias)
+
+
+def _either(gated, if_gated, if_dense):
+    """`if_gated()` or `if_dense()` as `gated` (a Python bool or a scalar bool tensor) says."""
+    if gated is True:
+        return if_gated()
+    if gated is False:
+        return if_dense()
+    return tf.cond(gated, if_gated, if_dense)

@@ -465,25 +465,23 @@ class LowRankGatedDense(keras.layers.Layer):
         self.observed_density.assign(tf.cast(density, tf.float32))
         return y
 
-    def _estimate_and_mask(self, x):
-        """ẑ and the gate's mask. The estimate sees no gradient from x or b: an estimator loss
-        trains only U, V."""
-        bias = None if self.bias is None else tf.stop_gradient(self.bias)
-        z_hat = estimators.estimate(tf.stop_gradient(x), *self.current_factors(), bias)
-        return z_hat, tf.stop_gradient(gating.gate_mask(z_hat, tf.cast(self.gate_margin, z_hat.dtype)))
-
     def _training_forward(self, x, batch_size):
         """Training: y by the training path, then the gate metrics, a trained estimator's loss
-        and the activity penalty on skipped active units, from the first sampled rows."""
+        and the activity penalty on skipped active units, from the first GATE_SAMPLE_ROWS rows
+        (fit shuffles them: an unbiased sample), whose z the training path computes densely."""
         path = dispatch.choose_training_path(self.training_path, x.dtype)
-        if path == "auto":
-            y, sample = tf.cond(self.observed_density <= dispatch.GATED_TRAINING_MAX_DENSITY,
-                                lambda: self._gated_training(x), lambda: self._dense_training(x))
-        elif path == "gated":
-            y, sample = self._gated_training(x)
-        else:
-            y, sample = self._dense_training(x)
-        z_hat, mask, positive, skipped = sample
+        gated = path == "gated" if path != "auto" else self.observed_density <= dispatch.GATED_TRAINING_MAX_DENSITY
+        bias = ops.bias_or_zeros(self.bias, self.kernel, x.dtype)
+        product = estimators.low_rank_product(tf.stop_gradient(x), *self.current_factors())
+        margin = tf.cast(self.gate_margin, x.dtype)
+        y, skipped = gated_training.train_with_sample(
+            x, self.kernel, bias, tf.stop_gradient(product), margin, GATE_SAMPLE_ROWS, gated
+        )
+        rows = slice(None, GATE_SAMPLE_ROWS)
+        z_hat = product[rows] + tf.stop_gradient(bias)  # a trained estimator's loss reaches U, V here
+        mask = tf.stop_gradient(gating.gate_mask(z_hat, margin))
+        # y and skipped never overlap, so their sum is relu(z) on the sampled rows.
+        positive = tf.stop_gradient(y[rows] + skipped) > 0
         self._record_gate(mask, positive)
         if self.estimator.trainable:
             self.add_loss(self.estimator.loss(self, z_hat, positive))
@@ -496,34 +494,10 @@ class LowRankGatedDense(keras.layers.Layer):
             self.add_loss(self.activity_regularizer(skipped) * scale)
         return y
 
-    def _dense_training(self, x):
-        """y = relu(z)·mask with z by a GEMM, and the sample `(ẑ, mask, z > 0, relu(z)·¬mask)`
-        of its first GATE_SAMPLE_ROWS rows (fit shuffles them: an unbiased sample)."""
-        z_hat, mask = self._estimate_and_mask(x)
-        y, skipped = ops.masked_dense_for_training(x, self.kernel, self.bias, mask)
-        rows = slice(None, GATE_SAMPLE_ROWS)
-        # y and skipped never overlap, so their sum is relu(z).
-        positive = tf.stop_gradient(y[rows] + skipped[rows]) > 0
-        return y, (z_hat[rows], mask[rows], positive, skipped[rows])
-
-    def _gated_training(self, x):
-        """y from the compiled gated forward, whose gradient runs over the computed units only,
-        and the same sample as `_dense_training`'s, from its GATE_SAMPLE_ROWS rows computed densely."""
-        bias = ops.bias_or_zeros(self.bias, self.kernel, x.dtype)
-        product = estimators.low_rank_product(tf.stop_gradient(x), *self.current_factors())
-        margin = tf.cast(self.gate_margin, x.dtype)
-        y, skipped = gated_training.gated_dense_train_with_sample(
-            x, self.kernel, bias, tf.stop_gradient(product), margin, GATE_SAMPLE_ROWS
-        )
-        rows = slice(None, GATE_SAMPLE_ROWS)
-        z_hat = product[rows] + tf.stop_gradient(bias)  # a trained estimator's loss reaches U, V here
-        mask = tf.stop_gradient(gating.gate_mask(z_hat, margin))
-        positive = tf.stop_gradient(y[rows] + skipped) > 0
-        return y, (z_hat, mask, positive, skipped)
-
     def _audited_inference(self, x):
         """Inference that also computes z densely to measure the gate (`lrc_keras.set_audit`)."""
-        _, mask = self._estimate_and_mask(x)
+        z_hat = estimators.estimate(x, *self.current_factors(), self.bias)
+        mask = gating.gate_mask(z_hat, tf.cast(self.gate_margin, z_hat.dtype))
         z = ops.dense_preactivation(x, self.kernel, self.bias)
         self._record_gate(mask, z > 0)
         return gating.masked_relu(z, mask)

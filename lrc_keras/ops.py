@@ -131,40 +131,6 @@ def dense_preactivation(x, kernel, bias):
     return z if bias is None else z + bias
 
 
-def masked_dense_for_training(x, kernel, bias, mask):
-    """`(y, skipped)` for training: z = x·W + b by a GEMM, y = relu(z) where `mask`, exactly 0
-    elsewhere, and skipped = relu(z) where not `mask` (what the gate lost), for any float dtype.
-
-    The gradient is written out: dz is the upstream gradient of y where y > 0 and of skipped
-    where skipped > 0, then dx = dz·W, dW = dzᵀ·x, db = Σ dz: five ops where TensorFlow's
-    autodiff of the same forward emits about thirty a layer, which a training step of a small
-    network pays for in op dispatch. `bias` may be None.
-    """
-    # Tensors, not variables: the gradient below is the variables' gradient through their reads.
-    kernel = tf.convert_to_tensor(kernel)
-    with_bias = bias is not None
-    bias = tf.convert_to_tensor(bias) if with_bias else tf.zeros([tf.shape(kernel)[0]], x.dtype)
-
-    @tf.custom_gradient
-    def forward(x, kernel, bias):
-        z = kernel_product(x, kernel) + bias
-        active = tf.nn.relu(z)
-        zero = tf.zeros([], active.dtype)
-        y = tf.where(mask, active, zero)
-        skipped = tf.where(mask, zero, active)
-
-        def gradient(grad_y, grad_skipped):
-            grad_z = tf.where(y > 0, grad_y, zero)
-            if grad_skipped is not None:
-                grad_z = tf.where(skipped > 0, grad_skipped, grad_z)
-            grad_bias = tf.reduce_sum(grad_z, axis=0) if with_bias else None
-            return tf.matmul(grad_z, kernel), tf.matmul(grad_z, x, transpose_a=True), grad_bias
-
-        return (y, skipped), gradient
-
-    return forward(x, kernel, bias)
-
-
 def reference_with_density(x, kernel, bias, product, margin):
     """`(y, active_fraction)` in plain TensorFlow: z computed densely, then masked."""
     mask = gate_mask(product if bias is None else product + bias, margin)
@@ -232,3 +198,36 @@ if _library is not None:
     def _masked_relu_grad(op, grad, _):
         grad_z = _through_computed_units(op, grad)
         return grad_z, tf.reduce_sum(grad_z, axis=0), None, None
+
+    @tf.RegisterGradient("LrcGatedDenseGrad")
+    def _gated_dense_grad_grad(op, grad_grad_x, grad_grad_kernel, grad_grad_bias):
+        """The gated backward's own gradient, for second-order gradients (gradient penalties,
+        Hessian-vector products) through the gated training path.
+
+        The backward is linear in grad_y and bilinear in x and W over a fixed set of pairs
+        P = {(i, j): y[i, j] > 0}: with G = grad_y on P and 0 elsewhere,
+            grad_x = G·W,   grad_kernel = Gᵀ·x,   grad_bias = Σ_i G[i, :].
+        For upstream gradients A (of grad_x), B (of grad_kernel) and c (of grad_bias):
+            dL/dx_i  = Σ_{j: (i,j) ∈ P} G[i, j]·B_j   the op's grad_x with B in W's place
+            dL/dW_j  = Σ_{i: (i,j) ∈ P} G[i, j]·A_i   the op's grad_kernel with A in x's place
+        so one more call of the compiled op gives both, over the same pairs; and
+            dL/dgrad_y[i, j] = A_i·W_j + x_i·B_j + c_j on P, 0 elsewhere,
+        dense products masked to P. y gets none: P is piecewise constant in it, as relu's
+        second derivative is 0.
+        """
+        grad_y, y, x, kernel = op.inputs
+        grad_x = grad_kernel = grad_grad_y = None
+        if grad_grad_x is not None or grad_grad_kernel is not None:
+            upstream_x = tf.zeros_like(x) if grad_grad_x is None else grad_grad_x
+            upstream_kernel = tf.zeros_like(kernel) if grad_grad_kernel is None else grad_grad_kernel
+            of_x, of_kernel, _ = _library.lrc_gated_dense_grad(grad_y, y, upstream_x, upstream_kernel)
+            grad_x = None if grad_grad_kernel is None else of_x
+            grad_kernel = None if grad_grad_x is None else of_kernel
+        terms = [kernel_product(grad_grad_x, kernel) if grad_grad_x is not None else None,
+                 kernel_product(x, grad_grad_kernel) if grad_grad_kernel is not None else None,
+                 grad_grad_bias]
+        terms = [term for term in terms if term is not None]
+        if terms:
+            grad_grad_y = tf.where(y > 0, tf.math.add_n([tf.broadcast_to(term, tf.shape(y)) for term in terms]),
+                                   tf.zeros_like(y))
+        return grad_grad_y, None, grad_x, grad_kernel

@@ -17,8 +17,8 @@ from lrc_keras.estimators import InputSVDEstimator
 pytestmark = pytest.mark.skipif(not ops.is_compiled(), reason="the gated path needs the compiled ops")
 
 
-def gated_layer(rng, input_dim, units, rank, training_path="gated"):
-    layer = LowRankGatedDense(units, rank=rank, training_path=training_path)
+def gated_layer(rng, input_dim, units, rank, training_path="gated", **settings):
+    layer = LowRankGatedDense(units, rank=rank, training_path=training_path, **settings)
     layer.build((None, input_dim))
     layer.kernel.assign(rng.standard_normal((units, input_dim)).astype("float32") / np.sqrt(input_dim))
     layer.bias.assign(0.1 * rng.standard_normal(units).astype("float32"))
