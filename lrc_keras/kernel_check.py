@@ -59,16 +59,23 @@ def op_device():
     """The device an op created here runs on, as "/GPU:1" or "/CPU:0".
 
     While a graph is traced, the device its device scope names (`with tf.device(...)`, a
-    MirroredStrategy replica's); where none is named (a graph traced without one, or eagerly),
-    where TensorFlow places an eager op now: the device of an enclosing `tf.device` scope, else
-    the first GPU when TensorFlow sees one, else the CPU. A probe op answers, in the graph or
-    eagerly: unused, it costs nothing when the function runs.
+    MirroredStrategy replica's), read from a probe op (unused, it costs nothing when the function
+    runs). Where none is named (a graph traced without one, or eagerly): the CPU where TensorFlow
+    sees no GPU, else where TensorFlow places an eager op now, the device of an enclosing
+    `tf.device` scope or by default the first GPU, read from an eager probe op.
     """
-    named = tf.DeviceSpec.from_string(tf.zeros([]).device)
-    if named.device_type is None:
-        with tf.init_scope():
-            named = tf.DeviceSpec.from_string(tf.zeros([]).device)
-    return f"/{named.device_type.upper()}:{named.device_index or 0}"
+    if not tf.executing_eagerly():
+        named = tf.DeviceSpec.from_string(tf.zeros([]).device)
+        if named.device_type is not None:
+            return _spelled(named)
+    if not tf.config.list_logical_devices("GPU"):
+        return "/CPU:0"
+    with tf.init_scope():
+        return _spelled(tf.DeviceSpec.from_string(tf.zeros([]).device))
+
+
+def _spelled(device_spec):
+    return f"/{device_spec.device_type.upper()}:{device_spec.device_index or 0}"
 
 
 def is_gpu(device):
