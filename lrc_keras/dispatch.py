@@ -28,7 +28,9 @@ from lrc_keras.estimators import low_rank_product
 INFERENCE_PATHS = ("auto", "gated", "gemm")
 TRAINING_PATHS = ("auto", "dense", "gated")
 # The CUDA kernels each compiled path runs.
-INFERENCE_KERNELS = {"gated": ("LrcGatedDense",), "gemm": ("LrcMaskedRelu",), "auto": ("LrcGatedDense", "LrcMaskedRelu")}
+INFERENCE_KERNELS = {
+    "gated": ("LrcGatedDense",), "gemm": ("LrcMaskedRelu",), "auto": ("LrcGatedDense", "LrcMaskedRelu"),
+}
 GATED_TRAINING_KERNELS = ("LrcGatedDense", "LrcGatedDenseGrad")
 _warned = set()
 

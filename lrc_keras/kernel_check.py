@@ -228,7 +228,8 @@ def _mismatch(name, got, expected, tolerance):
     nan_differs = np.isnan(got) != np.isnan(expected)
     if nan_differs.any():
         index = tuple(int(i) for i in np.argwhere(nan_differs)[0])
-        what = "NaN where the reference has none" if np.isnan(got[index]) else f"{got[index]:.7g} where the reference has NaN"
+        what = ("NaN where the reference has none" if np.isnan(got[index])
+                else f"{got[index]:.7g} where the reference has NaN")
         return f"{_at(name, index)} is {what}"
     error = np.where(np.isnan(expected), 0.0, np.abs(got - expected))
     if not np.any(error > tolerance * (1.0 + np.abs(expected))):

@@ -107,8 +107,10 @@ def test_gpu_check_reports_a_wrong_backward(gpu_check, shim_library, gradient, e
     assert all(message in problem for problem in problems), problems
 
 
-@pytest.mark.parametrize("fault, message", [(dict(error=1.0), "MISMATCH gated_dense batch=3"),
-                                            (dict(gradient="grad_x", gradient_error=1.0), "MISMATCH gated_dense_grad batch=3")])
+@pytest.mark.parametrize("fault, message", [
+    (dict(error=1.0), "MISMATCH gated_dense batch=3"),
+    (dict(gradient="grad_x", gradient_error=1.0), "MISMATCH gated_dense_grad batch=3"),
+])
 def test_gpu_check_exits_1_on_a_mismatch(gpu_check, shim_library, monkeypatch, capsys, tmp_path, fault, message):
     monkeypatch.setattr(gpu_check, "SHIM_CHECK_GRID", TINY_GRID)
     monkeypatch.setattr(gpu_check, "Library", lambda path: FaultyOutput(shim_library, 3, **fault))

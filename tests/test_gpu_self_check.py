@@ -140,19 +140,23 @@ def test_a_wrong_backward_kernel_falls_back_to_the_dense_path_with_one_warning(r
         np.testing.assert_allclose(grad_kernel.numpy(), g.T @ x.numpy().astype(np.float64), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("inference_path, ran", [("gated", {"LrcGatedDense"}), ("gemm", {"LrcMaskedRelu"})])
-def test_kernels_that_pass_serve_the_layer(rng, tmp_path, inference_path, ran):
+@pytest.mark.parametrize("settings, training, checked, ran", [
+    (dict(inference_path="gated"), False, {"LrcGatedDense"}, {"LrcGatedDense"}),
+    (dict(inference_path="gemm"), False, {"LrcMaskedRelu"}, {"LrcMaskedRelu"}),
+    (dict(training_path="gated"), True, {"LrcGatedDense", "LrcGatedDenseGrad"}, {"LrcGatedDense"}),
+])
+def test_kernels_that_pass_serve_the_layer(rng, tmp_path, settings, training, checked, ran):
     """Correct kernels pass their check on the GPU without a warning, and then run."""
-    layer = new_layer(rng, inference_path=inference_path)
+    layer = new_layer(rng, **settings)
     x = rng.standard_normal((6, 24)).astype("float32")
-    infer = traced_on("/GPU:0", lambda x: layer(x, training=False))
+    call = traced_on("/GPU:0", lambda x: layer(x, training=training))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        y = infer(x)
+        y = call(x)
     assert self_check_warnings(caught) == []
-    assert kernel_check.checked_kernels() == {("/GPU:0", kernel): True for kernel in ran}
+    assert kernel_check.checked_kernels() == {("/GPU:0", kernel): True for kernel in checked}
     np.testing.assert_allclose(y.numpy(), reference(layer, x)[0], rtol=1e-5, atol=1e-5)
-    assert compiled_ops_that_ran(infer, x, tmp_path) == ran
+    assert compiled_ops_that_ran(call, x, tmp_path) == ran
 
 
 def test_every_kernel_passes_at_an_odd_shape():
