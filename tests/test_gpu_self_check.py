@@ -20,6 +20,7 @@ from lrc_keras import LowRankGatedDense, kernel_check, ops
 pytestmark = pytest.mark.skipif(not ops.is_compiled(), reason="the self-check guards the compiled ops")
 
 REPRODUCE = "python3 tools/gpu_check/gpu_check.py"
+EVERY_KERNEL = ("LrcGatedDense", "LrcMaskedRelu", "LrcGatedDenseGrad")
 
 
 class LibraryWithWrongOp:
@@ -160,8 +161,17 @@ def test_kernels_that_pass_serve_the_layer(rng, tmp_path, settings, training, ch
 
 
 def test_every_kernel_passes_at_an_odd_shape():
-    assert kernel_check.kernels_pass(("LrcGatedDense", "LrcMaskedRelu", "LrcGatedDenseGrad"), "/GPU:0", 37, 131)
+    assert kernel_check.kernels_pass(EVERY_KERNEL, "/GPU:0", 37, 131)
     assert set(kernel_check.checked_kernels().values()) == {True}
+
+
+@pytest.mark.skipif(not tf.config.list_physical_devices("GPU"), reason="no GPU visible to TensorFlow")
+def test_every_kernel_passes_on_a_real_gpu():
+    """Where TensorFlow sees a GPU, eager ops go to the first one, and the CUDA kernels pass there."""
+    assert kernel_check.op_device() == "/GPU:0"
+    for input_dim, units in ((37, 131), (784, 1000)):
+        kernel_check._results.clear()
+        assert kernel_check.kernels_pass(EVERY_KERNEL, "/GPU:0", input_dim, units), kernel_check.checked_kernels()
 
 
 def cuda_error():
@@ -181,9 +191,8 @@ def cuda_error():
 def test_the_check_reports_what_is_wrong(monkeypatch, op_name, corrupt, words):
     """A NaN, one miscounted pair, one output 1e-3 off, a 0.1% error and a CUDA error each fail."""
     inject(monkeypatch, op_name, corrupt)
-    everything = ("LrcGatedDense", "LrcMaskedRelu", "LrcGatedDenseGrad")
     with pytest.warns(RuntimeWarning, match="self-check") as caught:
-        assert not kernel_check.kernels_pass(everything, "/GPU:1", 37, 131)
+        assert not kernel_check.kernels_pass(EVERY_KERNEL, "/GPU:1", 37, 131)
     (message,) = self_check_warnings(caught)
     assert words in message and "on /GPU:1 (7 rows of a 37→131 layer" in message, message
     assert list(kernel_check.checked_kernels().values())[-1] is False
