@@ -11,6 +11,9 @@
 
 The crossover density comes from the measured timing model, `lrc_keras.crossover` (not to be
 confused with `lrc_keras.cost`, the multiply-add count of the paper's cost model).
+
+On a GPU, a compiled path is chosen only when the CUDA kernels it runs passed their self-check
+there (`lrc_keras.kernel_check`); otherwise inference takes "reference" and training "dense".
 """
 
 import warnings
@@ -18,11 +21,17 @@ import warnings
 import tensorflow as tf
 
 from lrc_keras import crossover
+from lrc_keras import kernel_check
 from lrc_keras import ops
 from lrc_keras.estimators import low_rank_product
 
 INFERENCE_PATHS = ("auto", "gated", "gemm")
 TRAINING_PATHS = ("auto", "dense", "gated")
+# The CUDA kernels each compiled path runs.
+INFERENCE_KERNELS = {
+    "gated": ("LrcGatedDense",), "gemm": ("LrcMaskedRelu",), "auto": ("LrcGatedDense", "LrcMaskedRelu"),
+}
+GATED_TRAINING_KERNELS = ("LrcGatedDense", "LrcGatedDenseGrad")
 _warned = set()
 
 
@@ -35,11 +44,13 @@ def checked_path(setting, path, owner=None):
     return path
 
 
-def choose_path(requested, dtype, input_dim, units, rank, batch):
+def choose_path(requested, dtype, input_dim, units, rank, batch, device=None):
     """`(path, crossover, reason)` for inference of a layer (see the module docstring).
 
-    `requested` is the layer's `inference_path`; `batch` an int or a scalar tensor. `crossover`
-    is the density below which "auto" runs the gated op (None for the other paths).
+    `requested` is the layer's `inference_path`; `batch` an int or a scalar tensor; `device`
+    where the ops run ("/GPU:0", "/CPU:0"; by default `kernel_check.op_device()`, where an op
+    created here runs). `crossover` is the density below which "auto" runs the gated op (None
+    for the other paths).
     """
     checked_path("inference_path", requested)
     if not ops.is_compiled():
@@ -52,6 +63,9 @@ def choose_path(requested, dtype, input_dim, units, rank, batch):
             f"(no speed-up). Run inference in float32 (inputs and dtype policy) for the compiled ops.",
         )
         return "reference", None, reason
+    device = device or kernel_check.op_device()
+    if not kernel_check.kernels_pass(INFERENCE_KERNELS[requested], device, input_dim, units):
+        return "reference", None, f"a CUDA kernel of inference_path={requested!r} failed its self-check on {device}"
     if requested != "auto":
         return requested, None, f"inference_path={requested!r}"
     density = crossover.crossover_for_batch(crossover.crossover_densities(input_dim, units, rank), batch)
@@ -68,11 +82,15 @@ def choose_path(requested, dtype, input_dim, units, rank, batch):
 GATED_TRAINING_MAX_DENSITY = 0.5
 
 
-def choose_training_path(requested, dtype):
+def choose_training_path(requested, dtype, input_dim, units, device=None):
     """"dense", "gated" or "auto" (gated while the layer's last observed density is at most
-    GATED_TRAINING_MAX_DENSITY, decided in the graph at every step) for a training call.
+    GATED_TRAINING_MAX_DENSITY, decided in the graph at every step) for a training call of a
+    layer of this shape, whose ops run on `device` (as in `choose_path`).
 
-    The gated kernels need the compiled library and float32; otherwise "dense", warned once.
+    The gated kernels need the compiled library and float32; otherwise "dense", warned once. On
+    a GPU, "auto" is "dense": GATED_TRAINING_MAX_DENSITY was measured on CPU cores, and no
+    measurement of the gated training step on a GPU exists yet; "gated" is "dense" there when
+    a kernel it runs failed its self-check (`lrc_keras.kernel_check`, which warns).
     """
     checked_path("training_path", requested)
     if requested == "dense" or not ops.is_compiled():  # without the library, the import warned
@@ -83,6 +101,11 @@ def choose_training_path(requested, dtype):
             f"lrc_keras: the compiled gated training kernels are float32 only and the inputs are "
             f"{dtype.name}, so LowRankGatedDense trains by training_path=\"dense\" (a GEMM, then the mask).",
         )
+        return "dense"
+    device = device or kernel_check.op_device()
+    if requested == "auto" and kernel_check.is_gpu(device):
+        return "dense"
+    if not kernel_check.kernels_pass(GATED_TRAINING_KERNELS, device, input_dim, units):
         return "dense"
     return requested
 

@@ -81,8 +81,10 @@ class LowRankGatedDense(keras.layers.Layer):
         training_path: `"dense"` (z by a GEMM, then the mask), `"gated"` (the compiled forward
             and backward over the selected units only) or `"auto"` (gated while the density
             last observed is at most `lrc_keras.dispatch.GATED_TRAINING_MAX_DENSITY`, dense
-            above, decided at every step). The gated kernels are float32 only: other dtypes
-            train by "dense", with a warning.
+            above, decided at every step; on a GPU, dense until the gated step is measured
+            there). The gated kernels are float32 only: other dtypes train by "dense", with a
+            warning. On a GPU, a CUDA kernel that fails its first-use self-check
+            (`lrc_keras.kernel_check`) is replaced by the TensorFlow path, with a warning.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`. float32 runs the
             compiled ops; other compute dtypes (bfloat16, float16, the mixed policies) work
             through plain TensorFlow, with a warning at the first call. The estimator is fitted
@@ -469,7 +471,7 @@ class LowRankGatedDense(keras.layers.Layer):
         """Training: y by the training path, then the gate metrics, a trained estimator's loss
         and the activity penalty on skipped active units, from the first GATE_SAMPLE_ROWS rows
         (fit shuffles them: an unbiased sample), whose z the training path computes densely."""
-        path = dispatch.choose_training_path(self.training_path, x.dtype)
+        path = dispatch.choose_training_path(self.training_path, x.dtype, self.kernel.shape[1], self.units)
         gated = path == "gated" if path != "auto" else self.observed_density <= dispatch.GATED_TRAINING_MAX_DENSITY
         bias = ops.bias_or_zeros(self.bias, self.kernel, x.dtype)
         product = estimators.low_rank_product(tf.stop_gradient(x), *self.current_factors())

@@ -35,20 +35,25 @@ def test_gpu_check_runs_on_the_cpu_shim(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 mismatches" in result.stdout and "| 40->9 r=3 | 5 |" in result.stdout
+    assert "3. speed of a training step" in result.stdout
     saved = json.loads(report.read_text())
     assert saved["mismatches"] == []
-    # Both rows ran the kernel: the measured density of 9 units × 1 or 5 rows near the 0.25 asked.
-    assert [row["batch"] for row in saved["timings"]] == [1, 5]
+    # Every row ran the forward kernel: the measured density of 9 units × 1 or 5 rows near the 0.25 asked.
+    assert [(row["step"], row["batch"]) for row in saved["timings"]] == [
+        ("inference", 1), ("inference", 5), ("training", 1), ("training", 5)]
     assert all(0.1 < row["density"] < 0.45 for row in saved["timings"])
 
 
 class FaultyOutput:
-    """The shim library, but the gated kernel's y[row, unit] comes out `error` off, or its active
-    fraction `fraction_error` off, for batches of `batch` rows."""
+    """The shim library, but for batches of `batch` rows the gated kernel's y[row, unit] comes out
+    `error` off, or its active fraction `fraction_error` off, or the backward's `gradient`
+    ("grad_x", "grad_kernel" or "grad_bias") `gradient_error` off at its flat `element`."""
 
-    def __init__(self, library, batch, row=0, unit=0, error=0.0, fraction_error=0.0):
+    def __init__(self, library, batch, row=0, unit=0, error=0.0, fraction_error=0.0, gradient=None, element=0,
+                 gradient_error=0.0):
         self.library, self.batch, self.row, self.unit = library, batch, row, unit
         self.error, self.fraction_error = error, fraction_error
+        self.gradient, self.element, self.gradient_error = gradient, element, gradient_error
 
     def gated_dense(self, *args):
         self.library.gated_dense(*args)
@@ -59,6 +64,12 @@ class FaultyOutput:
 
     def masked_relu(self, *args):
         self.library.masked_relu(*args)
+
+    def gated_dense_grad(self, *args):
+        self.library.gated_dense_grad(*args)
+        outputs = dict(zip(("grad_x", "grad_kernel", "grad_bias"), args[7:10]))
+        if args[0] == self.batch and self.gradient is not None:
+            ctypes.cast(outputs[self.gradient], ctypes.POINTER(ctypes.c_float))[self.element] += self.gradient_error
 
 
 TINY_GRID = {"batches": (0, 3), "input_dims": (40,), "units": (9,), "densities": (0.25, 1.0)}
@@ -79,11 +90,32 @@ def test_gpu_check_reports_a_wrong_kernel(gpu_check, shim_library, fault, messag
     assert not any("masked_relu" in problem for problem in problems)
 
 
-def test_gpu_check_exits_1_on_a_mismatch(gpu_check, shim_library, monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize(
+    "gradient, element, error, message",
+    [
+        # 1e-3 on outputs of size up to ~3: more than twice the tolerance 1e-4·(1 + |expected|).
+        ("grad_x", 2 * 40 + 39, 1e-3, "grad_x: 1 of 120 wrong; first [2, 39]"),
+        ("grad_kernel", 4 * 40 + 3, -1e-3, "grad_kernel: 1 of 360 wrong; first [4, 3]"),
+        ("grad_bias", 8, np.nan, "grad_bias: 1 of 9 wrong; first [8]: nan"),
+    ],
+)
+def test_gpu_check_reports_a_wrong_backward(gpu_check, shim_library, gradient, element, error, message):
+    faulty = FaultyOutput(shim_library, 3, gradient=gradient, element=element, gradient_error=error)
+    problems = gpu_check.check_kernels(gpu_check.ShimDevice(), faulty, TINY_GRID)
+    assert [problem.split(":")[0] for problem in problems] == [
+        f"gated_dense_grad batch=3 input_dim=40 units=9 density={density}" for density in TINY_GRID["densities"]]
+    assert all(message in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize("fault, message", [
+    (dict(error=1.0), "MISMATCH gated_dense batch=3"),
+    (dict(gradient="grad_x", gradient_error=1.0), "MISMATCH gated_dense_grad batch=3"),
+])
+def test_gpu_check_exits_1_on_a_mismatch(gpu_check, shim_library, monkeypatch, capsys, tmp_path, fault, message):
     monkeypatch.setattr(gpu_check, "SHIM_CHECK_GRID", TINY_GRID)
-    monkeypatch.setattr(gpu_check, "Library", lambda path: FaultyOutput(shim_library, 3, error=1.0))
+    monkeypatch.setattr(gpu_check, "Library", lambda path: FaultyOutput(shim_library, 3, **fault))
     assert gpu_check.main(["--shim", "--build-dir", str(tmp_path)]) == 1
-    assert "MISMATCH gated_dense batch=3" in capsys.readouterr().out
+    assert message in capsys.readouterr().out
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")

@@ -3,17 +3,22 @@
     python3 tools/gpu_check/gpu_check.py          # a machine with a GPU, nvcc, numpy and PyTorch
     python3 tools/gpu_check/gpu_check.py --shim   # the same checks on the CPU (tests/cuda_shim)
 
-It compiles the op's own launches (custom_ops/gated_dense_gpu.cu.cc, which includes the kernels
-of custom_ops/gated_dense_gpu_kernels.cu.h) and launches.cc into one shared library with nvcc,
-for the architectures setup.py builds, loads it with ctypes and hands it PyTorch's device
-pointers and stream. Then:
-  1. correctness: both kernels against float64 numpy, for every batch, input_dim, units and
-     predicted density of the grids below, with NaN estimates and a NaN input, y in a buffer of
-     its own and in each input buffer the op may hand over (gated_dense_kernels.cc). Every
+It compiles the ops' own launches (custom_ops/gated_dense_gpu.cu.cc and
+gated_dense_grad_gpu.cu.cc, which include the kernels of custom_ops/gated_dense_gpu_kernels.cu.h
+and gated_dense_grad_gpu_kernels.cu.h) and launches.cc into one shared library with nvcc, for
+the architectures setup.py builds, loads it with ctypes and hands it PyTorch's device pointers
+and stream. Then:
+  1. correctness: the forward kernels (LrcGatedDense's, LrcMaskedRelu's) and the backward one
+     (LrcGatedDenseGrad's) against float64 numpy, for every batch, input_dim, units and
+     predicted density of the grids below, with NaN estimates and a NaN input; the forward's y
+     in a buffer of its own and in each input buffer the op may hand over
+     (gated_dense_kernels.cc); the backward's grad_y NaN on pairs it must not read. Every
      mismatch is printed, and the exit status is 1 if there was any.
-  2. speed: the gated layer (the estimate's two GEMMs in cuBLAS, then the gated kernel) against
-     the dense layer (one cuBLAS GEMM with the bias, then relu), timed with CUDA events, printed
-     as a markdown table.
+  2. speed of inference: the gated layer (the estimate's two GEMMs in cuBLAS, then the gated
+     kernel) against the dense layer (one cuBLAS GEMM with the bias, then relu), timed with
+     CUDA events, printed as a markdown table.
+  3. speed of a training step: the gated layer's forward and backward kernels (and the
+     estimate's GEMMs) against the three cuBLAS GEMMs of a dense layer's step, likewise.
 With --shim, the library is built with g++ on the CPU shim of the tests and the same code runs
 on small grids: the pytest suite runs it so that this script keeps working without a GPU; its
 timings mean nothing.
@@ -21,6 +26,7 @@ timings mean nothing.
 
 import argparse
 import ast
+import contextlib
 import ctypes
 import json
 import os
@@ -94,7 +100,8 @@ def build(shim, build_dir):
         library = os.path.join(build_dir, "gpu_check.so")
         command = [find_nvcc(), "-shared", "-x", "cu", "-std=c++17", "-O3", "-Xcompiler", "-fPIC",
                    "-DGOOGLE_CUDA=1", *setup_nvcc_architectures(), f"-I{CUSTOM_OPS}",
-                   os.path.join(CUSTOM_OPS, "gated_dense_gpu.cu.cc"), launches, "-o", library]
+                   os.path.join(CUSTOM_OPS, "gated_dense_gpu.cu.cc"),
+                   os.path.join(CUSTOM_OPS, "gated_dense_grad_gpu.cu.cc"), launches, "-o", library]
     log("building: " + " ".join(command))
     started = time.perf_counter()
     subprocess.run(command, check=True)
@@ -110,7 +117,8 @@ class Library:
         pointer, int64 = ctypes.c_void_p, ctypes.c_int64
         self._library.gated_dense.argtypes = [int64] * 3 + [pointer] * 4 + [ctypes.c_float] + [pointer] * 4
         self._library.masked_relu.argtypes = [int64] * 2 + [pointer] * 3 + [ctypes.c_float] + [pointer] * 4
-        for function in ("gated_dense", "masked_relu"):
+        self._library.gated_dense_grad.argtypes = [int64] * 3 + [pointer] * 8
+        for function in ("gated_dense", "masked_relu", "gated_dense_grad"):
             getattr(self._library, function).restype = ctypes.c_char_p
         if hasattr(self._library, "spin"):
             self._library.spin.argtypes = [int64, pointer]
@@ -126,6 +134,9 @@ class Library:
 
     def masked_relu(self, *args):
         self._call("masked_relu", *args)
+
+    def gated_dense_grad(self, *args):
+        self._call("gated_dense_grad", *args)
 
     def spin(self, nanoseconds, stream):
         self._call("spin", nanoseconds, stream)
@@ -161,6 +172,12 @@ class ShimDevice:
         np.matmul(x, kernel.T, out=out)
         out += bias
         np.maximum(out, 0.0, out=out)
+
+    def dense_step(self, x, kernel, bias, grad_y, z, grad_x, grad_kernel, tf32):
+        """The three GEMMs of a dense layer's training step (see TorchGpu.dense_step)."""
+        self.dense_layer(x, kernel, bias, z, tf32)
+        np.matmul(grad_y, kernel, out=grad_x)
+        np.matmul(grad_y.T, x, out=grad_kernel)
 
     def seconds_per_call(self, function, calls, repeats):
         times = []
@@ -218,14 +235,30 @@ class TorchGpu:
     def matmul(self, a, b, out):
         self.torch.mm(a, b, out=out)
 
-    def dense_layer(self, x, kernel, bias, out, tf32):
-        """relu(x·kernelᵀ + bias) into out: cuBLAS with the bias as C, then relu in place."""
+    @contextlib.contextmanager
+    def matmul_precision(self, tf32):
+        """cuBLAS in TF32 (as TensorFlow runs float32 GEMMs by default on Ampere and later) or FP32."""
         self.torch.set_float32_matmul_precision("high" if tf32 else "highest")
         try:
-            self.torch.addmm(bias, x, kernel.t(), out=out)
-            out.relu_()
+            yield
         finally:
             self.torch.set_float32_matmul_precision("highest")
+
+    def dense_layer(self, x, kernel, bias, out, tf32):
+        """relu(x·kernelᵀ + bias) into out: cuBLAS with the bias as C, then relu in place."""
+        with self.matmul_precision(tf32):
+            self.torch.addmm(bias, x, kernel.t(), out=out)
+            out.relu_()
+
+    def dense_step(self, x, kernel, bias, grad_y, z, grad_x, grad_kernel, tf32):
+        """The three cuBLAS GEMMs of a dense layer's training step: z = relu(x·kernelᵀ + bias)
+        (the bias as C, relu in place), dL/dx = grad_y·kernel, dL/dW = grad_yᵀ·x. Its relu
+        gradient and bias sum are not counted, which favours Dense."""
+        with self.matmul_precision(tf32):
+            self.torch.addmm(bias, x, kernel.t(), out=z)
+            z.relu_()
+            self.torch.mm(grad_y, kernel, out=grad_x)
+            self.torch.mm(grad_y.t(), x, out=grad_kernel)
 
     def seconds_per_call(self, function, calls, repeats):
         """Median over repeats of the GPU time between two events around `calls` calls.
@@ -325,8 +358,46 @@ def run_masked_relu(device, library, z, bias, product, margin, output):
     return device.download(y), float(device.download(fraction)[0])
 
 
+def run_gated_dense_grad(device, library, grad_y, y, x, kernel):
+    """dL/dx, dL/dW and dL/db of the backward kernel, each written into a buffer of NaN."""
+    (batch, units), input_dim = y.shape, kernel.shape[1]
+    grad_y_on_device, y_on_device = device.upload(grad_y), device.upload(y)  # alive until the kernel has run
+    gradients = [device.upload(np.full(shape, np.nan, np.float32))
+                 for shape in ((batch, input_dim), (units, input_dim), (units,))]
+    library.gated_dense_grad(batch, input_dim, units, device.pointer(grad_y_on_device), device.pointer(y_on_device),
+                             device.pointer(x), device.pointer(kernel), *map(device.pointer, gradients), device.stream)
+    return [device.download(gradient) for gradient in gradients]
+
+
+def backward_inputs(grad_y, z, bias, product, margin):
+    """(grad_y, y) for the backward: y the forward's output (NaN where a NaN input was computed),
+    and grad_y NaN on every other pair that does not pass (y ≤ 0 or NaN), which it must not read."""
+    selected = ~(product.astype(np.float64) + bias <= -margin)
+    y = np.where(selected, np.maximum(z + bias, 0.0), 0.0).astype(np.float32)
+    unread = ~(y > 0) & (np.arange(y.shape[1]) % 2 == 0)
+    return np.where(unread, np.float32(np.nan), grad_y), y
+
+
+def compare_gradients(name, gradients, grad_y, y, x, kernel):
+    """Mismatches of the backward's (dL/dx, dL/dW, dL/db) against the contract of
+    custom_ops/gated_dense_grad.h in float64: sums over the pairs with y > 0 only."""
+    passes = y > 0
+    g = np.where(passes, grad_y.astype(np.float64), 0.0)
+    # Rows without a passing pair add nothing, whatever their x (here, the row with a NaN).
+    x = np.where(passes.any(axis=1)[:, None], x.astype(np.float64), 0.0)
+    expected = (g @ kernel.astype(np.float64), g.T @ x, g.sum(axis=0))
+    problems = []
+    for output, got, want in zip(("grad_x", "grad_kernel", "grad_bias"), gradients, expected):
+        wrong = ~np.isclose(got, want, rtol=TOLERANCE, atol=TOLERANCE)
+        if wrong.any():
+            index = tuple(int(i) for i in np.argwhere(wrong)[0])
+            problems.append(f"{name}: {output}: {wrong.sum()} of {wrong.size} wrong; first {list(index)}: "
+                            f"{float(got[index]):.7g}, expected {want[index]:.7g}")
+    return problems
+
+
 def check_kernels(device, library, grid, seed=0):
-    """Runs both kernels over the grid; returns the list of mismatches."""
+    """Runs the forward and backward kernels over the grid; returns the list of mismatches."""
     rng = np.random.default_rng(seed)
     max_batch = max(grid["batches"])
     problems = []
@@ -339,6 +410,7 @@ def check_kernels(device, library, grid, seed=0):
             bias = (0.1 * rng.standard_normal(units)).astype(np.float32)
             product_all = rng.standard_normal((max_batch, units)).astype(np.float32)
             product_all[-1, 1::3] = np.nan  # NaN estimates select their unit
+            grad_y_all = rng.standard_normal((max_batch, units)).astype(np.float32)
             z_all = x_all.astype(np.float64) @ kernel.T.astype(np.float64)
             kernel_on_device, bias_on_device = device.upload(kernel), device.upload(bias)
             runs = 0
@@ -360,7 +432,10 @@ def check_kernels(device, library, grid, seed=0):
                         y, fraction = run_masked_relu(device, library, z32, bias_on_device, product, margin, output)
                         name = f"masked_relu {shape}" + ("" if output == "own" else f" y={output}")
                         problems += compare(name, y, z32.astype(np.float64), bias, product, margin, fraction)
-                    runs += 5
+                    grad_y, y = backward_inputs(grad_y_all[rows], z, bias, product, margin)
+                    gradients = run_gated_dense_grad(device, library, grad_y, y, x_on_device, kernel_on_device)
+                    problems += compare_gradients(f"gated_dense_grad {shape}", gradients, grad_y, y, x, kernel)
+                    runs += 6
             log(f"checked input_dim={input_dim:5d} units={units:5d}: {runs} runs, "
                 f"{len(problems)} mismatches so far ({time.perf_counter() - started:.1f} s)")
     return problems
@@ -369,14 +444,18 @@ def check_kernels(device, library, grid, seed=0):
 # ----------------------------------------------------------------------------------------------
 # Speed.
 
-TABLE_HEADER = ("| layer | batch | density | Dense µs | Dense TF32 µs | gated µs | gated kernel µs | speedup | speedup vs TF32 |\n"
-                "|---|---|---|---|---|---|---|---|---|")
+# The columns of the two tables: inference (a call of the layer) and a training step.
+TABLE_HEADERS = {
+    "inference": "| layer | batch | density | Dense µs | Dense TF32 µs | gated µs | gated kernel µs | speedup | speedup vs TF32 |",
+    "training": "| layer | batch | density | Dense step µs | Dense step TF32 µs | gated step µs | gated backward µs | speedup | speedup vs TF32 |",
+}
 
 
-def time_layers(device, library, grid, seed=0):
-    """Times the gated and dense layers over the grid, printing each table row as it is made."""
+def time_layers(device, library, grid, step, seed=0):
+    """Times the gated and dense layers' `step` ("inference" or "training") over the grid,
+    printing each table row as it is made."""
     rng = np.random.default_rng(seed)
-    log(TABLE_HEADER)
+    log(TABLE_HEADERS[step] + "\n" + "|---" * 9 + "|")
     rows = []
     for input_dim, units, rank in grid["layers"]:
         kernel = device.upload((rng.standard_normal((units, input_dim)) / np.sqrt(input_dim)).astype(np.float32))
@@ -386,8 +465,11 @@ def time_layers(device, library, grid, seed=0):
         estimator_v = device.upload((rng.standard_normal((rank, units)) / np.sqrt(input_dim)).astype(np.float32))
         for batch in grid["batches"]:
             x = device.upload(rng.standard_normal((batch, input_dim)).astype(np.float32))
+            grad_y = device.upload(rng.standard_normal((batch, units)).astype(np.float32))
             hidden, product, y = device.empty((batch, rank)), device.empty((batch, units)), device.empty((batch, units))
             fraction, scratch = device.empty((1,)), device.empty((1,), np.uint64)
+            z, grad_x = device.empty((batch, units)), device.empty((batch, input_dim))
+            grad_kernel, grad_bias = device.empty((units, input_dim)), device.empty((units,))
             device.matmul(x, estimator_u, hidden)
             device.matmul(hidden, estimator_v, product)
             z_hat = device.download(product).astype(np.float64) + bias_host
@@ -397,6 +479,9 @@ def time_layers(device, library, grid, seed=0):
                 kernel_args = (batch, input_dim, units, device.pointer(x), device.pointer(kernel),
                                device.pointer(bias), device.pointer(product), margin, device.pointer(y),
                                device.pointer(fraction), device.pointer(scratch), device.stream)
+                backward_args = (batch, input_dim, units, device.pointer(grad_y), device.pointer(y), device.pointer(x),
+                                 device.pointer(kernel), device.pointer(grad_x), device.pointer(grad_kernel),
+                                 device.pointer(grad_bias), device.stream)
 
                 def gated_kernel():
                     library.gated_dense(*kernel_args)
@@ -406,14 +491,28 @@ def time_layers(device, library, grid, seed=0):
                     device.matmul(hidden, estimator_v, product)
                     gated_kernel()
 
-                timings = {name: device.seconds_per_call(function, grid["calls"], grid["repeats"]) * 1e6
-                           for name, function in (
-                               ("dense_us", lambda: device.dense_layer(x, kernel, bias, y, tf32=False)),
-                               ("dense_tf32_us", lambda: device.dense_layer(x, kernel, bias, y, tf32=True)),
-                               ("gated_us", gated_layer),
-                               ("gated_kernel_us", gated_kernel))}
+                def gated_backward():  # over the pairs of the y that gated_layer left
+                    library.gated_dense_grad(*backward_args)
+
+                def gated_step():
+                    gated_layer()
+                    gated_backward()
+
                 gated_layer()
-                row = {"layer": f"{input_dim}->{units} r={rank}", "batch": batch,
+                if step == "inference":
+                    functions = (("dense_us", lambda: device.dense_layer(x, kernel, bias, y, tf32=False)),
+                                 ("dense_tf32_us", lambda: device.dense_layer(x, kernel, bias, y, tf32=True)),
+                                 ("gated_us", gated_layer),
+                                 ("gated_kernel_us", gated_kernel))
+                else:
+                    dense_step_args = (x, kernel, bias, grad_y, z, grad_x, grad_kernel)
+                    functions = (("dense_us", lambda: device.dense_step(*dense_step_args, tf32=False)),
+                                 ("dense_tf32_us", lambda: device.dense_step(*dense_step_args, tf32=True)),
+                                 ("gated_us", gated_step),
+                                 ("gated_kernel_us", gated_backward))
+                timings = {name: device.seconds_per_call(function, grid["calls"], grid["repeats"]) * 1e6
+                           for name, function in functions}
+                row = {"step": step, "layer": f"{input_dim}->{units} r={rank}", "batch": batch,
                        "density": float(device.download(fraction)[0]), **timings}
                 rows.append(row)
                 log(f"| {row['layer']} | {batch} | {row['density']:.3f} | {row['dense_us']:.1f} | "
@@ -438,14 +537,19 @@ def main(argv=None):
         return 0
     device = ShimDevice() if args.shim else TorchGpu(torch, library)
     log(f"device: {device.label}")
-    log("1. correctness against float64 numpy")
+    log("1. correctness against float64 numpy: the forward kernels, then the backward")
     problems = check_kernels(device, library, SHIM_CHECK_GRID if args.shim else GPU_CHECK_GRID)
     for problem in problems:
         log("MISMATCH " + problem)
     log(f"{len(problems)} mismatches")
-    log("2. speed: µs per call, median of repeats; Dense = cuBLAS GEMM with bias + relu (FP32, or TF32 as "
-        "TensorFlow uses by default on this GPU); gated = the estimate's two FP32 GEMMs + the gated kernel")
-    rows = time_layers(device, library, SHIM_TIMING_GRID if args.shim else GPU_TIMING_GRID)
+    timing_grid = SHIM_TIMING_GRID if args.shim else GPU_TIMING_GRID
+    log("2. speed of inference: µs per call, median of repeats; Dense = cuBLAS GEMM with bias + relu (FP32, or "
+        "TF32 as TensorFlow uses by default on this GPU); gated = the estimate's two FP32 GEMMs + the gated kernel")
+    rows = time_layers(device, library, timing_grid, "inference")
+    log("3. speed of a training step: µs per step, median of repeats; Dense step = the three cuBLAS GEMMs "
+        "(forward with bias + relu, dL/dx, dL/dW; FP32, or TF32); gated step = the estimate's two FP32 GEMMs + "
+        "the gated forward kernel + the gated backward kernel")
+    rows += time_layers(device, library, timing_grid, "training")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device.label, "mismatches": problems, "timings": rows}, f, indent=1)

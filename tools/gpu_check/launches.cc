@@ -1,8 +1,9 @@
-// The C API that gpu_check.py loads with ctypes: the op's own launches of
-// custom_ops/gated_dense_gpu_kernels.cu.h, without TensorFlow. gpu_check.py builds it either
+// The C API that gpu_check.py loads with ctypes: the ops' own launches of
+// custom_ops/gated_dense_gpu_kernels.cu.h and gated_dense_grad_gpu_kernels.cu.h, without
+// TensorFlow. gpu_check.py builds it either
 //   with nvcc, together with custom_ops/gated_dense_gpu.cu.cc (LaunchGatedDense and
-//     LaunchMaskedRelu, exactly as the op calls them): pointers are device pointers and
-//     `stream` a cudaStream_t; or
+//     LaunchMaskedRelu) and gated_dense_grad_gpu.cu.cc (LaunchGatedDenseGrad), exactly as the
+//     ops call them: pointers are device pointers and `stream` a cudaStream_t; or
 //   with g++ on the CPU shim of the tests (tests/cuda_shim): pointers are host pointers, the
 //     kernels run on the CPU before the call returns, and `stream` is ignored.
 // Each function returns nullptr or an error message.
@@ -12,9 +13,11 @@
 #include <cuda_runtime.h>
 
 #include "gated_dense.h"
+#include "gated_dense_grad.h"
 #else
 #include "cuda_shim.h"
 #include "gated_dense_gpu_kernels.cu.h"
+#include "gated_dense_grad_gpu_kernels.cu.h"
 #endif
 
 namespace {
@@ -26,6 +29,10 @@ const char* LaunchGatedDense(const lrc::GatedDenseArgs& args, unsigned long long
 
 const char* LaunchMaskedRelu(const lrc::MaskedReluArgs& args, unsigned long long* scratch, void* stream) {
   return lrc::LaunchMaskedRelu(args, scratch, static_cast<cudaStream_t>(stream));
+}
+
+const char* LaunchGatedDenseGrad(const lrc::GatedDenseGradArgs& args, void* stream) {
+  return lrc::LaunchGatedDenseGrad(args, static_cast<cudaStream_t>(stream));
 }
 
 // Busy for `nanoseconds` of the GPU's clock: launches queued behind it start back to back, so
@@ -51,6 +58,15 @@ const char* LaunchMaskedRelu(const lrc::MaskedReluArgs& args, unsigned long long
   lrc::gpu::LaunchMaskedReluKernels(args, scratch, cuda_shim::kLaunchOnCpu);
   return nullptr;
 }
+
+// What gated_dense_grad_gpu.cu.cc does on the GPU: the launches on a one-dimensional grid.
+const char* LaunchGatedDenseGrad(const lrc::GatedDenseGradArgs& args, void*) {
+  lrc::gpu_grad::LaunchGatedDenseGradKernels(
+      args, [](auto kernel, lrc::gpu_grad::Geometry geometry, auto... kernel_args) {
+        cuda_shim::Launch(geometry.grid, 1, geometry.block, kernel, kernel_args...);
+      });
+  return nullptr;
+}
 #endif
 
 }  // namespace
@@ -69,6 +85,13 @@ const char* masked_relu(int64_t batch, int64_t units, const float* z, const floa
                         unsigned long long* scratch, void* stream) {
   const lrc::MaskedReluArgs args{batch, units, z, product, bias, margin, y, active_fraction};
   return LaunchMaskedRelu(args, scratch, stream);
+}
+
+const char* gated_dense_grad(int64_t batch, int64_t input_dim, int64_t units, const float* grad_y,
+                             const float* y, const float* x, const float* kernel, float* grad_x,
+                             float* grad_kernel, float* grad_bias, void* stream) {
+  const lrc::GatedDenseGradArgs args{batch, input_dim, units, grad_y, y, x, kernel, grad_x, grad_kernel, grad_bias};
+  return LaunchGatedDenseGrad(args, stream);
 }
 
 #if defined(__CUDACC__)
