@@ -3,6 +3,7 @@ import inspect
 import os
 import re
 import sys
+import time
 
 import keras
 import numpy as np
@@ -20,6 +21,7 @@ from lrc_keras.estimators import ESTIMATORS
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import cli  # noqa: E402
 import data  # noqa: E402
+import experiment  # noqa: E402
 import mnist  # noqa: E402
 import svhn  # noqa: E402
 
@@ -230,6 +232,26 @@ def tiny_npz(path, count=80):
     rng = np.random.default_rng(0)
     np.savez(path, x=rng.integers(0, 256, (count, 28, 28)).astype(np.uint8), y=rng.integers(0, 10, count))
     return str(path)
+
+
+def test_epoch_lines_give_wall_time_with_slow_summaries(tmp_path, capsys, monkeypatch):
+    # GateSummaries, which runs at each epoch's end, made slow: the epoch lines must count it.
+    slow = 1.0
+    write = experiment.GateSummaries.write
+    monkeypatch.setattr(experiment.GateSummaries, "write", lambda self: (time.sleep(slow), write(self)))
+    npz = tiny_npz(tmp_path / "digits.npz")
+    started = time.perf_counter()
+    mnist.main(TINY + ["--npz", npz, "--epochs", "3", "--logdir", str(tmp_path), "--speed-batches", "1"])
+    wall = time.perf_counter() - started
+    lines = capsys.readouterr().out.splitlines()
+    seconds = [float(re.match(r"epoch \d/3 +([0-9.]+) s ", line).group(1)) for line in lines if line.startswith("epoch ")]
+    assert len(seconds) == 3 and min(seconds) >= slow and sum(seconds) < wall, lines
+    # Each phase that may take a while announces itself, and says how long it took.
+    for phase in ("building the gated network ...", "tracing the training step", "evaluating it on the 20 test rows",
+                  "measuring its gates on the test set ..."):
+        assert any(line.startswith(phase) and re.search(r"\.\.\. [0-9.]+ s$", line) for line in lines), phase
+    timing = next(index for index, line in enumerate(lines) if line.startswith("timing it against"))
+    assert re.fullmatch(r"  batch 1: [0-9.]+x, [0-9.]+x, [0-9.]+x", lines[timing + 1])
 
 
 def test_mnist_on_npz_with_rank_sweep(tmp_path):
