@@ -1,9 +1,13 @@
 """The examples' command line: one parser for the three scripts, and one-line errors for bad data."""
 
 import argparse
+import inspect
 import sys
 import textwrap
 
+from lrc_keras import LowRankGatedDense
+from lrc_keras import estimators
+from lrc_keras.dispatch import GATED_TRAINING_MAX_DENSITY
 from lrc_keras.dispatch import TRAINING_PATHS
 from lrc_keras.estimators import ESTIMATORS
 
@@ -98,16 +102,19 @@ class ExampleParser(argparse.ArgumentParser):
                               help="estimator rank per hidden layer, or one value for all (default: "
                               f"{comma_separated(ranks)} by position, the last repeated for more layers, each at "
                               "most a quarter of its layer's units)")
+            layer = {name: parameter.default for name, parameter in inspect.signature(LowRankGatedDense).parameters.items()}
             self.add_argument("--estimator", dest="estimators", type=estimator_list, default=[None],
                               metavar="NAMES", help="one gated network per estimator, comma-separated, from: "
-                              f"{', '.join(ESTIMATORS)} (default: the layer's default)")
+                              f"{', '.join(ESTIMATORS)} (default: {layer['estimator']})")
             self.add_argument("--refit-every", type=positive_int, default=None,
-                              help="training steps between SVD refits (default: the layer's default)")
+                              help="training steps between the estimator's refits of U and V (joint has none, "
+                              f"its factors train by gradient) (default: each estimator's own: {refit_defaults()})")
             self.add_argument("--margin", type=float, default=None,
-                              help="compute units with estimate > -margin (default: the layer's default)")
+                              help=f"compute units with estimate > -margin (default: {layer['margin']})")
             self.add_argument("--training-path", choices=TRAINING_PATHS, default=None,
                               help="how the gated layers train: the compiled gated kernels, a GEMM then the mask, "
-                              "or auto (default: the layer's default)")
+                              f"or auto, the gated kernels while a layer's density is at most {GATED_TRAINING_MAX_DENSITY} (default: "
+                              f"{layer['training_path']})")
             self.add_argument("--gated-output-penalty", dest="regularize_skipped_units", action="store_const",
                               const=False, default=None,
                               help="charge --l1 on the gated output only, as the paper does (default: also on "
@@ -140,6 +147,12 @@ class ExampleParser(argparse.ArgumentParser):
                 f"--seeds {','.join(map(str, parsed.seeds))} --estimator {','.join(map(str, parsed.estimators))}"
             )
         return parsed
+
+
+def refit_defaults():
+    """"input_svd auto, svd 200": each estimator's default refit_every, for those that refit."""
+    defaults = [(name, getattr(estimators.get(name), "refit_every", None)) for name in ESTIMATORS]
+    return ", ".join(f"{name} {every}" for name, every in defaults if every is not None)
 
 
 def default_ranks(ranks, hidden):

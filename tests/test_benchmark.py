@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -24,3 +25,23 @@ def test_benchmark_table_rows(tmp_path, monkeypatch):
         assert row["cost_model_limit"] == pytest.approx(limit, rel=1e-3)
         # The timings themselves belong to the script's run, not to a test.
         assert row["speedup"] == pytest.approx(row["dense_us"] / row["gated_us"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--training", "--repeats", "3"], "--repeats belongs to the inference mode, not to --training"),
+    (["--calls", "3", "--training"], "--calls belongs to the inference mode, not to --training"),
+    (["--rounds", "2"], "--rounds belongs to the training mode; add --training"),
+])
+def test_benchmark_modes_refuse_each_others_options(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        benchmark.main(flags)
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+
+
+def test_benchmark_help_names_every_default(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in [*benchmark.MODE_OPTIONS["inference"].items(), *benchmark.MODE_OPTIONS["training"].items()]:
+        assert re.search(f"--{option.replace('_', '-')} [A-Z_]+ [^(]*\\(default: {default}\\)", text), option
+    assert "benchmark_inference.json" in text and "benchmark_training.json" in text and "(default: None)" not in text

@@ -427,6 +427,21 @@ def test_help_names_only_its_own_flags_each_with_help(capsys, script):
         assert len(entry.split()) > 2, entry
 
 
+@pytest.mark.parametrize("script", ["mnist", "svhn"])
+def test_help_names_the_layer_defaults(capsys, script):
+    with pytest.raises(SystemExit):
+        __import__(script).main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the layer's default" not in text and "SVD refits" not in text
+    defaults = inspect.signature(LowRankGatedDense).parameters
+    for flag, name in (("--estimator NAMES", "estimator"), ("--margin MARGIN", "margin"),
+                       ("--training-path {auto,dense,gated}", "training_path")):
+        assert re.search(f"{re.escape(flag)} [^(]*\\(default: {defaults[name].default}\\)", text), flag
+    refits = ", ".join(f"{name} {estimators.get(name).refit_every}" for name in ESTIMATORS
+                       if getattr(estimators.get(name), "refit_every", None) is not None)
+    assert f"(default: each estimator's own: {refits})" in text
+
+
 def test_flags_left_out_take_the_layer_defaults():
     parser = cli.ExampleParser("", data.MNIST, hidden=[8], epochs=1, l1=0.0, ranks=[2])
     args = parser.parse_args(["--seed", "5"])
