@@ -2,8 +2,10 @@
 
 import argparse
 import inspect
+import os
 import sys
 import textwrap
+import time
 
 from lrc_keras import LowRankGatedDense
 from lrc_keras import estimators
@@ -83,6 +85,7 @@ class ExampleParser(argparse.ArgumentParser):
     def __init__(self, description, dataset, hidden, epochs, l1, ranks=None):
         super().__init__(description=description, formatter_class=HelpFormatter)
         self.experiment = ranks is not None
+        self.dataset_name = dataset.name
         self.default_ranks = ranks
         self.add_argument("--npz", default=None, help=f"arrays {dataset.describe_arrays()} instead of "
                           "tensorflow-datasets; a quarter chosen by --split-seed is held out as the test set")
@@ -124,7 +127,8 @@ class ExampleParser(argparse.ArgumentParser):
                               "(default: --seed; --seeds overrides it)")
             self.add_argument("--speed-batches", type=int_list, default=comma_separated(SPEED_BATCHES),
                               help="batch sizes at which the speed is measured")
-            self.add_argument("--logdir", default="runs", help="TensorBoard logs, tables and plots go here")
+            self.add_argument("--logdir", default=None, help="this run's TensorBoard logs, tables and plots go here "
+                              f"(default: a new folder for each run, runs/{dataset.name}-<date>-<time>)")
             self.add_argument("--baseline", action="store_true", help="also train the same network with Dense layers")
             self.add_argument("--sweep-ranks", type=int_list, default=None,
                               help="train one model per rank, e.g. 5,10,20,50")
@@ -141,12 +145,18 @@ class ExampleParser(argparse.ArgumentParser):
                 f"got {','.join(map(str, parsed.ranks))}"
             )
         parsed.seeds = parsed.seeds or [parsed.seed]
+        parsed.logdir = parsed.logdir or run_folder(self.dataset_name)
         if parsed.sweep_ranks and (len(parsed.seeds) > 1 or len(parsed.estimators) > 1):
             self.error(
                 "--sweep-ranks trains one network per rank for one seed and one estimator, got "
                 f"--seeds {','.join(map(str, parsed.seeds))} --estimator {','.join(map(str, parsed.estimators))}"
             )
         return parsed
+
+
+def run_folder(script):
+    """runs/<script>-<date>-<time>: each run's own folder, so that no run overwrites another's files."""
+    return os.path.join("runs", f"{script}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def refit_defaults():

@@ -48,8 +48,10 @@ def main(argv=None):
     parser.add_argument("--ranks", type=cli.int_list, default="5,10,20,50,100",
                         help="candidate ranks; calibrate keeps the cheapest that reaches the target recall")
     parser.add_argument("--fine-tune-epochs", type=int, default=1, help="epochs of gated training after calibration")
-    parser.add_argument("--logdir", default="runs", help="where the plot of the stages goes")
+    parser.add_argument("--logdir", default=None, help="where the plot of the stages goes (default: a new folder for "
+                        "each run, runs/convert_mnist-<date>-<time>)")
     args = parser.parse_args(argv)
+    args.logdir = args.logdir or cli.run_folder("convert_mnist")
     (x_train, y_train), (x_test, y_test) = data.load(data.MNIST, args.npz, args.data_dir, args.split_seed)
     keras.utils.set_random_seed(args.seed)
 

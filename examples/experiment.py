@@ -23,6 +23,7 @@ def run(args, dataset, data):
     on the same split (--split-seed), so that seeds vary only initialisation and shuffling.
     """
     os.makedirs(args.logdir, exist_ok=True)
+    print(f"this run writes to {args.logdir}/", flush=True)
     if args.sweep_ranks:
         return sweep(args, dataset, data)
     runs = []
