@@ -8,6 +8,7 @@ Exits 1 with one line per problem.
 import importlib.metadata
 import json
 import os
+import re
 import sys
 import sysconfig
 import zipfile
@@ -21,7 +22,7 @@ def problems(path):
         info = next(name.split("/")[0] for name in wheel.namelist() if name.endswith(".dist-info/WHEEL"))
         headers = wheel.read(f"{info}/WHEEL").decode().splitlines()
         requirements = [line.split(":", 1)[1].strip() for line in wheel.read(f"{info}/METADATA").decode().splitlines()
-                        if line.startswith("Requires-Dist: tensorflow")]
+                        if re.match(r"Requires-Dist: tensorflow(?![-\w])", line)]  # not tensorflow-datasets
         built_for = json.loads(wheel.read("lrc_keras/_lrc_ops.json")).get("tensorflow_version")
     installed = importlib.metadata.version("tensorflow")
     found = []
