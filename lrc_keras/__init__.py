@@ -35,7 +35,8 @@ def __getattr__(name):
     startup.check_chosen_backend()
     module_name, attribute = _PUBLIC[name]
     module = importlib.import_module(module_name)
-    return module if attribute is None else getattr(module, attribute)
+    globals()[name] = module if attribute is None else getattr(module, attribute)
+    return globals()[name]
 
 
 class _Package(types.ModuleType):
@@ -50,7 +51,7 @@ class _Package(types.ModuleType):
 
 
 def __dir__():
-    return sorted([*globals(), *_PUBLIC])
+    return sorted({*globals(), *_PUBLIC})
 
 
 sys.modules[__name__].__class__ = _Package

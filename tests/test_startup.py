@@ -165,6 +165,19 @@ def test_import_changes_no_file_descriptor_and_no_logging(tmp_path, log_level):
     assert with_lrc_keras == alone
 
 
+def test_public_names_whatever_is_imported_first(tmp_path):
+    # Importing the modules lrc_keras.convert and lrc_keras.calibrate first leaves the functions of those names.
+    returncode, stdout, stderr = python(
+        "import lrc_keras.convert, lrc_keras.calibrate, lrc_keras\n"
+        "print(*(type(getattr(lrc_keras, name)).__name__ for name in sorted(lrc_keras.__all__)))",
+        tmp_path, PYTHONPATH=PACKAGE_PARENT, TF_CPP_MIN_LOG_LEVEL="3")
+    assert returncode == 0, stderr
+    assert dict(zip(sorted(lrc_keras.__all__), stdout.split())) == {
+        "LowRankGatedDense": "type", "calibrate": "function", "callbacks": "module", "convert": "function",
+        "measure_gates": "function", "ops": "module", "quiet_start": "function", "set_audit": "function",
+        "to_dense": "function"}
+
+
 def readme_quickstart():
     readme = open(os.path.join(PACKAGE_PARENT, "README.md")).read()
     quickstart = readme[readme.index("## Quickstart"):]
