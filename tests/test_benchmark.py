@@ -45,3 +45,15 @@ def test_benchmark_help_names_every_default(capsys):
     for option, default in [*benchmark.MODE_OPTIONS["inference"].items(), *benchmark.MODE_OPTIONS["training"].items()]:
         assert re.search(f"--{option.replace('_', '-')} [A-Z_]+ [^(]*\\(default: {default}\\)", text), option
     assert "benchmark_inference.json" in text and "benchmark_training.json" in text and "(default: None)" not in text
+
+
+def test_benchmark_gated_training_help_documents_every_option(capsys):
+    from lrc_keras import benchmark_gated_training
+
+    with pytest.raises(SystemExit):
+        benchmark_gated_training.main(["--help"])
+    options = capsys.readouterr().out.split("options:")[1]
+    entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  --)", options)[1:]]
+    assert [entry.split()[0] for entry in entries] == ["--batch", "--repeats", "--calls", "--out"]
+    for entry in entries:  # the option, its metavar, words of help, and its default
+        assert re.fullmatch(r"--[a-z]+ [A-Z]+ \w.* \(default: \S+\)", entry), entry
