@@ -4,10 +4,12 @@
 this source tree's lrc_keras/, so that Python started in the tree (whose current folder comes
 first on the import path) finds the op too.
 
-The library is compiled with the flags of the TensorFlow that pip put in the build environment
-(tf.sysconfig), which is pinned to the version installed at run time (pyproject.toml and
-install_requires below), and the version is recorded in _lrc_ops.json so that lrc_keras.ops
-refuses a library built for another TensorFlow.
+The library is compiled with the flags of the TensorFlow of the build environment (tf.sysconfig):
+any version in TENSORFLOW_RANGE, the newest that pip finds when it builds in isolation, or the one
+already installed with `pip install --no-build-isolation`. The built distribution requires exactly
+that version (install_requires below), and it is recorded in _lrc_ops.json so that lrc_keras.ops
+refuses a library built for another TensorFlow, naming both. The wheel is a platform wheel
+(cp3XX-cp3XX-linux_x86_64): it holds a compiled library, for one Python and one TensorFlow.
 
 The GPU kernels are compiled too when nvcc is found (on the PATH or in $CUDA_HOME/bin) and the
 installed TensorFlow is a CUDA build: nvcc compiles the *.cu.cc files, which need only the
@@ -30,8 +32,10 @@ from setuptools import Command
 from setuptools import find_packages
 from setuptools import setup
 from setuptools.command.build import build
+from setuptools.dist import Distribution
 
-TENSORFLOW_PIN = "tensorflow==2.21.0"
+# The TensorFlow versions lrc-keras is tested with; pyproject.toml's build requirement says the same.
+TENSORFLOW_RANGE = "tensorflow>=2.20,<2.22"
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["custom_ops/gated_dense_ops.cc", "custom_ops/gated_dense_kernels.cc", "custom_ops/gated_dense_cpu.cc",
                "custom_ops/gated_dense_grad_ops.cc", "custom_ops/gated_dense_grad_kernels.cc",
@@ -152,6 +156,23 @@ class BuildWithOps(build):
     sub_commands = build.sub_commands + [("build_ops", None)]
 
 
+class DistributionWithOps(Distribution):
+    """A distribution with a compiled library: wheels are tagged for this Python and platform, not py3-none-any."""
+
+    def has_ext_modules(self):
+        return True
+
+
+def tensorflow_requirement():
+    """The TensorFlow that the op is compiled against, exactly; TENSORFLOW_RANGE where none is installed
+    (metadata only: compile_ops needs one)."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return TENSORFLOW_RANGE
+    return f"tensorflow=={tf.__version__}"
+
+
 EXAMPLES = ["tensorflow-datasets>=4.9", "importlib_resources", "tensorboard", "matplotlib"]
 
 setup(
@@ -162,7 +183,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["lrc_keras", "lrc_keras.*"]),
-    install_requires=[TENSORFLOW_PIN, "keras>=3.15,<4", "numpy"],
+    install_requires=[tensorflow_requirement(), "keras>=3.15,<4", "numpy"],
     extras_require={"examples": EXAMPLES, "test": ["pytest>=8", *EXAMPLES]},
     cmdclass={"build": BuildWithOps, "build_ops": BuildOps},
+    distclass=DistributionWithOps,
 )

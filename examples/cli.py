@@ -1,9 +1,15 @@
 """The examples' command line: one parser for the three scripts, and one-line errors for bad data."""
 
 import argparse
+import inspect
+import os
 import sys
 import textwrap
+import time
 
+from lrc_keras import LowRankGatedDense
+from lrc_keras import estimators
+from lrc_keras.dispatch import GATED_TRAINING_MAX_DENSITY
 from lrc_keras.dispatch import TRAINING_PATHS
 from lrc_keras.estimators import ESTIMATORS
 
@@ -79,6 +85,7 @@ class ExampleParser(argparse.ArgumentParser):
     def __init__(self, description, dataset, hidden, epochs, l1, ranks=None):
         super().__init__(description=description, formatter_class=HelpFormatter)
         self.experiment = ranks is not None
+        self.dataset_name = dataset.name
         self.default_ranks = ranks
         self.add_argument("--npz", default=None, help=f"arrays {dataset.describe_arrays()} instead of "
                           "tensorflow-datasets; a quarter chosen by --split-seed is held out as the test set")
@@ -98,16 +105,19 @@ class ExampleParser(argparse.ArgumentParser):
                               help="estimator rank per hidden layer, or one value for all (default: "
                               f"{comma_separated(ranks)} by position, the last repeated for more layers, each at "
                               "most a quarter of its layer's units)")
+            layer = {name: parameter.default for name, parameter in inspect.signature(LowRankGatedDense).parameters.items()}
             self.add_argument("--estimator", dest="estimators", type=estimator_list, default=[None],
                               metavar="NAMES", help="one gated network per estimator, comma-separated, from: "
-                              f"{', '.join(ESTIMATORS)} (default: the layer's default)")
+                              f"{', '.join(ESTIMATORS)} (default: {layer['estimator']})")
             self.add_argument("--refit-every", type=positive_int, default=None,
-                              help="training steps between SVD refits (default: the layer's default)")
+                              help="training steps between the estimator's refits of U and V (joint has none, "
+                              f"its factors train by gradient) (default: each estimator's own: {refit_defaults()})")
             self.add_argument("--margin", type=float, default=None,
-                              help="compute units with estimate > -margin (default: the layer's default)")
+                              help=f"compute units with estimate > -margin (default: {layer['margin']})")
             self.add_argument("--training-path", choices=TRAINING_PATHS, default=None,
                               help="how the gated layers train: the compiled gated kernels, a GEMM then the mask, "
-                              "or auto (default: the layer's default)")
+                              f"or auto, the gated kernels while a layer's density is at most {GATED_TRAINING_MAX_DENSITY} (default: "
+                              f"{layer['training_path']})")
             self.add_argument("--gated-output-penalty", dest="regularize_skipped_units", action="store_const",
                               const=False, default=None,
                               help="charge --l1 on the gated output only, as the paper does (default: also on "
@@ -117,7 +127,8 @@ class ExampleParser(argparse.ArgumentParser):
                               "(default: --seed; --seeds overrides it)")
             self.add_argument("--speed-batches", type=int_list, default=comma_separated(SPEED_BATCHES),
                               help="batch sizes at which the speed is measured")
-            self.add_argument("--logdir", default="runs", help="TensorBoard logs, tables and plots go here")
+            self.add_argument("--logdir", default=None, help="this run's TensorBoard logs, tables and plots go here "
+                              f"(default: a new folder for each run, runs/{dataset.name}-<date>-<time>)")
             self.add_argument("--baseline", action="store_true", help="also train the same network with Dense layers")
             self.add_argument("--sweep-ranks", type=int_list, default=None,
                               help="train one model per rank, e.g. 5,10,20,50")
@@ -134,12 +145,24 @@ class ExampleParser(argparse.ArgumentParser):
                 f"got {','.join(map(str, parsed.ranks))}"
             )
         parsed.seeds = parsed.seeds or [parsed.seed]
+        parsed.logdir = parsed.logdir or run_folder(self.dataset_name)
         if parsed.sweep_ranks and (len(parsed.seeds) > 1 or len(parsed.estimators) > 1):
             self.error(
                 "--sweep-ranks trains one network per rank for one seed and one estimator, got "
                 f"--seeds {','.join(map(str, parsed.seeds))} --estimator {','.join(map(str, parsed.estimators))}"
             )
         return parsed
+
+
+def run_folder(script):
+    """runs/<script>-<date>-<time>: each run's own folder, so that no run overwrites another's files."""
+    return os.path.join("runs", f"{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def refit_defaults():
+    """"input_svd auto, svd 200": each estimator's default refit_every, for those that refit."""
+    defaults = [(name, getattr(estimators.get(name), "refit_every", None)) for name in ESTIMATORS]
+    return ", ".join(f"{name} {every}" for name, every in defaults if every is not None)
 
 
 def default_ranks(ranks, hidden):

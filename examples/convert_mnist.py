@@ -11,9 +11,12 @@ conditional training, and prints accuracy and inference speed at every stage.
 import os
 import sys
 
-# TensorFlow's C++ logs at warning level and above unless TF_CPP_MIN_LOG_LEVEL says otherwise. Set before
-# lrc_keras (imported first, by cli) imports TensorFlow, which then also holds back TensorFlow's start-up banner.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+import lrc_keras
+
+if __name__ == "__main__":
+    # Before the modules below import TensorFlow: its C++ logs at warning level and above (unless
+    # TF_CPP_MIN_LOG_LEVEL says otherwise), and its start-up banner is held back.
+    lrc_keras.quiet_start()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cli  # noqa: E402
 import data  # noqa: E402
@@ -25,7 +28,6 @@ import report  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import lrc_keras  # noqa: E402
 
 BATCHES = (1, 256)
 
@@ -46,8 +48,10 @@ def main(argv=None):
     parser.add_argument("--ranks", type=cli.int_list, default="5,10,20,50,100",
                         help="candidate ranks; calibrate keeps the cheapest that reaches the target recall")
     parser.add_argument("--fine-tune-epochs", type=int, default=1, help="epochs of gated training after calibration")
-    parser.add_argument("--logdir", default="runs", help="where the plot of the stages goes")
+    parser.add_argument("--logdir", default=None, help="where the plot of the stages goes (default: a new folder for "
+                        "each run, runs/convert_mnist-<date>-<time>)")
     args = parser.parse_args(argv)
+    args.logdir = args.logdir or cli.run_folder("convert_mnist")
     (x_train, y_train), (x_test, y_test) = data.load(data.MNIST, args.npz, args.data_dir, args.split_seed)
     keras.utils.set_random_seed(args.seed)
 

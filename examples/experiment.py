@@ -23,6 +23,7 @@ def run(args, dataset, data):
     on the same split (--split-seed), so that seeds vary only initialisation and shuffling.
     """
     os.makedirs(args.logdir, exist_ok=True)
+    print(f"this run writes to {args.logdir}/", flush=True)
     if args.sweep_ranks:
         return sweep(args, dataset, data)
     runs = []
@@ -90,35 +91,43 @@ def train_and_measure(args, dataset, data, seed, ranks=None, estimator=None, nam
                      ("regularize_skipped_units", args.regularize_skipped_units),
                      ("training_path", args.training_path))
                     if value is not None}
-    model = models.build_network(x_train.shape[1], dataset.classes, args.hidden, ranks, gate_options,
-                                 l1=args.l1, dropout=args.dropout, learning_rate=args.learning_rate)
+    # A gated layer's estimator starts from an SVD of its kernel: seconds for SVHN's 3072x4000 layer.
+    with progress.Phase(f"\nbuilding the {'gated' if ranks else 'Dense'} network"):
+        model = models.build_network(x_train.shape[1], dataset.classes, args.hidden, ranks, gate_options,
+                                     l1=args.l1, dropout=args.dropout, learning_rate=args.learning_rate)
     gated = gated_layers(model)
     network = f"{dataset.name}_{'gated' if gated else 'dense'}"
     estimator = gated[0].estimator.name if gated else None
     name = name or "_".join([network] + ([estimator] if estimator else []) + [f"seed{seed}"])
     logdir = os.path.join(args.logdir, name)
-    print(f"\n{name}: training {progress.describe(model)}, L1 {args.l1:g}, on {len(x_train)} rows, "
+    print(f"{name}: training {progress.describe(model)}, L1 {args.l1:g}, on {len(x_train)} rows, "
           f"testing on {len(x_test)}", flush=True)
-    callbacks = [progress.EpochLine(args.epochs), progress.TensorBoard(logdir)]
+    callbacks = [progress.TensorBoard(logdir)]
     if gated:
         # The gate rates are fit's validation metrics (audited below): GateSummaries adds the rest.
         callbacks.append(GateSummaries(logdir, x_test, rates=False))
         # Validation runs the inference path, which never computes z: audited, it measures
         # the val_* gate metrics (logs and TensorBoard) instead of reporting them as NaN.
         lrc_keras.set_audit(model, True)
+    # Last, so that each epoch's time includes the other callbacks' work at its end.
+    callbacks.append(progress.EpochLine(args.epochs))
     history = model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
                         validation_data=(x_test, y_test), callbacks=callbacks, verbose=0)
-    accuracy = model.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"]
+    with progress.Phase(f"evaluating it on the {len(x_test)} test rows"):
+        accuracy = model.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"]
     run = {"run": name, "network": network, "estimator": estimator, "seed": seed,
            "rank": None if ranks is None else ",".join(map(str, ranks)), "test_error": 1.0 - accuracy,
            "history": history.history, "layers": [], "model": model}
+    print(f"test error {100 * run['test_error']:.2f}%", flush=True)
     if gated:
-        print(f"test error {100 * run['test_error']:.2f}%; timing it against its Dense twin at batch "
-              f"{','.join(map(str, args.speed_batches))}", flush=True)
         lrc_keras.set_audit(model, False)  # an audited network computes every unit: not what we time
-        run["layers"] = lrc_keras.measure_gates(model, x_test)
+        with progress.Phase("measuring its gates on the test set"):
+            run["layers"] = lrc_keras.measure_gates(model, x_test)
         run["cost_model_speedup"] = measure.cost_model_speedup(model, run["layers"])
-        run["speed"] = measure.speedups(lrc_keras.to_dense(model), model, x_test, args.speed_batches)
-    else:
-        print(f"test error {100 * run['test_error']:.2f}%", flush=True)
+        print("timing it against its Dense twin (speed-up in-graph, per call, per predict_on_batch):", flush=True)
+        run["speed"] = measure.speedups(lrc_keras.to_dense(model), model, x_test, args.speed_batches,
+                                        on_batch=lambda batch, result: print(
+                                            f"  batch {batch}: " + ", ".join(
+                                                f"{result[kind]:.2f}x" for kind in measure.SPEED_KINDS),
+                                            flush=True))
     return run

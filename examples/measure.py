@@ -23,7 +23,7 @@ def cost_model_speedup(model, gate_reports):
     return network_cost_model_speedup(dense_shapes, gated)
 
 
-def speedups(reference, model, x, batches=SPEED_BATCHES):
+def speedups(reference, model, x, batches=SPEED_BATCHES, on_batch=None):
     """Per batch size, the reference's inference time over the model's, timed three ways.
 
     "in_graph": calls looped inside one graph (`median_times`), the network's own cost as the
@@ -32,6 +32,7 @@ def speedups(reference, model, x, batches=SPEED_BATCHES):
     "predict": one `predict_on_batch`, Keras' own entry point. "seconds" holds each kind's
     median seconds per call, {"reference": ..., "model": ...}. Rows of `x` are repeated to fill a
     batch. Switch `lrc_keras.set_audit` off first: an audited network computes every unit.
+    `on_batch(batch, result)`, if given, is called as each batch size's result is ready.
     """
     networks = {"reference": reference, "model": model}
     # One tf.function per network, traced once per batch size, as a user would keep it.
@@ -51,4 +52,6 @@ def speedups(reference, model, x, batches=SPEED_BATCHES):
         }
         results[batch] = {kind: seconds[kind]["reference"] / seconds[kind]["model"] for kind in SPEED_KINDS}
         results[batch]["seconds"] = seconds
+        if on_batch:
+            on_batch(batch, results[batch])
     return results

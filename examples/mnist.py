@@ -13,9 +13,12 @@ With --npz, a quarter of the arrays chosen by --split-seed is held out as the te
 import os
 import sys
 
-# TensorFlow's C++ logs at warning level and above unless TF_CPP_MIN_LOG_LEVEL says otherwise. Set before
-# lrc_keras (imported first, by cli) imports TensorFlow, which then also holds back TensorFlow's start-up banner.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+import lrc_keras
+
+if __name__ == "__main__":
+    # Before the modules below import TensorFlow: its C++ logs at warning level and above (unless
+    # TF_CPP_MIN_LOG_LEVEL says otherwise), and its start-up banner is held back.
+    lrc_keras.quiet_start()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cli  # noqa: E402
 import data  # noqa: E402

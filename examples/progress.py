@@ -24,8 +24,30 @@ def describe(model):
     return f"the gated network {widths} (rank {ranks}, estimator {gated[0].estimator.name})"
 
 
+class Phase:
+    """`what ...` on the terminal before a step that may take a while, and its seconds on the same line when it is
+    done: `with Phase(what):`, or `.done()`."""
+
+    def __init__(self, what):
+        print(f"{what} ...", end="", flush=True)
+        self.started = time.perf_counter()
+
+    def done(self):
+        print(f" {time.perf_counter() - self.started:.1f} s", flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.done()
+
+
 class EpochLine(keras.callbacks.Callback):
-    """After each epoch, one line: loss and accuracy, and for a gated network its density and recall.
+    """After each epoch, one line: its wall time, loss and accuracy, and for a gated network its density and recall.
+
+    Give it last among fit's callbacks: Keras calls them in order, so the epoch's time then
+    includes the others' work at its end (validation, TensorBoard, GateSummaries). The first
+    training step, which traces the train function, gets a line of its own.
 
     density: the share of all hidden units of the gated layers that the gates computed; recall:
     the share of the active ones (z > 0) among them. Both weigh each layer by its units, from
@@ -39,6 +61,12 @@ class EpochLine(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.units = {layer.name: layer.units for layer in gated_layers(self.model)}
+        self.tracing = Phase("tracing the training step and taking it once (epoch 1's time includes this)")
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.tracing:
+            self.tracing.done()
+            self.tracing = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()

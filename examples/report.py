@@ -68,7 +68,7 @@ def summarise(runs):
 
 
 def write_summary_csv(summary, path):
-    """One line per network: `<number>_mean` and `<number>_std` columns."""
+    """One line per network: how many seeds, and `<number>_mean` and `<number>_std` columns (runs.csv names the seeds)."""
     columns = list(dict.fromkeys(key for group in summary for key in group["statistics"]))
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -76,7 +76,7 @@ def write_summary_csv(summary, path):
                         + [f"{column}_{part}" for column in columns for part in ("mean", "std")])
         for group in summary:
             statistics = group["statistics"]
-            writer.writerow([group["network"], cell(group["estimator"]), " ".join(map(str, group["seeds"]))]
+            writer.writerow([group["network"], cell(group["estimator"]), len(group["seeds"])]
                             + [cell(value) for column in columns for value in statistics.get(column, (None, None))])
 
 
@@ -221,26 +221,36 @@ def _label(network, estimator, rank, ranks_vary):
     return f"{estimator}" + (f", rank {rank}" if ranks_vary else "")
 
 
-def plot_error_against_speedup(runs, path, kind="in_graph"):
+def plot_error_against_speedup(runs, path, kinds=("in_graph", "call")):
     """Test error against measured speedup over Dense, one panel per batch size; error bars: std over seeds.
 
-    Dense sits at speedup 1 by definition (each gated network is timed against its Dense twin).
+    Every panel on the same axes, which start at 0 % error and take in the 1x line (Dense sits at
+    speedup 1 by definition: each gated network is timed against its Dense twin), so that a small
+    difference looks small. Each gated network twice: timed in-graph (filled) and per tf.function
+    call, fixed call overhead included (hollow).
     """
     plt = _pyplot()
     groups = _groups(runs)
     ranks_vary = len({rank for _, _, rank in groups if rank}) > 1
     batches = list(dict.fromkeys(batch for run in runs for batch in run.get("speed", {})))
-    figure, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 4), squeeze=False, sharey=True)
+    figure, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 4), squeeze=False, sharex=True,
+                                sharey=True)
     for axis, batch in zip(axes[0], batches):
-        for (network, estimator, rank), members in groups.items():
+        for color, ((network, estimator, rank), members) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"],
+                                                                 groups.items()):
             errors = 100 * np.array([run["test_error"] for run in members])
-            speeds = np.array([run["speed"][batch][kind] if run["layers"] else 1.0 for run in members])
-            axis.errorbar(speeds.mean(), errors.mean(), xerr=spread(speeds), yerr=spread(errors), fmt="s" if
-                          estimator is None else "o", capsize=4, label=_label(network, estimator, rank, ranks_vary))
+            for kind in kinds if members[0]["layers"] else kinds[:1]:
+                speeds = np.array([run["speed"][batch][kind] if run["layers"] else 1.0 for run in members])
+                label = _label(network, estimator, rank, ranks_vary) + (f", {SPEED_HEADINGS[kind]}"
+                                                                        if members[0]["layers"] else "")
+                axis.errorbar(speeds.mean(), errors.mean(), xerr=spread(speeds), yerr=spread(errors),
+                              fmt="s" if estimator is None else "o", color=color, capsize=4, label=label,
+                              markerfacecolor=color if kind == kinds[0] else "none")
         axis.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
         axis.margins(0.15)
-        axis.set_xlabel(f"speedup over Dense, batch {batch} ({SPEED_HEADINGS[kind]})")
+        axis.set_xlabel(f"speedup over Dense, batch {batch}")
         axis.grid(alpha=0.3)
+    axes[0][0].set_ylim(bottom=0.0)
     axes[0][0].set_ylabel("test error (%)")
     axes[0][0].legend(fontsize=8)
     seeds = max(len(members) for members in groups.values())
@@ -329,7 +339,8 @@ def mean_std(mean, std, number_format, scale=1.0):
 
 
 def cell(value):
-    """A CSV cell: blank for None, full precision for numbers so that nothing is lost to rounding."""
+    """A CSV cell: blank for None, numbers to 6 significant digits (a float32 accuracy's 1 - 0.958 is
+    0.041999995708465576 in full; the measurements are not that exact)."""
     if value is None:
         return ""
-    return repr(float(value)) if isinstance(value, (float, np.floating)) else str(value)
+    return f"{float(value):.6g}" if isinstance(value, (float, np.floating)) else str(value)

@@ -21,6 +21,13 @@ rare, expensive steps, so each network's figure is its mean step over all rounds
 input_svd's every ~55 steps in proportion. The median of the per-round means is printed beside.
 """
 
+import lrc_keras
+
+if __name__ == "__main__":
+    # Before TensorFlow's import: its C++ logs at warning level and above (unless TF_CPP_MIN_LOG_LEVEL
+    # says otherwise), and its start-up banner is held back.
+    lrc_keras.quiet_start()
+
 import argparse
 import json
 import os
@@ -240,22 +247,45 @@ HEADER = (
 )
 
 
+# Each mode's own options and their defaults: giving one to the other mode is an error, not silently ignored.
+MODE_OPTIONS = {"inference": {"repeats": 9, "calls": 20}, "training": {"rounds": 20, "steps": 20, "pretrain_epochs": 10}}
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m lrc_keras.benchmark", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m lrc_keras.benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("--npz", default=None,
                         help="MNIST arrays (x uint8 [N, 28, 28], y [N]) for the trained-layer rows, and with "
-                        "--training for training the 784 network before timing it (None: synthetic only)")
-    parser.add_argument("--out", default="benchmark.json", help="where to save the table as JSON")
-    parser.add_argument("--repeats", type=int, default=9, help="timed graphs per row; the median is reported")
-    parser.add_argument("--calls", type=int, default=20, help="calls per timed graph")
-    parser.add_argument("--training", action="store_true",
-                        help="time training steps of the paper's two networks instead (see above)")
-    parser.add_argument("--rounds", type=int, default=20, help="--training: interleaved rounds")
-    parser.add_argument("--steps", type=int, default=20, help="--training: steps per network per round")
-    parser.add_argument("--pretrain-epochs", type=int, default=10,
-                        help="--training with --npz: epochs every 784 network fits on the digits before timing")
+                        "--training for training the 784 network before timing it (default: none, synthetic "
+                        "inputs only)")
+    parser.add_argument("--out", default=None,
+                        help="where to save the table as JSON (default: benchmark_inference.json, or "
+                        "benchmark_training.json with --training)")
+    inference, training = (MODE_OPTIONS[mode] for mode in ("inference", "training"))
+    group = parser.add_argument_group("inference (the default mode)",
+                                      "gated layers against Dense, per shape, batch size and density")
+    group.add_argument("--repeats", type=int, default=None,
+                       help=f"timed graphs per row; the median is reported (default: {inference['repeats']})")
+    group.add_argument("--calls", type=int, default=None, help=f"calls per timed graph (default: {inference['calls']})")
+    group = parser.add_argument_group("training (--training)", "a training step of 784-1000-1000-10 at rank 20 and "
+                                      "3072-4000-2000-1000-10 at ranks 50/40/30, against their Dense twins")
+    group.add_argument("--training", action="store_true", help="time training steps instead of inference")
+    group.add_argument("--rounds", type=int, default=None,
+                       help=f"interleaved rounds (default: {training['rounds']})")
+    group.add_argument("--steps", type=int, default=None,
+                       help=f"timed steps per network per round (default: {training['steps']})")
+    group.add_argument("--pretrain-epochs", type=int, default=None,
+                       help="with --npz: epochs every 784 network fits on the digits before timing "
+                       f"(default: {training['pretrain_epochs']})")
     args = parser.parse_args(argv)
+    mode = "training" if args.training else "inference"
+    for other, options in MODE_OPTIONS.items():
+        given = [f"--{key.replace('_', '-')}" for key in options if getattr(args, key) is not None]
+        if other != mode and given:
+            parser.error(f"{given[0]} belongs to the {other} mode" + (", not to --training" if args.training
+                                                                        else "; add --training"))
+    for key, default in MODE_OPTIONS[mode].items():
+        setattr(args, key, default if getattr(args, key) is None else getattr(args, key))
+    args.out = args.out or f"benchmark_{mode}.json"
     if not ops.is_compiled():
         parser.error("the compiled op is not loaded; the benchmark would only time the pure-TF path")
     rng = np.random.default_rng(0)

@@ -12,6 +12,13 @@ The layer is keras.layers.Dense's initialisation, the estimator its truncated SV
 `from_dense`), x standard normal: the pairs that pass gradient, y > 0, are printed next to ρ.
 """
 
+import lrc_keras
+
+if __name__ == "__main__":
+    # Before TensorFlow's import: its C++ logs at warning level and above (unless TF_CPP_MIN_LOG_LEVEL
+    # says otherwise), and its start-up banner is held back.
+    lrc_keras.quiet_start()
+
 import argparse
 import json
 import os
@@ -127,9 +134,10 @@ HEADER = (
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m lrc_keras.benchmark_gated_training", description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser = argparse.ArgumentParser(prog="python -m lrc_keras.benchmark_gated_training", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--batch", type=int, default=128, help="rows per training step")
+    parser.add_argument("--repeats", type=int, default=7, help="timed graphs per row; the median is reported")
     parser.add_argument("--calls", type=int, default=10, help="calls per timed graph")
     parser.add_argument("--out", default="benchmark_gated_training.json", help="where to save the rows as JSON")
     args = parser.parse_args(argv)

@@ -34,7 +34,8 @@ def checked_sample_inputs(sample_inputs, input_dim, name):
             + (f" with {array[tuple(bad)]} at {tuple(int(i) for i in bad)}" if bad is not None else "")
         )
     largest = float(np.max(np.abs(array))) if array.size else 0.0
-    if largest > np.finfo(np.float32).max:
+    # A Python float against float32's maximum as a Python float: numpy would cast it to float32, with a warning.
+    if largest > float(np.finfo(np.float32).max):
         row = int(np.argwhere(np.abs(array) == largest)[0][0])
         raise ValueError(
             f"{name}: sample_inputs row {row} holds {largest:g}, beyond float32's range: the layer "

@@ -1,6 +1,6 @@
-"""What `import lrc_keras` does first: check the Keras backend, and import TensorFlow quietly when asked to.
+"""What `import lrc_keras` does (check the Keras backend, nothing more), and the quiet start that commands ask for.
 
-This module imports neither Keras nor TensorFlow at its top, so that both checks run before them.
+This module imports neither Keras nor TensorFlow at its top, so that both run before them.
 """
 
 import contextlib
@@ -10,10 +10,8 @@ import re
 import sys
 import tempfile
 
-# TF_CPP_MIN_LOG_LEVEL that lrc-keras' own commands (`python -m lrc_keras.benchmark`, examples/)
-# set when the user has not: warnings and errors, no INFO lines.
-COMMAND_LOG_LEVEL = "1"
-COMMANDS = ("lrc_keras.benchmark", "lrc_keras.benchmark_gated_training")
+# TF_CPP_MIN_LOG_LEVEL that `quiet_start` sets when the user has not: warnings and errors, no INFO lines.
+QUIET_LOG_LEVEL = 1
 
 # An absl log line: severity (I, W, E, F), month and day, time (seconds since 1970 before absl starts),
 # thread, file:line].
@@ -24,17 +22,17 @@ _NO_DRIVER = "Could not find cuda drivers on your machine"
 _FAILED_CUINIT = "failed call to cuInit"
 
 
-def start():
-    """Before the layer and its ops are imported: the backend check, then TensorFlow and Keras.
-
-    An ImportError, in one line, unless Keras runs on TensorFlow: the layer's ops are TensorFlow
-    custom ops. The backend is checked before Keras is imported, which would import that backend
-    (not even installed, perhaps), and, should Keras choose otherwise, after.
-    """
+def check_backend():
+    """An ImportError, in one line, unless Keras will run on TensorFlow (the layer's ops are TensorFlow
+    custom ops): read from KERAS_BACKEND or Keras' configuration file, before Keras is imported, which
+    would import that backend (not even installed, perhaps)."""
     backend, source = _requested_backend()
     if backend != "tensorflow":
         raise ImportError(_backend_message(source))
-    import_tensorflow()
+
+
+def check_chosen_backend():
+    """After Keras is imported: the same ImportError should Keras have chosen another backend after all."""
     import keras
 
     if keras.backend.backend() != "tensorflow":
@@ -64,35 +62,31 @@ def _backend_message(cause):
             "set KERAS_BACKEND=tensorflow")
 
 
-def import_tensorflow():
-    """Import TensorFlow, holding back the start-up lines that its log level is meant to hide.
+def quiet_start(log_level=QUIET_LOG_LEVEL):
+    """Import TensorFlow with its start-up banner held back; call it before anything imports TensorFlow.
 
-    TensorFlow 2.21 prints its banner (the oneDNN notice, "Could not find cuda drivers ...")
-    through absl before its own log level applies, whatever TF_CPP_MIN_LOG_LEVEL says. When
-    TF_CPP_MIN_LOG_LEVEL is set (lrc-keras' commands set it to 1 unless the user did) and
-    TensorFlow is not imported yet, the lines printed while TensorFlow is imported and finds its
-    devices are held back and shown only if their severity reaches that level. On a machine
-    without an NVIDIA driver, which TensorFlow has just said at INFO level, its failed cuInit is the
-    same news and is held back too. If the import fails, everything held back is shown.
+    Sets TF_CPP_MIN_LOG_LEVEL to `log_level` unless it is set. TensorFlow 2.21 prints its banner
+    (the oneDNN notice, "Could not find cuda drivers ...") through absl before its own log level
+    applies, whatever TF_CPP_MIN_LOG_LEVEL says: the lines printed while TensorFlow is imported and
+    finds its devices are held back (file descriptor 2 points at a temporary file meanwhile) and
+    shown only if their severity reaches the level. On a machine without an NVIDIA driver, which
+    TensorFlow has just said at INFO level, its failed cuInit is the same news and is held back too.
+    If the import fails, everything held back is shown. Nothing is held back when TensorFlow is
+    imported already or the level is 0. `import lrc_keras` does none of this: the examples and
+    benchmarks call it, and so may a user's script.
+
+    Args:
+        log_level: TF_CPP_MIN_LOG_LEVEL when the environment does not set it: 0 shows everything,
+            1 warnings and errors, 2 errors, 3 nothing.
     """
-    if _running_command():
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", COMMAND_LOG_LEVEL)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", str(log_level))
     level = _log_level()
     if "tensorflow" in sys.modules or level == 0:
-        import tensorflow
-        return tensorflow
+        return
     with _stderr_held_back(lambda lines: _shown(lines, level)):
         import tensorflow
 
         tensorflow.config.list_physical_devices()  # finds the GPUs: where cuInit is logged
-    return tensorflow
-
-
-def _running_command():
-    """True while `python -m <one of COMMANDS>` imports this package (sys.orig_argv: Python 3.10+)."""
-    argv = getattr(sys, "orig_argv", [])
-    module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
-    return module in COMMANDS
 
 
 def _log_level():

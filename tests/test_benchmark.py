@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -24,3 +25,35 @@ def test_benchmark_table_rows(tmp_path, monkeypatch):
         assert row["cost_model_limit"] == pytest.approx(limit, rel=1e-3)
         # The timings themselves belong to the script's run, not to a test.
         assert row["speedup"] == pytest.approx(row["dense_us"] / row["gated_us"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--training", "--repeats", "3"], "--repeats belongs to the inference mode, not to --training"),
+    (["--calls", "3", "--training"], "--calls belongs to the inference mode, not to --training"),
+    (["--rounds", "2"], "--rounds belongs to the training mode; add --training"),
+])
+def test_benchmark_modes_refuse_each_others_options(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        benchmark.main(flags)
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+
+
+def test_benchmark_help_names_every_default(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in [*benchmark.MODE_OPTIONS["inference"].items(), *benchmark.MODE_OPTIONS["training"].items()]:
+        assert re.search(f"--{option.replace('_', '-')} [A-Z_]+ [^(]*\\(default: {default}\\)", text), option
+    assert "benchmark_inference.json" in text and "benchmark_training.json" in text and "(default: None)" not in text
+
+
+def test_benchmark_gated_training_help_documents_every_option(capsys):
+    from lrc_keras import benchmark_gated_training
+
+    with pytest.raises(SystemExit):
+        benchmark_gated_training.main(["--help"])
+    options = capsys.readouterr().out.split("options:")[1]
+    entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  --)", options)[1:]]
+    assert [entry.split()[0] for entry in entries] == ["--batch", "--repeats", "--calls", "--out"]
+    for entry in entries:  # the option, its metavar, words of help, and its default
+        assert re.fullmatch(r"--[a-z]+ [A-Z]+ \w.* \(default: \S+\)", entry), entry

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,13 +106,90 @@ def test_start_up_lines_shown_at_a_log_level(level, lines, shown):
     assert startup._shown(lines, level) == shown
 
 
-@pytest.mark.parametrize("command", ["lrc_keras.benchmark", "lrc_keras.benchmark_gated_training"])
-def test_benchmarks_start_quietly(tmp_path, command):
+ABSL_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^ ]+:\d+\] ")
+
+
+def banner_lines(stderr):
+    """TensorFlow's start-up lines in `stderr`: absl's INFO lines, its notice, a failed cuInit."""
+    return [line for line in stderr.splitlines()
+            if (ABSL_LINE.match(line) and line[0] == "I") or "absl::InitializeLog" in line or "cuInit" in line]
+
+
+@pytest.mark.parametrize("command", [["-m", "lrc_keras.benchmark"], ["-m", "lrc_keras.benchmark_gated_training"],
+                                     [os.path.join(PACKAGE_PARENT, "examples", "mnist.py")]],
+                         ids=["benchmark", "benchmark_gated_training", "mnist"])
+def test_commands_start_quietly(tmp_path, command):
     # TF_CPP_MIN_LOG_LEVEL unset: the command sets 1, which hides TensorFlow's INFO banner.
-    done = subprocess.run([sys.executable, "-m", command, "--help"], cwd=tmp_path, capture_output=True,
+    done = subprocess.run([sys.executable, *command, "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120,
                           env={key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
                           | {"PYTHONPATH": PACKAGE_PARENT})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"usage: python -m {command}")
-    assert [line for line in done.stderr.splitlines() if line[:1] == "I" or "absl" in line or "cuInit" in line] == []
+    assert done.stdout.startswith("usage: ")
+    assert banner_lines(done.stderr) == []
+
+
+# What a process's start-up may change: its standard file descriptors, TF_CPP_MIN_LOG_LEVEL, Python's loggers
+# and warning filters. Printed as JSON, with the calls to os.dup and os.dup2 made while `import_code` ran.
+STATE = """
+import json, logging, os, sys, warnings
+fds = [os.readlink(f"/proc/self/fd/{{fd}}") for fd in (0, 1, 2)]
+calls = []
+for name in ("dup", "dup2"):
+    def recorded(*args, call=getattr(os, name), name=name):
+        calls.append(name)
+        return call(*args)
+    setattr(os, name, recorded)
+{import_code}
+loggers = {{name: (logger.level, logger.propagate, logger.disabled, [type(h).__name__ for h in logger.handlers])
+           for name, logger in logging.Logger.manager.loggerDict.items() if isinstance(logger, logging.Logger)}}
+print(json.dumps({{"calls": calls, "fds kept": fds == [os.readlink(f"/proc/self/fd/{{fd}}") for fd in (0, 1, 2)],
+                  "log_level": os.environ.get("TF_CPP_MIN_LOG_LEVEL"), "warnings": len(warnings.filters),
+                  "root": [logging.root.level, [type(h).__name__ for h in logging.root.handlers]],
+                  "loggers": loggers}}))
+"""
+
+
+@pytest.mark.parametrize("log_level", [None, "1"], ids=["TF_CPP_MIN_LOG_LEVEL unset", "TF_CPP_MIN_LOG_LEVEL=1"])
+def test_import_changes_no_file_descriptor_and_no_logging(tmp_path, log_level):
+    env = {"PYTHONPATH": PACKAGE_PARENT} | ({"TF_CPP_MIN_LOG_LEVEL": log_level} if log_level else {})
+    # lrc_keras imported first, then used (which imports TensorFlow and Keras), against TensorFlow and Keras alone.
+    states = []
+    for import_code in ("import lrc_keras\nlrc_keras.LowRankGatedDense(4, rank=2)\nimport tensorflow, keras",
+                        "import tensorflow, keras"):
+        returncode, stdout, stderr = python(STATE.format(import_code=import_code), tmp_path, **env)
+        assert returncode == 0, stderr
+        states.append(json.loads(stdout.splitlines()[-1]))
+    with_lrc_keras, alone = states
+    assert with_lrc_keras["calls"] == [] and with_lrc_keras["fds kept"] and with_lrc_keras["log_level"] == log_level
+    assert with_lrc_keras == alone
+
+
+def test_public_names_whatever_is_imported_first(tmp_path):
+    # Importing the modules lrc_keras.convert and lrc_keras.calibrate first leaves the functions of those names.
+    returncode, stdout, stderr = python(
+        "import lrc_keras.convert, lrc_keras.calibrate, lrc_keras\n"
+        "print(*(type(getattr(lrc_keras, name)).__name__ for name in sorted(lrc_keras.__all__)))",
+        tmp_path, PYTHONPATH=PACKAGE_PARENT, TF_CPP_MIN_LOG_LEVEL="3")
+    assert returncode == 0, stderr
+    assert dict(zip(sorted(lrc_keras.__all__), stdout.split())) == {
+        "LowRankGatedDense": "type", "calibrate": "function", "callbacks": "module", "convert": "function",
+        "measure_gates": "function", "ops": "module", "quiet_start": "function", "set_audit": "function",
+        "to_dense": "function"}
+
+
+def readme_quickstart():
+    readme = open(os.path.join(PACKAGE_PARENT, "README.md")).read()
+    quickstart = readme[readme.index("## Quickstart"):]
+    start = quickstart.index("```python\n") + len("```python\n")
+    return quickstart[start:quickstart.index("\n```", start)]
+
+
+def test_readme_quickstart_as_pasted_prints_no_banner(tmp_path):
+    # Started in the repository's folder, which the README's install (`pip install -e .`) builds the op into.
+    script = tmp_path / "quickstart.py"
+    script.write_text(readme_quickstart())
+    returncode, stdout, stderr = python(f"exec(open({str(script)!r}).read())", PACKAGE_PARENT)
+    assert returncode == 0, stderr
+    assert banner_lines(stderr) == [], stderr
+    assert re.search(r"^test accuracy 0\.\d{3}$", stdout, re.MULTILINE) and "hidden_1: density" in stdout, stdout
