@@ -1,3 +1,4 @@
+import itertools
 import json
 import re
 
@@ -7,7 +8,16 @@ from lrc_keras import benchmark
 
 
 def test_benchmark_table_rows(tmp_path, monkeypatch):
-    # The table's structure and densities, not its timings (those belong to the script's run).
+    # The table's structure, densities, and what it makes of the timings: those come from a
+    # timer the test controls (the real ones belong to the script's run), a different pair
+    # (dense, gated) of seconds a call for each row.
+    timings = itertools.cycle([(300e-6, 100e-6), (500e-6, 400e-6), (90e-6, 120e-6), (800e-6, 200e-6)])
+
+    def fake_median_times(functions, x, repeats, calls):
+        assert sorted(functions) == ["dense", "gated"] and (repeats, calls) == (1, 2)
+        return dict(zip(("dense", "gated"), next(timings)))
+
+    monkeypatch.setattr(benchmark, "median_times", fake_median_times)
     monkeypatch.setattr(benchmark, "SHAPES", ((40, 30, 4),))
     monkeypatch.setattr(benchmark, "BATCHES", (1, 8))
     monkeypatch.setattr(benchmark, "DENSITIES", (0.1, 0.5))
@@ -19,12 +29,14 @@ def test_benchmark_table_rows(tmp_path, monkeypatch):
     assert [(r["batch"], r["layer"]) for r in rows] == [(1, "40->30 r=4")] * 2 + [(8, "40->30 r=4")] * 2
     # The limit d·n / (r·(d + n) + ρ·d·n) at the requested densities, for d=40, n=30, r=4:
     # 1200 / (280 + 120) = 3.0 at ρ = 0.1 and 1200 / (280 + 600) = 1.364 at ρ = 0.5.
-    for row, density, limit in zip(rows, [0.1, 0.5, 0.1, 0.5], [3.0, 1.364, 3.0, 1.364]):
+    # The injected timings in µs, and the speed-ups they make: 300/100, 500/400, 90/120, 800/200.
+    timed = [(300, 100, 3.0), (500, 400, 1.25), (90, 120, 0.75), (800, 200, 4.0)]
+    for row, density, limit, (dense_us, gated_us, speedup) in zip(rows, [0.1, 0.5, 0.1, 0.5],
+                                                                  [3.0, 1.364, 3.0, 1.364], timed):
         # Exact through the margin: a quantile between two distinct estimates (batch x 30 of them).
         assert row["density"] == pytest.approx(density, abs=1e-6)
         assert row["cost_model_limit"] == pytest.approx(limit, rel=1e-3)
-        # The timings themselves belong to the script's run, not to a test.
-        assert row["speedup"] == pytest.approx(row["dense_us"] / row["gated_us"])
+        assert (row["dense_us"], row["gated_us"], row["speedup"]) == pytest.approx((dense_us, gated_us, speedup))
 
 
 @pytest.mark.parametrize("flags, message", [
