@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from conftest import away_from_boundary, compiled_ops_that_ran, numpy_gated_dense
 
-from lrc_keras import LowRankGatedDense, crossover
+from lrc_keras import LowRankGatedDense, crossover, ops
 from lrc_keras.gating import margin_for_density
 
 
@@ -47,8 +47,11 @@ def test_crossovers_are_measured_once_and_cached(tmp_path, monkeypatch):
     assert {int(batch): value for batch, value in cached[crossover._key(12, 10, 2)].items()} == first
 
 
-@pytest.mark.parametrize("path", ["auto", "gated", "gemm"])
-def test_every_inference_path_gives_the_same_numbers(rng, path):
+@pytest.mark.skipif(not ops.is_compiled(), reason="the compiled paths need the compiled ops")
+@pytest.mark.parametrize("path, ops_that_may_run", [
+    ("auto", ({"LrcGatedDense"}, {"LrcMaskedRelu"})), ("gated", ({"LrcGatedDense"},)), ("gemm", ({"LrcMaskedRelu"},)),
+])
+def test_every_inference_path_gives_the_same_numbers(rng, tmp_path, path, ops_that_may_run):
     layer = LowRankGatedDense(40, rank=5)
     layer.build((None, 30))
     layer.inference_path = path
@@ -56,6 +59,8 @@ def test_every_inference_path_gives_the_same_numbers(rng, path):
     function = tf.function(lambda x: layer(x))  # unknown batch: the runtime choice
     function = function.get_concrete_function(tf.TensorSpec([None, 30], tf.float32))
     y = function(tf.constant(x)).numpy()
+    # The numbers are the path's own, not the plain-TensorFlow reference's.
+    assert compiled_ops_that_ran(function, tf.constant(x), tmp_path) in ops_that_may_run
     weights = (layer.kernel.numpy(), layer.bias.numpy(), layer.estimator_u.numpy(), layer.estimator_v.numpy())
     expected, mask, z_hat, _ = numpy_gated_dense(x, *weights, 0.0)
     keep = away_from_boundary(z_hat, 0.0)
