@@ -28,12 +28,31 @@ def gated_layer(rng, input_dim, units, rank, training_path="gated", **settings):
     return layer
 
 
+def inputs_away_from_boundaries(rng, weights, batch, tolerance=1e-3, dtype=np.float32):
+    """`batch` float32 rows of standard normals, each of whose gate decisions and ReLU signs
+    (under `weights`: kernel, bias, U, V) sits more than `tolerance` from its boundary, so that
+    rounding cannot flip one: a row with one nearer is drawn again. The rows are exactly
+    representable in `dtype` (the dtype the layer computes in)."""
+    x = np.empty((batch, weights[0].shape[1]), np.float32)
+    for i in range(batch):
+        while True:
+            x[i] = rng.standard_normal(x.shape[1]).astype(dtype)
+            _, _, z_hat, z = numpy_gated_dense(x[i:i + 1], *weights, 0.0)
+            if away_from_boundary(z_hat, 0.0, tolerance).all() and (np.abs(z) > tolerance).all():
+                break
+    return x
+
+
+def layer_weights(layer):
+    return [np.asarray(v, np.float64) for v in (layer.kernel, layer.bias, layer.estimator_u, layer.estimator_v)]
+
+
 @pytest.mark.parametrize("batch, input_dim, units, rank", [(0, 24, 32, 4), (1, 24, 32, 4), (33, 24, 32, 4),
                                                           (5, 1, 7, 1), (9, 17, 1, 1), (130, 70, 50, 3)])
 def test_outputs_and_gradients_match_numpy(rng, batch, input_dim, units, rank):
     """y, dL/dx, dL/dW, dL/db of a training call: only computed, positive units pass gradient."""
     layer = gated_layer(rng, input_dim, units, rank)
-    x = tf.constant(rng.standard_normal((batch, input_dim)).astype("float32"))
+    x = tf.constant(inputs_away_from_boundaries(rng, layer_weights(layer), batch))
     cotangent = rng.standard_normal((batch, units))
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -41,18 +60,16 @@ def test_outputs_and_gradients_match_numpy(rng, batch, input_dim, units, rank):
         loss = tf.reduce_sum(y * cotangent)
     grad_x, grad_kernel, grad_bias = tape.gradient(loss, [x, layer.kernel, layer.bias])
     kernel, bias = layer.kernel.numpy(), layer.bias.numpy()
-    expected, mask, z_hat, z = numpy_gated_dense(x.numpy(), kernel, bias, layer.estimator_u.numpy(),
-                                                 layer.estimator_v.numpy(), 0.0)
-    near = ~away_from_boundary(z_hat, 0.0) | (np.abs(z) < 1e-3)
-    rows, columns = near.any(axis=1), near.any(axis=0)
+    expected, mask, _, z = numpy_gated_dense(x.numpy(), kernel, bias, layer.estimator_u.numpy(),
+                                             layer.estimator_v.numpy(), 0.0)
     if batch:
         assert np.any(mask & (z > 0)) and np.any(~mask & (z > 0)), "needs computed and skipped active units"
     g = np.where(mask & (z > 0), cotangent, 0.0)
-    np.testing.assert_allclose(y.numpy()[~rows], expected[~rows], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grad_x.numpy()[~rows], (g @ kernel.astype(np.float64))[~rows], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(grad_kernel.numpy()[~columns], (g.T @ x.numpy().astype(np.float64))[~columns],
-                               rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(grad_bias.numpy()[~columns], g.sum(axis=0)[~columns], rtol=1e-4, atol=1e-5)
+    # Every entry: no decision of these inputs is near enough a boundary for rounding to flip it.
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_x.numpy(), g @ kernel.astype(np.float64), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grad_kernel.numpy(), g.T @ x.numpy().astype(np.float64), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grad_bias.numpy(), g.sum(axis=0), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("batch", [1, 7, 32])
@@ -61,13 +78,7 @@ def test_gradients_with_the_skipped_unit_penalty_match_numpy(rng, batch):
     computed active pairs pass c + λ/B, skipped active pairs λ/B, through one backward op."""
     layer = gated_layer(rng, 24, 32, 4)
     layer.activity_regularizer = keras.regularizers.L1(0.01)
-    weights = [v.numpy() for v in (layer.kernel, layer.bias, layer.estimator_u, layer.estimator_v)]
-    for _ in range(50):  # inputs whose gate decisions and signs float32 rounding cannot flip
-        x = rng.standard_normal((batch, 24)).astype("float32")
-        _, _, z_hat, z = numpy_gated_dense(x, *weights, 0.0)
-        if away_from_boundary(z_hat, 0.0).all() and (np.abs(z) > 1e-3).all():
-            break
-    x = tf.constant(x)
+    x = tf.constant(inputs_away_from_boundaries(rng, layer_weights(layer), batch))
     cotangent = rng.standard_normal((batch, 32))
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -75,9 +86,8 @@ def test_gradients_with_the_skipped_unit_penalty_match_numpy(rng, batch):
         loss = tf.reduce_sum(y * cotangent) + tf.add_n(layer.losses)
     grad_x, grad_kernel, grad_bias = tape.gradient(loss, [x, layer.kernel, layer.bias])
     kernel, bias = layer.kernel.numpy().astype(np.float64), layer.bias.numpy()
-    _, mask, z_hat, z = numpy_gated_dense(x.numpy(), kernel, bias, layer.estimator_u.numpy(),
-                                          layer.estimator_v.numpy(), 0.0)
-    assert away_from_boundary(z_hat, 0.0).all() and (np.abs(z) > 1e-3).all()
+    _, mask, _, z = numpy_gated_dense(x.numpy(), kernel, bias, layer.estimator_u.numpy(),
+                                      layer.estimator_v.numpy(), 0.0)
     assert np.any(~mask & (z > 0)), "needs skipped active units"
     g = np.where(mask & (z > 0), cotangent + 0.01 / batch, np.where(~mask & (z > 0), 0.01 / batch, 0.0))
     np.testing.assert_allclose(grad_x.numpy(), g @ kernel, rtol=1e-4, atol=1e-6)
@@ -92,17 +102,15 @@ def test_auto_trains_gated_up_to_the_crossover_density(rng, tmp_path, observed_d
     """The two paths give the same y; the profiler's trace shows which ran (the dense path runs
     no LrcGatedDense)."""
     layer = gated_layer(rng, 24, 32, 4, training_path="auto")
-    x = tf.constant(rng.standard_normal((40, 24)).astype("float32"))
+    x = tf.constant(inputs_away_from_boundaries(rng, layer_weights(layer), 40))
     step = tf.function(lambda x: layer(x, training=True))
     step(x)  # the first call traces: keep it out of the profile
     layer.observed_density.assign(observed_density)  # which that call overwrote with its own
     assert compiled_ops_that_ran(step, x, tmp_path) == ({"LrcGatedDense"} if runs_gated else set())
     layer.observed_density.assign(observed_density)
     y = step(x).numpy()
-    expected, _, z_hat, _ = numpy_gated_dense(x.numpy(), *(v.numpy() for v in (layer.kernel, layer.bias,
-                                                                                layer.estimator_u, layer.estimator_v)), 0.0)
-    keep = away_from_boundary(z_hat, 0.0)
-    np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    expected, _, _, _ = numpy_gated_dense(x.numpy(), *layer_weights(layer), 0.0)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("training_path", ["gated", "auto"])
@@ -136,17 +144,17 @@ def test_low_precision_trains_by_the_dense_path_with_one_warning(rng, monkeypatc
 
     monkeypatch.setattr(dispatch, "_warned", set())
     layer = LowRankGatedDense(16, rank=3, training_path="gated", dtype="mixed_bfloat16")
-    x = rng.standard_normal((8, 12)).astype("float32")
     layer.build((None, 12))
+    # bfloat16 inputs (cast exactly) whose decisions bfloat16 rounding (~0.4% a product) cannot flip.
+    x = inputs_away_from_boundaries(rng, layer_weights(layer), 8, tolerance=0.1, dtype=tf.bfloat16.as_numpy_dtype)
     with pytest.warns(RuntimeWarning, match="gated training kernels are float32 only and the inputs are bfloat16") as record:
         for _ in range(2):
             with tf.GradientTape() as tape:
                 total = tf.reduce_sum(tf.cast(layer(x, training=True), tf.float32))
             grad_kernel = tape.gradient(total, layer.kernel)
     assert len([w for w in record if "training kernels" in str(w.message)]) == 1, "warned once"
-    # The dense path's gradient of Σ y: Σ over computed active pairs of x_i, for unit j.
-    weights = [np.asarray(w, np.float64) for w in (layer.kernel, layer.bias, layer.estimator_u, layer.estimator_v)]
-    _, mask, z_hat, z = numpy_gated_dense(np.asarray(tf.cast(x, tf.bfloat16), np.float64), *weights, 0.0)
-    units = (away_from_boundary(z_hat, 0.0, tolerance=0.1) & (np.abs(z) > 0.1)).all(axis=0)
-    expected = ((mask & (z > 0)).T.astype(np.float64) @ np.asarray(tf.cast(x, tf.bfloat16), np.float64))
-    np.testing.assert_allclose(np.asarray(grad_kernel, np.float64)[units], expected[units], rtol=0.05, atol=0.05)
+    # The dense path's gradient of Σ y: Σ over computed active pairs of x_i, for unit j (every unit).
+    _, mask, _, z = numpy_gated_dense(x.astype(np.float64), *layer_weights(layer), 0.0)
+    assert np.any(mask & (z > 0)) and np.any(~mask & (z > 0)), "needs computed and skipped active units"
+    expected = (mask & (z > 0)).T.astype(np.float64) @ x.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(grad_kernel, np.float64), expected, rtol=0.05, atol=0.05)
