@@ -1,6 +1,6 @@
 import os
-
 import tempfile
+import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The dispatch cost model measured by the tests stays out of the user's cache.
@@ -55,6 +55,24 @@ def random_weights(rng, input_dim, units, rank, scale=1.0):
     estimator_u = (scale * rng.standard_normal((input_dim, rank))).astype(np.float32)
     estimator_v = (rng.standard_normal((rank, units)) / np.sqrt(input_dim)).astype(np.float32)
     return kernel, bias, estimator_u, estimator_v
+
+
+def calls_that_differed(call, expected, repeats):
+    """The indices i whose `call(i)`, run `repeats` times in a Python thread of its own (one
+    thread an index, all at once), ever returned arrays other than `expected[i]` to the bit."""
+    failures = []
+
+    def worker(index):
+        for _ in range(repeats):
+            if not all(np.array_equal(got, want) for got, want in zip(call(index), expected[index], strict=True)):
+                failures.append(index)
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(len(expected))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failures
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 import cuda_shim_library
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import calls_that_differed
 from cuda_shim_library import FLOAT_P, pointer
 
 from lrc_keras import ops
@@ -163,20 +163,8 @@ def test_deterministic_and_thread_safe(rng):
     # over the worker threads, while three Python threads call the op at once.
     inputs = [layer_inputs(rng, 64, 1030, 512) for _ in range(3)]
     expected = [op_gradients(*i[:4], 0.3, i[4])[1:] for i in inputs]
-    failures = []
-
-    def worker(index):
-        for _ in range(10):
-            got = op_gradients(*inputs[index][:4], 0.3, inputs[index][4])[1:]
-            if not all(np.array_equal(a, b) for a, b in zip(got, expected[index])):
-                failures.append(index)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not failures
+    assert not calls_that_differed(lambda index: op_gradients(*inputs[index][:4], 0.3, inputs[index][4])[1:],
+                                   expected, repeats=10)
     for i in inputs:  # and right, not only the same every time
         assert_gradients_match(*i[:4], 0.3, i[4])
 

@@ -3,12 +3,11 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import away_from_boundary, numpy_gated_dense, op_inputs, random_weights
+from conftest import away_from_boundary, calls_that_differed, numpy_gated_dense, op_inputs, random_weights
 
 from lrc_keras import LowRankGatedDense, ops
 from lrc_keras.estimators import estimate, low_rank_product
@@ -186,20 +185,8 @@ def test_deterministic_and_thread_safe(rng):
     kernel, bias, estimator_u, estimator_v = weights
     function = tf.function(lambda x: ops.gated_dense(x, kernel, bias, low_rank_product(x, estimator_u, estimator_v), 0.0))
     expected = [function(x).numpy() for x in inputs]  # one at a time, before the threads
-    failures = []
-
-    def worker(index):
-        for _ in range(25):
-            result = function(inputs[index]).numpy()
-            if not np.array_equal(result, expected[index]):
-                failures.append(index)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not failures
+    assert not calls_that_differed(lambda index: [function(inputs[index]).numpy()], [[y] for y in expected],
+                                   repeats=25)
     for x, y in zip(inputs, expected):  # and right, not just the same every time
         assert_matches_numpy(y, x, weights, 0.0)
 
