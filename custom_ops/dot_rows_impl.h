@@ -1,8 +1,8 @@
 // The gated kernel's inner loop, written once and compiled once per instruction set.
 //
-// gated_dense_cpu.cc includes this file inside each ISA's namespace of isa.h, which defines
+// gated_dense_cpu.cc copies this file into each ISA's namespace of isa.h (isa_copies.h), where
 //   Vec, kWidth, Zero(), Load(p), MulAdd(a, b, c) = a * b + c, Sum(v), Prefetch(p)
-// under a `#pragma GCC target` for that ISA, so each copy runs only where
+// are that ISA's, under its `#pragma GCC target`, so each copy runs only where
 // __builtin_cpu_supports says the CPU has it. No include guard: included once per ISA.
 
 // out[r] = w · rows[r] for r < R. Two accumulators per row give 2R independent chains; every

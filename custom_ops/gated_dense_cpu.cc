@@ -31,27 +31,9 @@ using DotRowsFn = void (*)(const float* w, const float* const* rows, int64_t n,
 
 }  // namespace
 
-// One copy of dot_rows_impl.h per instruction set (isa.h defines each one's primitives).
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"  // as in isa.h: GCC 12's _mm512_reduce_add_ps
-namespace avx512 {
-#include "dot_rows_impl.h"
-}  // namespace avx512
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "dot_rows_impl.h"
-}  // namespace avx2
-#pragma GCC pop_options
-
-namespace portable {
-#include "dot_rows_impl.h"
-}  // namespace portable
+// One copy of dot_rows_impl.h per instruction set, on that set's primitives (isa.h).
+#define LRC_ISA_COPY "dot_rows_impl.h"
+#include "isa_copies.h"
 
 namespace {
 

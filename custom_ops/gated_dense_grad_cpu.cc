@@ -57,24 +57,9 @@ struct GradKernels {
 
 }  // namespace
 
-// One copy of gated_dense_grad_impl.h per instruction set (isa.h defines each one's primitives).
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-namespace avx512 {
-#include "gated_dense_grad_impl.h"
-}  // namespace avx512
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "gated_dense_grad_impl.h"
-}  // namespace avx2
-#pragma GCC pop_options
-
-namespace portable {
-#include "gated_dense_grad_impl.h"
-}  // namespace portable
+// One copy of gated_dense_grad_impl.h per instruction set, on that set's primitives (isa.h).
+#define LRC_ISA_COPY "gated_dense_grad_impl.h"
+#include "isa_copies.h"
 
 namespace {
 

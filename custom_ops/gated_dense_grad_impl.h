@@ -1,9 +1,9 @@
 // The gated backward's vector loops, written once and compiled once per instruction set.
 //
-// gated_dense_grad_cpu.cc includes this file inside each ISA's namespace of isa.h, which defines
-//   Vec, kWidth, Zero(), Load(p), Store(p, v), StreamStore(p, v), FenceStreamStores(),
+// gated_dense_grad_cpu.cc copies this file into each ISA's namespace of isa.h (isa_copies.h),
+// where Vec, kWidth, Zero(), Load(p), Store(p, v), StreamStore(p, v), FenceStreamStores(),
 //   Broadcast(s), MulAdd(a, b, c) = a * b + c, Prefetch(p)
-// under a `#pragma GCC target` for that ISA. No include guard: included once per ISA.
+// are that ISA's, under its `#pragma GCC target`. No include guard: included once per ISA.
 
 // Column chunks: 64 floats (4 AVX-512 or 8 AVX2 vectors), so that a chunk of x for 128 rows
 // (32 KiB) stays in L1 and one of W for 4000 units (1 MiB) in L2; 16 floats on scalars.

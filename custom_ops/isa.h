@@ -2,11 +2,10 @@
 // choice of one at run time, shared by the forward (gated_dense_cpu.cc) and the backward
 // (gated_dense_grad_cpu.cc).
 //
-// A kernel loop is written once against the primitives (dot_rows_impl.h, pair_axpy_impl.h) and
-// included inside namespace avx512, avx2 and portable under that namespace's
+// A kernel loop is written once against the primitives (isa_primitives.h) and copied into
+// namespaces avx512, avx2 and portable by isa_copies.h, each copy under its instruction set's
 // `#pragma GCC target`, so that each copy runs only where __builtin_cpu_supports says the CPU
-// has it; the library itself is built for baseline x86-64. GCC's vector extensions make `+`
-// work on Vec for all three.
+// has it (SelectedIsa below); the library itself is built for baseline x86-64.
 #ifndef LRC_KERAS_CUSTOM_OPS_ISA_H_
 #define LRC_KERAS_CUSTOM_OPS_ISA_H_
 
@@ -18,64 +17,9 @@
 
 namespace lrc {
 
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-#pragma GCC diagnostic push
-// GCC 12's own _mm512_reduce_add_ps trips -Wuninitialized (an _mm256_undefined_ps inside).
-#pragma GCC diagnostic ignored "-Wuninitialized"
-namespace avx512 {
-using Vec = __m512;
-constexpr int64_t kWidth = 16;
-inline Vec Zero() { return _mm512_setzero_ps(); }
-inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
-inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-// Past the caches, for output nothing reads soon; p aligned to the vector. FenceStreamStores()
-// orders them before the thread's later stores.
-inline void StreamStore(float* p, Vec v) { _mm512_stream_ps(p, v); }
-inline void FenceStreamStores() { _mm_sfence(); }
-inline Vec Broadcast(float value) { return _mm512_set1_ps(value); }
-inline Vec MulAdd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float Sum(Vec v) { return _mm512_reduce_add_ps(v); }
-inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
-}  // namespace avx512
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-using Vec = __m256;
-constexpr int64_t kWidth = 8;
-inline Vec Zero() { return _mm256_setzero_ps(); }
-inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
-inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline void StreamStore(float* p, Vec v) { _mm256_stream_ps(p, v); }
-inline void FenceStreamStores() { _mm_sfence(); }
-inline Vec Broadcast(float value) { return _mm256_set1_ps(value); }
-inline Vec MulAdd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline float Sum(Vec v) {
-  __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
-  return _mm_cvtss_f32(_mm_add_ss(sum4, _mm_movehdup_ps(sum4)));
-}
-inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
-}  // namespace avx2
-#pragma GCC pop_options
-
-// x86-64 baseline: the same loops on scalars.
-namespace portable {
-using Vec = float;
-constexpr int64_t kWidth = 1;
-inline Vec Zero() { return 0.f; }
-inline Vec Load(const float* p) { return *p; }
-inline void Store(float* p, Vec v) { *p = v; }
-inline void StreamStore(float* p, Vec v) { *p = v; }
-inline void FenceStreamStores() {}
-inline Vec Broadcast(float value) { return value; }
-inline Vec MulAdd(Vec a, Vec b, Vec c) { return a * b + c; }
-inline float Sum(Vec v) { return v; }
-inline void Prefetch(const float*) {}
-}  // namespace portable
+// Vec, kWidth and the primitives of each instruction set, in namespaces avx512, avx2, portable.
+#define LRC_ISA_COPY "isa_primitives.h"
+#include "isa_copies.h"
 
 enum class Isa { kAvx512, kAvx2, kPortable };
 
