@@ -4,13 +4,12 @@
 #ifndef LRC_KERAS_CUSTOM_OPS_GATED_DENSE_GPU_KERNELS_CU_H_
 #define LRC_KERAS_CUSTOM_OPS_GATED_DENSE_GPU_KERNELS_CU_H_
 
+#include "cuda_common.cu.h"
 #include "gated_dense.h"
 
 namespace lrc {
 namespace gpu {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullWarp = 0xffffffffu;
 // 8 warps a block: one unit per warp.
 constexpr int kGatedThreads = 256;
 constexpr int kElementwiseThreads = 256;
@@ -25,15 +24,6 @@ constexpr int64_t kWarpsToFillGpu = 8192;
 // for all of them; 4 accumulators a lane keep the loop in registers.
 constexpr int kRowsPerPass = 4;
 constexpr unsigned kMaxGridY = 65535;  // CUDA's limit on gridDim.y
-
-// Butterfly reduction: the sum is complete in every lane.
-template <typename T>
-__device__ __forceinline__ T WarpSum(T value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value += __shfl_xor_sync(kFullWarp, value, offset);
-  }
-  return value;
-}
 
 // Blocks of 8 units along x, tiles of `rows_per_tile` (<= 32) rows along y: warp w of block
 // (bx, by) takes unit 8·bx + w on tiles by, by + gridDim.y, ... (more tiles than CUDA allows

@@ -16,13 +16,12 @@
 #ifndef LRC_KERAS_CUSTOM_OPS_GATED_DENSE_GRAD_GPU_KERNELS_CU_H_
 #define LRC_KERAS_CUSTOM_OPS_GATED_DENSE_GRAD_GPU_KERNELS_CU_H_
 
+#include "cuda_common.cu.h"
 #include "gated_dense_grad.h"
 
 namespace lrc {
 namespace gpu_grad {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarpsPerBlock * kWarpSize;
 constexpr int kColumnsPerLane = 4;
@@ -45,13 +44,6 @@ __device__ __forceinline__ WarpTask TaskOf(int64_t owner_blocks) {
           (block / owner_blocks) * kTileColumns};
 }
 
-__device__ __forceinline__ float WarpSum(float value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value += __shfl_down_sync(kFullWarp, value, offset);
-  }
-  return value;  // complete in lane 0
-}
-
 // Adds g·source[c] for the lane's columns c = column + lane + 32·k of one row.
 __device__ __forceinline__ void AddScaledRow(float (&sum)[kColumnsPerLane], float g,
                                              const float* source, int64_t column, int64_t input_dim,
@@ -70,6 +62,27 @@ __device__ __forceinline__ void StoreRow(const float (&sum)[kColumnsPerLane], fl
   }
 }
 
+// One vote of a warp over a pair per lane: lane l's pair is element k of y and grad_y (when
+// `valid`) and stands for row l of `rows` (x_i's or W_j's, input_dim floats apart). For each
+// lane whose pair passes gradient, in lane order, its g is broadcast and every lane adds
+// g·that row over its columns. Returns the lane's own g, 0 where its pair passes none.
+__device__ __forceinline__ float AddPassingRows(const GatedDenseGradArgs& a, bool valid, int64_t k,
+                                                const float* rows, int64_t column, int lane,
+                                                float (&sum)[kColumnsPerLane]) {
+  float g = 0.f;
+  bool passes = false;
+  if (valid) {
+    passes = PassesGradient(a.y[k]);
+    if (passes) g = a.grad_y[k];
+  }
+  for (unsigned voters = __ballot_sync(kFullWarp, passes); voters != 0; voters &= voters - 1) {
+    const int source = __ffs(static_cast<int>(voters)) - 1;
+    const float pair_g = __shfl_sync(kFullWarp, g, source);
+    AddScaledRow(sum, pair_g, rows + source * a.input_dim, column, a.input_dim, lane);
+  }
+  return g;
+}
+
 // dW_j and (first tile) db_j for the warp's unit j.
 __global__ void GradKernelKernel(GatedDenseGradArgs a, int64_t unit_blocks) {
   const WarpTask task = TaskOf(unit_blocks);
@@ -80,19 +93,8 @@ __global__ void GradKernelKernel(GatedDenseGradArgs a, int64_t unit_blocks) {
   float bias_sum = 0.f;  // lane's rows, added in row order
   for (int64_t first = 0; first < a.batch; first += kWarpSize) {
     const int64_t i = first + lane;
-    float g = 0.f;
-    bool passes = false;
-    if (i < a.batch) {
-      passes = PassesGradient(a.y[i * a.units + j]);
-      if (passes) g = a.grad_y[i * a.units + j];
-    }
-    bias_sum += g;
-    for (unsigned voters = __ballot_sync(kFullWarp, passes); voters != 0; voters &= voters - 1) {
-      const int source = __ffs(static_cast<int>(voters)) - 1;
-      const float pair_g = __shfl_sync(kFullWarp, g, source);
-      const float* row = a.x + (first + source) * a.input_dim;
-      AddScaledRow(sum, pair_g, row, task.column, a.input_dim, lane);
-    }
+    bias_sum += AddPassingRows(a, i < a.batch, i * a.units + j, a.x + first * a.input_dim, task.column,
+                               lane, sum);
   }
   StoreRow(sum, a.grad_kernel + j * a.input_dim, task.column, a.input_dim, lane);
   if (task.column == 0) {
@@ -110,18 +112,8 @@ __global__ void GradInputKernel(GatedDenseGradArgs a, int64_t row_blocks) {
   float sum[kColumnsPerLane] = {};
   for (int64_t first = 0; first < a.units; first += kWarpSize) {
     const int64_t j = first + lane;
-    float g = 0.f;
-    bool passes = false;
-    if (j < a.units) {
-      passes = PassesGradient(a.y[i * a.units + j]);
-      if (passes) g = a.grad_y[i * a.units + j];
-    }
-    for (unsigned voters = __ballot_sync(kFullWarp, passes); voters != 0; voters &= voters - 1) {
-      const int source = __ffs(static_cast<int>(voters)) - 1;
-      const float pair_g = __shfl_sync(kFullWarp, g, source);
-      const float* row = a.kernel + (first + source) * a.input_dim;
-      AddScaledRow(sum, pair_g, row, task.column, a.input_dim, lane);
-    }
+    AddPassingRows(a, j < a.units, i * a.units + j, a.kernel + first * a.input_dim, task.column, lane,
+                   sum);
   }
   StoreRow(sum, a.grad_x + i * a.input_dim, task.column, a.input_dim, lane);
 }
