@@ -5,32 +5,33 @@
 //
 // No include guard: isa.h includes it once per instruction set through isa_copies.h, which
 // defines the LRC_ISA_* macro of the copy being read.
+#if defined(LRC_ISA_AVX512) || defined(LRC_ISA_AVX2)
+// The AVX-512 and AVX2 intrinsics used here differ only in their prefix, LRC_MM's.
 #if defined(LRC_ISA_AVX512)
 using Vec = __m512;
-constexpr int64_t kWidth = 16;
-inline Vec Zero() { return _mm512_setzero_ps(); }
-inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
-inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-// Past the caches, for output nothing reads soon; p aligned to the vector. FenceStreamStores()
-// orders them before the thread's later stores.
-inline void StreamStore(float* p, Vec v) { _mm512_stream_ps(p, v); }
-inline Vec Broadcast(float value) { return _mm512_set1_ps(value); }
-inline Vec MulAdd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+#define LRC_MM(name) _mm512_##name
 inline float Sum(Vec v) { return _mm512_reduce_add_ps(v); }
-#elif defined(LRC_ISA_AVX2)
+#else
 using Vec = __m256;
-constexpr int64_t kWidth = 8;
-inline Vec Zero() { return _mm256_setzero_ps(); }
-inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
-inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline void StreamStore(float* p, Vec v) { _mm256_stream_ps(p, v); }
-inline Vec Broadcast(float value) { return _mm256_set1_ps(value); }
-inline Vec MulAdd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+#define LRC_MM(name) _mm256_##name
 inline float Sum(Vec v) {
   __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
   return _mm_cvtss_f32(_mm_add_ss(sum4, _mm_movehdup_ps(sum4)));
 }
+#endif
+constexpr int64_t kWidth = sizeof(Vec) / sizeof(float);
+inline Vec Zero() { return LRC_MM(setzero_ps)(); }
+inline Vec Load(const float* p) { return LRC_MM(loadu_ps)(p); }
+inline void Store(float* p, Vec v) { LRC_MM(storeu_ps)(p, v); }
+// Past the caches, for output nothing reads soon; p aligned to the vector. FenceStreamStores()
+// orders them before the thread's later stores.
+inline void StreamStore(float* p, Vec v) { LRC_MM(stream_ps)(p, v); }
+inline void FenceStreamStores() { _mm_sfence(); }
+inline Vec Broadcast(float value) { return LRC_MM(set1_ps)(value); }
+inline Vec MulAdd(Vec a, Vec b, Vec c) { return LRC_MM(fmadd_ps)(a, b, c); }
+inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+#undef LRC_MM
 #elif defined(LRC_ISA_PORTABLE)
 using Vec = float;
 constexpr int64_t kWidth = 1;
@@ -45,9 +46,4 @@ inline float Sum(Vec v) { return v; }
 inline void Prefetch(const float*) {}
 #else
 #error "isa_primitives.h is included through isa_copies.h"
-#endif
-
-#if defined(LRC_ISA_AVX512) || defined(LRC_ISA_AVX2)
-inline void FenceStreamStores() { _mm_sfence(); }
-inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 #endif
