@@ -16,10 +16,10 @@ from lrc_keras.metrics import rates_from_counts
 
 
 def gated_layers(model):
-    """Every LowRankGatedDense in `model`, nested models included, in order."""
+    """Every LowRankGatedDense in `model` (a model, nested ones included, or one layer), in order."""
     return [
         layer
-        for layer in model._flatten_layers(include_self=False)
+        for layer in model._flatten_layers(include_self=True)
         if isinstance(layer, LowRankGatedDense)
     ]
 
@@ -55,7 +55,9 @@ def measure_gates(model, x):
     Returns a list of dicts, one per LowRankGatedDense in model order, with the
     GATE_RATES rates, `cost_model_speedup` (at the measured predicted
     density), `estimate_error` (ẑ - z, flattened), `singular_values` of the
-    kernel and `energy_captured` (the share of Σσ² in the first `rank`).
+    kernel and `energy_captured` (the share of Σσ² in the first `rank`). Each layer records
+    the predicted density (its `observed_density`), which inference_path="auto" compares with
+    the crossover (`lrc_keras.crossover`).
     """
     layers = gated_layers(model)
     if not layers:
@@ -86,6 +88,7 @@ def measure_gates(model, x):
             energy_captured=float(energy[: layer.rank].sum() / max(energy.sum(), 1e-30)),
         )
         reports.append(report)
+        layer.observed_density.assign(report["predicted_density"])
     return reports
 
 

@@ -210,7 +210,7 @@ class LowRankGatedDense(keras.layers.Layer):
         elif self.audit:
             y = self._audited_inference(x)
         else:
-            y = self._gated_inference(x)
+            y, _ = dispatch.infer(self, x)  # pure: writes no variable
         if inputs.shape.rank != 2:
             y = tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0))
         return y
@@ -404,7 +404,8 @@ class LowRankGatedDense(keras.layers.Layer):
 
     def _build_estimator(self, input_dim):
         self.estimator.build(self, input_dim)
-        # The density seen at the last call, which the dispatch compares with the crossover.
+        # The predicted density last recorded (in training, by measure_gates or calibrate), which
+        # the dispatch compares with the crossover. Inference writes no variable.
         self.observed_density = self.add_weight(
             name="observed_density", shape=(), initializer="zeros", dtype="float32",
             trainable=False, aggregation="only_first_replica",
@@ -459,13 +460,6 @@ class LowRankGatedDense(keras.layers.Layer):
                 f"{self.name}: rank={rank} exceeds min(input_dim, units) = "
                 f"min({input_dim}, {self.units}) = {min(input_dim, self.units)}"
             )
-
-    def _gated_inference(self, x):
-        """Inference by the implementation `lrc_keras.dispatch` chooses; records the density."""
-        y, density = dispatch.infer(self, x)
-        # Outside tf.cond: under a distribution strategy the assignment synchronises replicas.
-        self.observed_density.assign(tf.cast(density, tf.float32))
-        return y
 
     def _training_forward(self, x, batch_size):
         """Training: y by the training path, then the gate metrics, a trained estimator's loss

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from conftest import away_from_boundary, numpy_gated_dense
 
-from lrc_keras import LowRankGatedDense, set_audit
+from lrc_keras import LowRankGatedDense, measure_gates, set_audit
 from lrc_keras.estimators import InputSVDEstimator, JointEstimator, SVDEstimator
 from lrc_keras.callbacks import EstimatorRefit
 
@@ -266,6 +266,33 @@ def test_audit_measures_gate_in_evaluate(rng):
     np.testing.assert_allclose(logs[f"{layer.name}_predicted_density"], mask.mean(), rtol=1e-5)
     set_audit(model, False)
     assert layer.audit is False
+
+
+def test_predict_leaves_every_variable_unchanged(rng):
+    """Inference is pure: after training, predict and a direct call write no variable (the density
+    "auto" compares is the one training recorded)."""
+    model, x, y = small_classifier(rng, estimator=InputSVDEstimator(refit_every=2))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    before = [v.numpy().copy() for v in model.variables]
+    assert float(model.layers[0].observed_density.numpy()) > 0
+    model.predict(x[:33], verbose=0)
+    model(x[:5])
+    for variable, value in zip(model.variables, before):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
+
+
+def test_measure_gates_reports_the_gate_and_records_its_density(rng):
+    model, x, _ = small_classifier(rng)
+    layer = model.layers[0]
+    layer.margin = 0.3
+    (report,) = measure_gates(model, x)
+    _, mask, _, z = numpy_gated_dense(x, *weights_of(layer), 0.3)
+    assert 0.05 < mask.mean() < 0.95
+    assert report["layer"] == layer.name
+    np.testing.assert_allclose(report["predicted_density"], mask.mean(), atol=1e-6)
+    np.testing.assert_allclose(report["true_density"], (z > 0).mean(), atol=1e-6)
+    np.testing.assert_allclose(report["recall"], (mask & (z > 0)).sum() / (z > 0).sum(), atol=1e-6)
+    np.testing.assert_allclose(float(layer.observed_density.numpy()), mask.mean(), atol=1e-6)
 
 
 def test_joint_estimator_loss_improves_recall(rng):

@@ -174,7 +174,7 @@ def test_public_names_whatever_is_imported_first(tmp_path):
     assert returncode == 0, stderr
     assert dict(zip(sorted(lrc_keras.__all__), stdout.split())) == {
         "LowRankGatedDense": "type", "calibrate": "function", "callbacks": "module", "convert": "function",
-        "measure_gates": "function", "ops": "module", "quiet_start": "function", "set_audit": "function",
+        "crossover": "module", "measure_gates": "function", "ops": "module", "quiet_start": "function", "set_audit": "function",
         "to_dense": "function"}
 
 
