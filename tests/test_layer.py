@@ -398,6 +398,7 @@ def test_config_round_trip():
     layer = LowRankGatedDense(
         **CONSTRUCTOR_ARGUMENTS,
         kernel_regularizer=keras.regularizers.L2(1e-3), activity_regularizer=keras.regularizers.L1(1e-4),
+        kernel_constraint=keras.constraints.MaxNorm(0.5, axis=0), bias_constraint=keras.constraints.NonNeg(),
     )
     config = layer.get_config()
     for key, value in CONSTRUCTOR_ARGUMENTS.items():
@@ -408,6 +409,8 @@ def test_config_round_trip():
             assert config[key] == value, key
     assert config["kernel_regularizer"]["config"]["l2"] == pytest.approx(1e-3)
     assert config["activity_regularizer"]["config"]["l1"] == pytest.approx(1e-4)
+    assert config["kernel_constraint"]["config"]["max_value"] == 0.5
+    assert config["bias_constraint"]["class_name"] == "NonNeg"
     clone = LowRankGatedDense.from_config(config)
     for key, value in CONSTRUCTOR_ARGUMENTS.items():
         assert getattr(clone, key) == value, key
@@ -417,6 +420,24 @@ def test_config_round_trip():
 
     parameters = set(inspect.signature(LowRankGatedDense.__init__).parameters) - {"self", "kwargs"}
     assert parameters <= set(config), parameters - set(config)
+
+
+@pytest.mark.parametrize("training_path", ["dense", "gated"])
+def test_constraints_act_as_on_dense_after_each_step(rng, training_path):
+    """MaxNorm(axis=0) caps each unit's weight vector, as on Dense's (input_dim, units) kernel."""
+    model, x, y = small_classifier(rng, training_path=training_path, kernel_constraint=keras.constraints.MaxNorm(0.5, axis=0),
+                                   bias_constraint=keras.constraints.NonNeg())
+    layer = model.layers[0]
+    layer.kernel.assign(rng.standard_normal((48, 20)).astype("float32"))  # every unit far above the cap
+    layer.bias.assign(rng.standard_normal(48).astype("float32"))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    unit_norms = np.linalg.norm(layer.kernel.numpy().astype(np.float64), axis=1)
+    # At the cap after the last step's projection, or just under it where that step shrank the unit.
+    assert unit_norms.max() <= 0.5 * (1 + 1e-6) and np.median(unit_norms) > 0.49, unit_norms
+    assert layer.bias.numpy().min() == 0.0
+    dense = layer.to_dense()
+    assert dense.kernel_constraint is layer.kernel_constraint and dense.bias_constraint is layer.bias_constraint
+    assert LowRankGatedDense.from_dense(dense, rank=4).kernel_constraint is layer.kernel_constraint
 
 
 @pytest.mark.parametrize("training_path", ["dense", "gated"])
