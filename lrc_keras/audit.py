@@ -6,8 +6,6 @@ import numpy as np
 import tensorflow as tf
 
 from lrc_keras import ops
-from lrc_keras.gating import gate_mask
-from lrc_keras.estimators import estimate
 from lrc_keras.layers import LowRankGatedDense
 from lrc_keras.metrics import GATE_RATES
 from lrc_keras.metrics import confusion_counts
@@ -69,9 +67,8 @@ def measure_gates(model, x):
         if not captured[layer.name]:
             raise ValueError(f"layer {layer.name!r} was not called when running {model.name!r} on x")
         inputs = tf.concat(captured[layer.name], axis=0)
-        z_hat = estimate(inputs, *layer.current_factors(), layer.bias)
+        z_hat, mask = layer.gate(inputs)
         z = ops.dense_preactivation(inputs, layer.kernel, layer.bias)
-        mask = gate_mask(z_hat, layer.margin)
         rates = rates_from_counts(confusion_counts(mask, z > 0)).numpy()
         report = {"layer": layer.name, **{key: float(rate) for key, rate in zip(GATE_RATES, rates)}}
         singular_values = kernel_singular_values(layer.kernel.numpy())

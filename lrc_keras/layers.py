@@ -378,6 +378,12 @@ class LowRankGatedDense(keras.layers.Layer):
         """(U, V) from one read of `estimator_factors`: always a pair one refit stored."""
         return estimators.unpack_factors(tf.convert_to_tensor(self.estimator_factors), self.kernel.shape[1], self.rank)
 
+    def gate(self, x):
+        """`(ẑ, mask)` for 2-D inputs x: the estimate (x·U)·V + b and the units the gate computes
+        (`lrc_keras.gating.gate_mask` at the layer's margin), what every reader of the gate uses."""
+        z_hat = estimators.estimate(x, *self.current_factors(), self.bias)
+        return z_hat, gating.gate_mask(z_hat, tf.cast(self.gate_margin, z_hat.dtype))
+
     @property
     def estimator_u(self):
         """U (input_dim, rank), read now; `current_factors()` gives U and V from one read."""
@@ -506,8 +512,7 @@ class LowRankGatedDense(keras.layers.Layer):
 
     def _audited_inference(self, x):
         """Inference that also computes z densely to measure the gate (`lrc_keras.set_audit`)."""
-        z_hat = estimators.estimate(x, *self.current_factors(), self.bias)
-        mask = gating.gate_mask(z_hat, tf.cast(self.gate_margin, z_hat.dtype))
+        _, mask = self.gate(x)
         z = ops.dense_preactivation(x, self.kernel, self.bias)
         self._record_gate(mask, z > 0)
         return gating.masked_relu(z, mask)
