@@ -124,6 +124,8 @@ def train_and_measure(args, dataset, data, seed, ranks=None, estimator=None, nam
         with progress.Phase("measuring its gates on the test set"):
             run["layers"] = lrc_keras.measure_gates(model, x_test)
         run["cost_model_speedup"] = measure.cost_model_speedup(model, run["layers"])
+        with progress.Phase("measuring where its gated op beats the GEMM on this machine (once per layer shape)"):
+            lrc_keras.crossover.measure(model)
         print("timing it against its Dense twin (speed-up in-graph, per call, per predict_on_batch):", flush=True)
         run["speed"] = measure.speedups(lrc_keras.to_dense(model), model, x_test, args.speed_batches,
                                         on_batch=lambda batch, result: print(

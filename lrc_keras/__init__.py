@@ -20,6 +20,7 @@ _PUBLIC = {
     "calibrate": ("lrc_keras.calibrate", "calibrate"),
     "callbacks": ("lrc_keras.callbacks", None),
     "convert": ("lrc_keras.convert", "convert"),
+    "crossover": ("lrc_keras.crossover", None),
     "measure_gates": ("lrc_keras.audit", "measure_gates"),
     "ops": ("lrc_keras.ops", None),
     "set_audit": ("lrc_keras.audit", "set_audit"),

@@ -6,8 +6,6 @@ import numpy as np
 import tensorflow as tf
 
 from lrc_keras import ops
-from lrc_keras.gating import gate_mask
-from lrc_keras.estimators import estimate
 from lrc_keras.layers import LowRankGatedDense
 from lrc_keras.metrics import GATE_RATES
 from lrc_keras.metrics import confusion_counts
@@ -16,10 +14,10 @@ from lrc_keras.metrics import rates_from_counts
 
 
 def gated_layers(model):
-    """Every LowRankGatedDense in `model`, nested models included, in order."""
+    """Every LowRankGatedDense in `model` (a model, nested ones included, or one layer), in order."""
     return [
         layer
-        for layer in model._flatten_layers(include_self=False)
+        for layer in model._flatten_layers(include_self=True)
         if isinstance(layer, LowRankGatedDense)
     ]
 
@@ -55,7 +53,9 @@ def measure_gates(model, x):
     Returns a list of dicts, one per LowRankGatedDense in model order, with the
     GATE_RATES rates, `cost_model_speedup` (at the measured predicted
     density), `estimate_error` (ẑ - z, flattened), `singular_values` of the
-    kernel and `energy_captured` (the share of Σσ² in the first `rank`).
+    kernel and `energy_captured` (the share of Σσ² in the first `rank`). Each layer records
+    the predicted density (its `observed_density`), which inference_path="auto" compares with
+    the crossover (`lrc_keras.crossover`).
     """
     layers = gated_layers(model)
     if not layers:
@@ -67,9 +67,8 @@ def measure_gates(model, x):
         if not captured[layer.name]:
             raise ValueError(f"layer {layer.name!r} was not called when running {model.name!r} on x")
         inputs = tf.concat(captured[layer.name], axis=0)
-        z_hat = estimate(inputs, *layer.current_factors(), layer.bias)
+        z_hat, mask = layer.gate(inputs)
         z = ops.dense_preactivation(inputs, layer.kernel, layer.bias)
-        mask = gate_mask(z_hat, layer.margin)
         rates = rates_from_counts(confusion_counts(mask, z > 0)).numpy()
         report = {"layer": layer.name, **{key: float(rate) for key, rate in zip(GATE_RATES, rates)}}
         singular_values = kernel_singular_values(layer.kernel.numpy())
@@ -86,6 +85,7 @@ def measure_gates(model, x):
             energy_captured=float(energy[: layer.rank].sum() / max(energy.sum(), 1e-30)),
         )
         reports.append(report)
+        layer.observed_density.assign(report["predicted_density"])
     return reports
 
 

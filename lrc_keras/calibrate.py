@@ -4,6 +4,7 @@ import numbers
 
 import numpy as np
 
+from lrc_keras import crossover
 from lrc_keras import ops
 from lrc_keras.audit import gated_layers
 from lrc_keras.audit import inputs_of
@@ -69,8 +70,10 @@ def calibrate(model, x, target_recall=None, target_density=None, ranks=None):
             layer's inputs from `x`; ranks above min(input_dim, units) are dropped.
 
     Returns:
-        A CalibrationReport. The layers are changed in place (`set_rank`, `margin`): compile
-        the model again before training it.
+        A CalibrationReport. The layers are changed in place (`set_rank`, `margin`, and the
+        predicted density inference_path="auto" reads), and the crossovers of their shapes are
+        measured on this machine (`lrc_keras.crossover.measure`): compile the model again
+        before training it.
     """
     if target_recall is not None and target_density is not None:
         raise ValueError(
@@ -95,7 +98,9 @@ def calibrate(model, x, target_recall=None, target_density=None, ranks=None):
         if row["rank"] != layer.rank:
             layer.set_rank(row["rank"], sample_inputs=inputs)
         layer.margin = row["margin"]
+        layer.observed_density.assign(row["predicted_density"])
         rows.append(row)
+    crossover.measure(model)
     model.predict_function = model.test_function = model.train_function = None
     target = f"recall >= {target_recall}" if target_density is None else f"predicted density {target_density}"
     return CalibrationReport(target, rows)

@@ -1,17 +1,19 @@
 """The measured timing model: the density below which the gated op beats TF's GEMM + mask.
 
 The gated op's time grows with the density ρ of computed units; the dense path's does not.
-For a layer shape (d, n, r) and a few batch sizes, `crossover_densities` times both once on
-this machine (gated at several densities, set exactly through the margin, since its time is
-not linear in ρ: sparse selections fill its row blocks less well) and caches the density
-below which gated wins in `$LRC_CACHE_DIR/cost_model.json` (default ~/.cache/lrc_keras).
-`lrc_keras.dispatch` compares the density a layer last observed against that crossover for
-the batch at hand.
+`measure(model)` times both on this machine for each gated layer's shape (d, n, r) and a few
+batch sizes (gated at several densities, set exactly through the margin, since its time is not
+linear in ρ: sparse selections fill its row blocks less well), and saves the density below
+which gated wins in `$LRC_CACHE_DIR/cost_model.json` (default ~/.cache/lrc_keras), where later
+processes find it. `lrc_keras.dispatch` compares the density a layer last recorded (in training,
+or by `measure_gates` or `calibrate`) against that crossover for the batch at hand. A shape never
+measured uses DEFAULT_CROSSOVERS: nothing is timed, and no file written, behind the user's back.
 """
 
 import json
 import os
 import platform
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -24,6 +26,10 @@ from lrc_keras.timing import median_times
 
 MEASURED_BATCHES = (1, 16, 256)
 MEASURED_DENSITIES = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)
+# The crossovers where none was measured: what `measure` gave on 2 CPU cores (AVX-512) for
+# 784→1000, 1000→1000, 4000→2000 and 3072→4000 layers, rounded down (batch 1: 1.4 to 3.6, gated
+# wins at every density; 16 rows: 0.32 to 0.54; 256 rows: 0.18 to 0.24).
+DEFAULT_CROSSOVERS = {1: 1.0, 16: 0.3, 256: 0.2}
 _measured = {}
 
 
@@ -39,26 +45,50 @@ def _key(input_dim, units, rank):
 
 
 def crossover_densities(input_dim, units, rank):
-    """{batch: density below which the gated op beats the dense path}, measured once per shape."""
+    """{batch: density below which the gated op beats the dense path} for this shape: measured
+    by `measure` (in this process or an earlier one), else DEFAULT_CROSSOVERS. Times nothing."""
     key = _key(input_dim, units, rank)
     if key not in _measured:
-        path = cache_file()
-        try:
-            with open(path) as f:
-                cached = json.load(f)
-        except (OSError, ValueError):
-            cached = {}
-        if key not in cached:
-            with tf.init_scope():  # measure eagerly even when called while tracing
-                cached[key] = _measure(input_dim, units, rank)
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "w") as f:
-                    json.dump(cached, f, indent=1, sort_keys=True)
-            except OSError:
-                pass  # an unwritable cache only costs a re-measurement next process
-        _measured[key] = {int(batch): density for batch, density in cached[key].items()}
+        saved = _saved().get(key)
+        _measured[key] = dict(DEFAULT_CROSSOVERS) if saved is None else {
+            int(batch): density for batch, density in saved.items()}
     return _measured[key]
+
+
+def measure(model):
+    """Time the gated op against the GEMM + mask for the shape of every LowRankGatedDense in
+    `model` (a model or one layer), on this machine, and save the crossovers for this process
+    and later ones (`cache_file()`). A few seconds per shape, once; returns {layer name:
+    {batch: crossover density}}. Functions traced before keep the crossovers they were traced
+    with: compile the model again (or call it anew) after measuring."""
+    from lrc_keras.audit import gated_layers  # audit imports the layer, which imports this module
+
+    layers = gated_layers(model)
+    saved = _saved()
+    for layer in layers:
+        shape = (layer.kernel.shape[1], layer.units, layer.rank)
+        key = _key(*shape)
+        if key not in saved:
+            with tf.init_scope():  # eagerly, even when called while tracing
+                saved[key] = _measure(*shape)
+        _measured[key] = {int(batch): density for batch, density in saved[key].items()}
+    path = cache_file()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(saved, f, indent=1, sort_keys=True)
+    except OSError as error:
+        warnings.warn(f"lrc_keras: could not save the crossovers to {path} ({error}); this process uses them",
+                      RuntimeWarning, stacklevel=2)
+    return {layer.name: _measured[_key(layer.kernel.shape[1], layer.units, layer.rank)] for layer in layers}
+
+
+def _saved():
+    try:
+        with open(cache_file()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def _measure(input_dim, units, rank):

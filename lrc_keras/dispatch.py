@@ -6,7 +6,7 @@
                  float32 (warned once per reason, naming the faster choice)
     "gated"      the compiled LrcGatedDense
     "gemm"       TF's dense GEMM, then the compiled LrcMaskedRelu
-    "auto"       gated or gemm inside the graph, by the density last observed against the
+    "auto"       gated or gemm inside the graph, by the density the layer last recorded against the
                  crossover density measured for this shape and batch (below)
 
 The crossover density comes from the measured timing model, `lrc_keras.crossover` (not to be
@@ -72,7 +72,7 @@ def choose_path(requested, dtype, input_dim, units, rank, batch, device=None):
     if isinstance(density, float) and not 0.0 < density < 1.0:
         path = "gated" if density >= 1.0 else "gemm"
         return path, None, f"the timing model measured {path} faster at every density for batch {batch}"
-    return "auto", density, "the timing model's crossover density against the last observed density"
+    return "auto", density, "the timing model's crossover density against the density the layer last recorded"
 
 
 # Predicted density above which a layer's training step on the compiled gated kernels costs

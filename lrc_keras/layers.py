@@ -69,6 +69,9 @@ class LowRankGatedDense(keras.layers.Layer):
         bias_regularizer: Regularizer for the bias vector.
         activity_regularizer: Regularizer for the output. The paper makes activations sparse,
             and so the layer cheap, with `keras.regularizers.L1(...)` here.
+        kernel_constraint: Constraint for the kernel, applied in Dense's `(input_dim, units)`
+            layout, so that Dense's constraints (e.g. `MaxNorm(axis=0)`, per unit) mean the same.
+        bias_constraint: Constraint for the bias vector.
         regularize_skipped_units: Boolean. In training, also charge the activity regularizer
             on the truly active units the gate skipped (relu(z) where the mask is off), so that
             it sees the layer's true activity relu(x·W + b), as on a Dense layer (for Keras'
@@ -121,6 +124,8 @@ class LowRankGatedDense(keras.layers.Layer):
         kernel_regularizer=None,
         bias_regularizer=None,
         activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
         inference_path="auto",
         regularize_skipped_units=True,
         training_path="auto",
@@ -154,6 +159,8 @@ class LowRankGatedDense(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
         self.inference_path = inference_path
         self.training_path = training_path
         self.regularize_skipped_units = bool(regularize_skipped_units)
@@ -176,12 +183,13 @@ class LowRankGatedDense(keras.layers.Layer):
             shape=(self.units, input_dim),
             initializer=_transposed(self.kernel_initializer),
             regularizer=self.kernel_regularizer,
+            constraint=None if self.kernel_constraint is None else _transposed_constraint(self.kernel_constraint),
         )
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(
                 name="bias", shape=(self.units,), initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
+                regularizer=self.bias_regularizer, constraint=self.bias_constraint,
             )
         # Read by compiled functions at every call, so that a margin change reaches them.
         self.gate_margin = self.add_weight(
@@ -210,7 +218,7 @@ class LowRankGatedDense(keras.layers.Layer):
         elif self.audit:
             y = self._audited_inference(x)
         else:
-            y = self._gated_inference(x)
+            y, _ = dispatch.infer(self, x)  # pure: writes no variable
         if inputs.shape.rank != 2:
             y = tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0))
         return y
@@ -257,6 +265,8 @@ class LowRankGatedDense(keras.layers.Layer):
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
             "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
+            "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+            "bias_constraint": keras.constraints.serialize(self.bias_constraint),
             "inference_path": self.inference_path,
             "regularize_skipped_units": self.regularize_skipped_units,
             "training_path": self.training_path,
@@ -281,7 +291,7 @@ class LowRankGatedDense(keras.layers.Layer):
 
         The kernel and bias are copied (the kernel transposed into the stored layout) and the
         estimator fitted by its rule, from `sample_inputs` (inputs of `dense_layer`, 2-D) where
-        the rule uses inputs. Regularizers, the name and the dtype policy carry over unless
+        the rule uses inputs. Regularizers, constraints, the name and the dtype policy carry over unless
         given in `kwargs`.
         """
         if not isinstance(dense_layer, keras.layers.Dense):
@@ -307,6 +317,8 @@ class LowRankGatedDense(keras.layers.Layer):
             "kernel_regularizer": dense_layer.kernel_regularizer,
             "bias_regularizer": dense_layer.bias_regularizer,
             "activity_regularizer": dense_layer.activity_regularizer,
+            "kernel_constraint": dense_layer.kernel_constraint,
+            "bias_constraint": dense_layer.bias_constraint,
             "dtype": dense_layer.dtype_policy,
             **kwargs,
         }
@@ -322,7 +334,7 @@ class LowRankGatedDense(keras.layers.Layer):
         """The `keras.layers.Dense(units, activation="relu")` twin with this layer's weights.
 
         It computes every unit, so its outputs equal this layer's wherever the estimator
-        selects every active unit; regularizers, the name and the dtype policy carry over.
+        selects every active unit; regularizers, constraints, the name and the dtype policy carry over.
         """
         dense = keras.layers.Dense(
             self.units,
@@ -331,6 +343,8 @@ class LowRankGatedDense(keras.layers.Layer):
             kernel_regularizer=self.kernel_regularizer,
             bias_regularizer=self.bias_regularizer,
             activity_regularizer=self.activity_regularizer,
+            kernel_constraint=self.kernel_constraint,
+            bias_constraint=self.bias_constraint,
             name=self.name,
             dtype=self.dtype_policy,
         )
@@ -363,6 +377,12 @@ class LowRankGatedDense(keras.layers.Layer):
     def current_factors(self):
         """(U, V) from one read of `estimator_factors`: always a pair one refit stored."""
         return estimators.unpack_factors(tf.convert_to_tensor(self.estimator_factors), self.kernel.shape[1], self.rank)
+
+    def gate(self, x):
+        """`(ẑ, mask)` for 2-D inputs x: the estimate (x·U)·V + b and the units the gate computes
+        (`lrc_keras.gating.gate_mask` at the layer's margin), what every reader of the gate uses."""
+        z_hat = estimators.estimate(x, *self.current_factors(), self.bias)
+        return z_hat, gating.gate_mask(z_hat, tf.cast(self.gate_margin, z_hat.dtype))
 
     @property
     def estimator_u(self):
@@ -404,7 +424,8 @@ class LowRankGatedDense(keras.layers.Layer):
 
     def _build_estimator(self, input_dim):
         self.estimator.build(self, input_dim)
-        # The density seen at the last call, which the dispatch compares with the crossover.
+        # The predicted density last recorded (in training, by measure_gates or calibrate), which
+        # the dispatch compares with the crossover. Inference writes no variable.
         self.observed_density = self.add_weight(
             name="observed_density", shape=(), initializer="zeros", dtype="float32",
             trainable=False, aggregation="only_first_replica",
@@ -460,13 +481,6 @@ class LowRankGatedDense(keras.layers.Layer):
                 f"min({input_dim}, {self.units}) = {min(input_dim, self.units)}"
             )
 
-    def _gated_inference(self, x):
-        """Inference by the implementation `lrc_keras.dispatch` chooses; records the density."""
-        y, density = dispatch.infer(self, x)
-        # Outside tf.cond: under a distribution strategy the assignment synchronises replicas.
-        self.observed_density.assign(tf.cast(density, tf.float32))
-        return y
-
     def _training_forward(self, x, batch_size):
         """Training: y by the training path, then the gate metrics, a trained estimator's loss
         and the activity penalty on skipped active units, from the first GATE_SAMPLE_ROWS rows
@@ -498,8 +512,7 @@ class LowRankGatedDense(keras.layers.Layer):
 
     def _audited_inference(self, x):
         """Inference that also computes z densely to measure the gate (`lrc_keras.set_audit`)."""
-        z_hat = estimators.estimate(x, *self.current_factors(), self.bias)
-        mask = gating.gate_mask(z_hat, tf.cast(self.gate_margin, z_hat.dtype))
+        _, mask = self.gate(x)
         z = ops.dense_preactivation(x, self.kernel, self.bias)
         self._record_gate(mask, z > 0)
         return gating.masked_relu(z, mask)
@@ -550,6 +563,15 @@ def _check_margin(margin, name=None):
 def _check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+
+
+def _transposed_constraint(constraint):
+    """Apply a constraint written for Dense's (input_dim, units) kernel to the stored (units, input_dim) one."""
+
+    def constrain(kernel):
+        return tf.transpose(constraint(tf.transpose(kernel)))
+
+    return constrain
 
 
 def _transposed(initializer):

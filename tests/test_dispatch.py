@@ -1,5 +1,6 @@
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -32,19 +33,33 @@ def test_margin_for_density_selects_that_fraction(rng, density):
     assert np.mean(z_hat > -margin) == pytest.approx(density, abs=0.011)
 
 
-def test_crossovers_are_measured_once_and_cached(tmp_path, monkeypatch):
+def test_an_unmeasured_shape_uses_the_default_crossovers_and_times_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(crossover, "_measured", {})
-    first = crossover.crossover_densities(12, 10, 2)
-    assert set(first) == set(crossover.MEASURED_BATCHES)
-    assert crossover.crossover_densities(12, 10, 2) is first  # the process remembers
+    monkeypatch.setattr(crossover, "_measure", lambda *shape: pytest.fail(f"timed {shape} unasked"))
+    assert crossover.crossover_densities(12, 10, 2) == {1: 1.0, 16: 0.3, 256: 0.2}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_measure_times_each_shape_once_and_saves_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(crossover, "_measured", {})
+    model = keras.Sequential([keras.Input((12,)), LowRankGatedDense(10, rank=2, name="a"),
+                              LowRankGatedDense(10, rank=2, name="b"), LowRankGatedDense(10, rank=3, name="c")])
+    timed = []
+    measure_one = crossover._measure
+    monkeypatch.setattr(crossover, "_measure", lambda *shape: timed.append(shape) or measure_one(*shape))
+    measured = crossover.measure(model)
+    assert timed == [(12, 10, 2), (10, 10, 2), (10, 10, 3)]
+    assert list(measured) == ["a", "b", "c"] and set(measured["a"]) == set(crossover.MEASURED_BATCHES)
+    assert crossover.crossover_densities(12, 10, 2) == measured["a"]
     # A new process (an empty memory) reads the file back instead of measuring again.
     monkeypatch.setattr(crossover, "_measured", {})
     monkeypatch.setattr(crossover, "_measure", lambda *shape: pytest.fail(f"measured {shape} again"))
-    assert crossover.crossover_densities(12, 10, 2) == first
-    # The file holds what was measured, under this TF version, device and shape.
+    assert crossover.crossover_densities(10, 10, 3) == measured["c"]
+    assert crossover.measure(model) == measured
     cached = json.loads((tmp_path / "cost_model.json").read_text())
-    assert {int(batch): value for batch, value in cached[crossover._key(12, 10, 2)].items()} == first
+    assert {int(batch): value for batch, value in cached[crossover._key(12, 10, 2)].items()} == measured["a"]
 
 
 @pytest.mark.skipif(not ops.is_compiled(), reason="the compiled paths need the compiled ops")
@@ -65,7 +80,6 @@ def test_every_inference_path_gives_the_same_numbers(rng, tmp_path, path, ops_th
     expected, mask, z_hat, _ = numpy_gated_dense(x, *weights, 0.0)
     keep = away_from_boundary(z_hat, 0.0)
     np.testing.assert_allclose(y[keep], expected[keep], rtol=1e-5, atol=1e-5)
-    assert float(layer.observed_density.numpy()) == pytest.approx(mask.mean(), abs=np.mean(~keep) + 1e-6)
 
 
 @pytest.mark.parametrize("path, observed_density, expected_ops", [
@@ -81,7 +95,7 @@ def test_the_chosen_path_runs_its_op(rng, monkeypatch, tmp_path, path, observed_
     function = tf.function(lambda x: layer(x)).get_concrete_function(tf.TensorSpec([None, 30], tf.float32))
     x = tf.constant(rng.standard_normal((8, 30)).astype(np.float32))
     function(x)  # the first call instantiates the function: keep it out of the trace
-    layer.observed_density.assign(observed_density)  # which that call overwrote with its own
+    layer.observed_density.assign(observed_density)
     assert compiled_ops_that_ran(function, x, tmp_path) == expected_ops
 
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from conftest import away_from_boundary, numpy_gated_dense
 
-from lrc_keras import LowRankGatedDense, set_audit
+from lrc_keras import LowRankGatedDense, measure_gates, set_audit
 from lrc_keras.estimators import InputSVDEstimator, JointEstimator, SVDEstimator
 from lrc_keras.callbacks import EstimatorRefit
 
@@ -268,6 +268,33 @@ def test_audit_measures_gate_in_evaluate(rng):
     assert layer.audit is False
 
 
+def test_predict_leaves_every_variable_unchanged(rng):
+    """Inference is pure: after training, predict and a direct call write no variable (the density
+    "auto" compares is the one training recorded)."""
+    model, x, y = small_classifier(rng, estimator=InputSVDEstimator(refit_every=2))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    before = [v.numpy().copy() for v in model.variables]
+    assert float(model.layers[0].observed_density.numpy()) > 0
+    model.predict(x[:33], verbose=0)
+    model(x[:5])
+    for variable, value in zip(model.variables, before):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
+
+
+def test_measure_gates_reports_the_gate_and_records_its_density(rng):
+    model, x, _ = small_classifier(rng)
+    layer = model.layers[0]
+    layer.margin = 0.3
+    (report,) = measure_gates(model, x)
+    _, mask, _, z = numpy_gated_dense(x, *weights_of(layer), 0.3)
+    assert 0.05 < mask.mean() < 0.95
+    assert report["layer"] == layer.name
+    np.testing.assert_allclose(report["predicted_density"], mask.mean(), atol=1e-6)
+    np.testing.assert_allclose(report["true_density"], (z > 0).mean(), atol=1e-6)
+    np.testing.assert_allclose(report["recall"], (mask & (z > 0)).sum() / (z > 0).sum(), atol=1e-6)
+    np.testing.assert_allclose(float(layer.observed_density.numpy()), mask.mean(), atol=1e-6)
+
+
 def test_joint_estimator_loss_improves_recall(rng):
     tf.random.set_seed(0)
     model, x, y = small_classifier(rng, estimator=JointEstimator(loss_weight=1.0))
@@ -371,6 +398,7 @@ def test_config_round_trip():
     layer = LowRankGatedDense(
         **CONSTRUCTOR_ARGUMENTS,
         kernel_regularizer=keras.regularizers.L2(1e-3), activity_regularizer=keras.regularizers.L1(1e-4),
+        kernel_constraint=keras.constraints.MaxNorm(0.5, axis=0), bias_constraint=keras.constraints.NonNeg(),
     )
     config = layer.get_config()
     for key, value in CONSTRUCTOR_ARGUMENTS.items():
@@ -381,6 +409,8 @@ def test_config_round_trip():
             assert config[key] == value, key
     assert config["kernel_regularizer"]["config"]["l2"] == pytest.approx(1e-3)
     assert config["activity_regularizer"]["config"]["l1"] == pytest.approx(1e-4)
+    assert config["kernel_constraint"]["config"]["max_value"] == 0.5
+    assert config["bias_constraint"]["class_name"] == "NonNeg"
     clone = LowRankGatedDense.from_config(config)
     for key, value in CONSTRUCTOR_ARGUMENTS.items():
         assert getattr(clone, key) == value, key
@@ -390,6 +420,24 @@ def test_config_round_trip():
 
     parameters = set(inspect.signature(LowRankGatedDense.__init__).parameters) - {"self", "kwargs"}
     assert parameters <= set(config), parameters - set(config)
+
+
+@pytest.mark.parametrize("training_path", ["dense", "gated"])
+def test_constraints_act_as_on_dense_after_each_step(rng, training_path):
+    """MaxNorm(axis=0) caps each unit's weight vector, as on Dense's (input_dim, units) kernel."""
+    model, x, y = small_classifier(rng, training_path=training_path, kernel_constraint=keras.constraints.MaxNorm(0.5, axis=0),
+                                   bias_constraint=keras.constraints.NonNeg())
+    layer = model.layers[0]
+    layer.kernel.assign(rng.standard_normal((48, 20)).astype("float32"))  # every unit far above the cap
+    layer.bias.assign(rng.standard_normal(48).astype("float32"))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    unit_norms = np.linalg.norm(layer.kernel.numpy().astype(np.float64), axis=1)
+    # At the cap after the last step's projection, or just under it where that step shrank the unit.
+    assert unit_norms.max() <= 0.5 * (1 + 1e-6) and np.median(unit_norms) > 0.49, unit_norms
+    assert layer.bias.numpy().min() == 0.0
+    dense = layer.to_dense()
+    assert dense.kernel_constraint is layer.kernel_constraint and dense.bias_constraint is layer.bias_constraint
+    assert LowRankGatedDense.from_dense(dense, rank=4).kernel_constraint is layer.kernel_constraint
 
 
 @pytest.mark.parametrize("training_path", ["dense", "gated"])

@@ -34,7 +34,7 @@ import json, os, sys
 import numpy as np
 how, export_dir, x_file, y_file, report_file = sys.argv[1:6]
 if how == "lrc_keras":
-    import lrc_keras  # registers LrcGatedDense and LrcMaskedRelu
+    import lrc_keras.ops  # registers LrcGatedDense and LrcMaskedRelu
 import tensorflow as tf
 if how == "op_library":
     tf.load_op_library(sys.argv[6])  # what a server without lrc_keras does

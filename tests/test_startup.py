@@ -13,7 +13,8 @@ import lrc_keras
 from lrc_keras import startup
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(lrc_keras.__file__))
-PACKAGE_PARENT = os.path.dirname(PACKAGE_DIR)
+PACKAGE_PARENT = os.path.dirname(PACKAGE_DIR)  # the package under test: this tree's, or the installed copy in CI
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def python(code, cwd, **env):
@@ -116,7 +117,7 @@ def banner_lines(stderr):
 
 
 @pytest.mark.parametrize("command", [["-m", "lrc_keras.benchmark"], ["-m", "lrc_keras.benchmark_gated_training"],
-                                     [os.path.join(PACKAGE_PARENT, "examples", "mnist.py")]],
+                                     [os.path.join(REPOSITORY, "examples", "mnist.py")]],
                          ids=["benchmark", "benchmark_gated_training", "mnist"])
 def test_commands_start_quietly(tmp_path, command):
     # TF_CPP_MIN_LOG_LEVEL unset: the command sets 1, which hides TensorFlow's INFO banner.
@@ -174,22 +175,22 @@ def test_public_names_whatever_is_imported_first(tmp_path):
     assert returncode == 0, stderr
     assert dict(zip(sorted(lrc_keras.__all__), stdout.split())) == {
         "LowRankGatedDense": "type", "calibrate": "function", "callbacks": "module", "convert": "function",
-        "measure_gates": "function", "ops": "module", "quiet_start": "function", "set_audit": "function",
+        "crossover": "module", "measure_gates": "function", "ops": "module", "quiet_start": "function", "set_audit": "function",
         "to_dense": "function"}
 
 
 def readme_quickstart():
-    readme = open(os.path.join(PACKAGE_PARENT, "README.md")).read()
+    readme = open(os.path.join(REPOSITORY, "README.md")).read()
     quickstart = readme[readme.index("## Quickstart"):]
     start = quickstart.index("```python\n") + len("```python\n")
     return quickstart[start:quickstart.index("\n```", start)]
 
 
 def test_readme_quickstart_as_pasted_prints_no_banner(tmp_path):
-    # Started in the repository's folder, which the README's install (`pip install -e .`) builds the op into.
+    # The package under test on the import path, as an install puts it there.
     script = tmp_path / "quickstart.py"
     script.write_text(readme_quickstart())
-    returncode, stdout, stderr = python(f"exec(open({str(script)!r}).read())", PACKAGE_PARENT)
+    returncode, stdout, stderr = python(f"exec(open({str(script)!r}).read())", tmp_path, PYTHONPATH=PACKAGE_PARENT)
     assert returncode == 0, stderr
     assert banner_lines(stderr) == [], stderr
     assert re.search(r"^test accuracy 0\.\d{3}$", stdout, re.MULTILINE) and "hidden_1: density" in stdout, stdout

@@ -32,15 +32,18 @@ def test_measuring_the_timing_model_logs_no_retracing_warning(monkeypatch, tmp_p
     """The timing model traces one graph per timed function on purpose: no "retracing" noise."""
     import logging
 
-    from lrc_keras import crossover
+    from lrc_keras import LowRankGatedDense, crossover
 
     monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(crossover, "_measured", {})
+    layer = LowRankGatedDense(7, rank=2)
+    layer.build((None, 9))
     records = []
     handler = logging.Handler()
     handler.emit = records.append
     tf.get_logger().addHandler(handler)
     try:
-        crossover.crossover_densities(9, 7, 2)
+        crossover.measure(layer)
     finally:
         tf.get_logger().removeHandler(handler)
     assert not [r.getMessage() for r in records if "retracing" in r.getMessage()]
