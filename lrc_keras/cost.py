@@ -2,7 +2,7 @@
 
 A `d → n` dense layer costs `d·n` multiply-adds a row; the gated layer costs the estimate
 `r·(d + n)` plus the computed units `ρ·d·n`, ρ the predicted density. These counts are the
-upper bound on any measured speed-up (`lrc_keras.benchmark` prints both side by side), and what
+upper bound on any measured speed-up (`benchmarks/benchmark.py` prints both side by side), and what
 `calibrate` minimises.
 """
 

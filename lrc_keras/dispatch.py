@@ -77,7 +77,7 @@ def choose_path(requested, dtype, input_dim, units, rank, batch, device=None):
 
 # Predicted density above which a layer's training step on the compiled gated kernels costs
 # about as much as on the GEMMs: where the two break even for the 784→1000 and 1000→1000 layers
-# measured by `python -m lrc_keras.benchmark_gated_training` (BENCHMARKS.md); wider layers
+# measured by `python benchmarks/gated_layer_step.py` (BENCHMARKS.md); wider layers
 # break even later.
 GATED_TRAINING_MAX_DENSITY = 0.5
 

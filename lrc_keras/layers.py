@@ -32,7 +32,7 @@ class LowRankGatedDense(keras.layers.Layer):
     (`lrc_keras.gated_training`). Either way a few sampled rows of each batch are computed
     densely for the gate metrics, the skipped-unit penalty and a trained estimator's loss.
     BENCHMARKS.md gives the cost of a training step of each against its Dense twin, measured
-    with `python -m lrc_keras.benchmark --training`. The task's gradients reach W and b only
+    with `python benchmarks/benchmark.py --training`. The task's gradients reach W and b only
     through computed units; the activity penalty also reaches the active units the gate skipped
     (`regularize_skipped_units`) and pushes them below zero.
     Inference runs the compiled op (`lrc_keras.dispatch` chooses the implementation), which

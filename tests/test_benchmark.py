@@ -1,10 +1,15 @@
 import itertools
 import json
+import os
 import re
+import sys
 
 import pytest
 
-from lrc_keras import benchmark
+# The benchmarks are commands in the repository's benchmarks/ folder, not modules of the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import benchmark  # noqa: E402
+import gated_layer_step  # noqa: E402
 
 
 def test_benchmark_table_rows(tmp_path, monkeypatch):
@@ -59,11 +64,10 @@ def test_benchmark_help_names_every_default(capsys):
     assert "benchmark_inference.json" in text and "benchmark_training.json" in text and "(default: None)" not in text
 
 
-def test_benchmark_gated_training_help_documents_every_option(capsys):
-    from lrc_keras import benchmark_gated_training
+def test_gated_layer_step_help_documents_every_option(capsys):
 
     with pytest.raises(SystemExit):
-        benchmark_gated_training.main(["--help"])
+        gated_layer_step.main(["--help"])
     options = capsys.readouterr().out.split("options:")[1]
     entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  --)", options)[1:]]
     assert [entry.split()[0] for entry in entries] == ["--batch", "--repeats", "--calls", "--out"]

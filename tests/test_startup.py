@@ -116,9 +116,10 @@ def banner_lines(stderr):
             if (ABSL_LINE.match(line) and line[0] == "I") or "absl::InitializeLog" in line or "cuInit" in line]
 
 
-@pytest.mark.parametrize("command", [["-m", "lrc_keras.benchmark"], ["-m", "lrc_keras.benchmark_gated_training"],
+@pytest.mark.parametrize("command", [[os.path.join(REPOSITORY, "benchmarks", "benchmark.py")],
+                                     [os.path.join(REPOSITORY, "benchmarks", "gated_layer_step.py")],
                                      [os.path.join(REPOSITORY, "examples", "mnist.py")]],
-                         ids=["benchmark", "benchmark_gated_training", "mnist"])
+                         ids=["benchmark", "gated_layer_step", "mnist"])
 def test_commands_start_quietly(tmp_path, command):
     # TF_CPP_MIN_LOG_LEVEL unset: the command sets 1, which hides TensorFlow's INFO banner.
     done = subprocess.run([sys.executable, *command, "--help"], cwd=tmp_path, capture_output=True,

@@ -1,4 +1,4 @@
-"""python -m lrc_keras.benchmark_gated_training: one training step of a layer, gated against Dense.
+"""python benchmarks/gated_layer_step.py: one training step of a layer, gated against Dense.
 
 For each layer shape and predicted density ρ (set exactly through the margin), at one batch size,
 it times inside tf.function (lrc_keras.timing: many calls per graph, interleaved, medians)
@@ -134,12 +134,12 @@ HEADER = (
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m lrc_keras.benchmark_gated_training", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python benchmarks/gated_layer_step.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--batch", type=int, default=128, help="rows per training step")
     parser.add_argument("--repeats", type=int, default=7, help="timed graphs per row; the median is reported")
     parser.add_argument("--calls", type=int, default=10, help="calls per timed graph")
-    parser.add_argument("--out", default="benchmark_gated_training.json", help="where to save the rows as JSON")
+    parser.add_argument("--out", default="gated_layer_step.json", help="where to save the rows as JSON")
     args = parser.parse_args(argv)
     if not ops.is_compiled():
         parser.error("the compiled ops are not loaded; there is no gated training path to time")

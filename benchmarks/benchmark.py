@@ -1,4 +1,4 @@
-"""python -m lrc_keras.benchmark: gated inference (or, with --training, a training step) against Dense.
+"""python benchmarks/benchmark.py: gated inference (or, with --training, a training step) against Dense.
 
 For each layer shape, batch size and predicted density ρ (set exactly through the margin), it
 times Dense and LowRankGatedDense inference inside tf.function (many calls per graph, the two
@@ -250,7 +250,7 @@ MODE_OPTIONS = {"inference": {"repeats": 9, "calls": 20}, "training": {"rounds":
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m lrc_keras.benchmark", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/benchmark.py", description=__doc__.split("\n")[0])
     parser.add_argument("--npz", default=None,
                         help="MNIST arrays (x uint8 [N, 28, 28], y [N]) for the trained-layer rows, and with "
                         "--training for training the 784 network before timing it (default: none, synthetic "
