@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from lrc_keras import density_target
 from lrc_keras import dispatch
 from lrc_keras import estimators
 from lrc_keras import gated_training
@@ -14,6 +15,7 @@ from lrc_keras import gating
 from lrc_keras import ops
 from lrc_keras.inputs import checked_sample_inputs
 from lrc_keras.metrics import GateStatistics
+from lrc_keras.metrics import LatestValue
 from lrc_keras.metrics import confusion_counts
 
 
@@ -45,7 +47,7 @@ class LowRankGatedDense(keras.layers.Layer):
     `ẑ = (x·U)·V + bias`. `current_factors()` returns (U, V) from one read; `estimator_u` and
     `estimator_v` read one each. The layer's `gate_margin` and `estimator_rank` come before the
     factors (they outlive `set_rank`), the estimator's own state after them
-    (`lrc_keras.estimators`), then `observed_density`.
+    (`lrc_keras.estimators`), then `observed_density`, then a density target's `density_penalty`.
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -88,6 +90,10 @@ class LowRankGatedDense(keras.layers.Layer):
             there). The gated kernels are float32 only: other dtypes train by "dense", with a
             warning. On a GPU, a CUDA kernel that fails its first-use self-check
             (`lrc_keras.kernel_check`) is replaced by the TensorFlow path, with a warning.
+        target_density: None, a number in (0, 1] or a `lrc_keras.density_target.DensityTarget`:
+            the predicted density to train to. An L1 activity penalty whose strength (the
+            non-trainable `density_penalty`) adapts at every training step until the gate
+            computes that share of the units; it adds to `activity_regularizer`'s penalty.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`. float32 runs the
             compiled ops; other compute dtypes (bfloat16, float16, the mixed policies) work
             through plain TensorFlow, with a warning at the first call. The estimator is fitted
@@ -102,7 +108,8 @@ class LowRankGatedDense(keras.layers.Layer):
     Metrics: `fit` logs `{name}_sign_accuracy`, `_recall`, `_precision`,
     `_false_negative_rate`, `_predicted_density` and `_true_density` (they need the dense z:
     measured in training on the first 32 rows of each batch, and in inference on every row,
-    only while `layer.audit` is True).
+    only while `layer.audit` is True); with a density target, `{name}_density_penalty` (the
+    strength at the end of the epoch).
 
     Example:
 
@@ -129,6 +136,7 @@ class LowRankGatedDense(keras.layers.Layer):
         inference_path="auto",
         regularize_skipped_units=True,
         training_path="auto",
+        target_density=None,
         **kwargs,
     ):
         moved = sorted(set(kwargs) & set(_MOVED_TO_ESTIMATOR))
@@ -164,7 +172,10 @@ class LowRankGatedDense(keras.layers.Layer):
         self.inference_path = inference_path
         self.training_path = training_path
         self.regularize_skipped_units = bool(regularize_skipped_units)
+        self.target_density = density_target.get(target_density)
         self.gate_metric = GateStatistics(prefix=f"{self.name}_")
+        if self.target_density is not None:
+            self.density_penalty_metric = LatestValue(f"{self.name}_density_penalty")
         self.audit = False  # lrc_keras.set_audit: measure the gate in inference too
         self.captured_inputs = None  # a list while lrc_keras.audit.capture_inputs records inputs
         self.supports_jit = False  # custom ops have no XLA kernel
@@ -270,6 +281,7 @@ class LowRankGatedDense(keras.layers.Layer):
             "inference_path": self.inference_path,
             "regularize_skipped_units": self.regularize_skipped_units,
             "training_path": self.training_path,
+            "target_density": keras.saving.serialize_keras_object(self.target_density),
         }
         return {**base_config, **config}
 
@@ -430,6 +442,8 @@ class LowRankGatedDense(keras.layers.Layer):
             name="observed_density", shape=(), initializer="zeros", dtype="float32",
             trainable=False, aggregation="only_first_replica",
         )
+        if self.target_density is not None:
+            self.target_density.build(self)
 
     def _check_traced_rank(self):
         """Functions traced before a `set_rank` hold the old factors: make them fail clearly.
@@ -498,16 +512,21 @@ class LowRankGatedDense(keras.layers.Layer):
         mask = tf.stop_gradient(gating.gate_mask(z_hat, margin))
         # y and skipped never overlap, so their sum is relu(z) on the sampled rows.
         positive = tf.stop_gradient(y[rows] + skipped) > 0
-        self._record_gate(mask, positive)
+        counts = self._record_gate(mask, positive)
         if self.estimator.trainable:
             self.add_loss(self.estimator.loss(self, z_hat, positive))
+        # Keras charges the output and divides by the batch size; the skipped units are charged
+        # on the sampled rows scaled to the whole batch: the same penalty and gradient in
+        # expectation (for additive regularizers such as L1 and L2) for a fraction of the work.
+        skipped = tf.cast(skipped, tf.float32)
+        scale = tf.cast(tf.shape(x)[0], tf.float32) / tf.cast(tf.shape(skipped)[0] * batch_size, tf.float32)
         if self.regularize_skipped_units and self.activity_regularizer is not None:
-            # Keras charges the output and divides by the batch size; this charges the rest, on
-            # the sampled rows scaled to the whole batch: the same penalty and gradient in
-            # expectation (for additive regularizers such as L1 and L2) for a fraction of the work.
-            skipped = tf.cast(skipped, tf.float32)
-            scale = tf.cast(tf.shape(x)[0], tf.float32) / tf.cast(tf.shape(skipped)[0] * batch_size, tf.float32)
             self.add_loss(self.activity_regularizer(skipped) * scale)
+        if self.target_density is not None:
+            activity = tf.reduce_sum(tf.cast(y, tf.float32)) / tf.cast(batch_size, tf.float32)
+            if self.regularize_skipped_units:
+                activity += tf.reduce_sum(skipped) * scale
+            self.add_loss(self.target_density.penalty(self, counts, activity))
         return y
 
     def _audited_inference(self, x):
@@ -518,10 +537,12 @@ class LowRankGatedDense(keras.layers.Layer):
         return gating.masked_relu(z, mask)
 
     def _record_gate(self, mask, positive):
+        """Counts (tp, fp, fn, tn) into the gate metrics and the observed density; returns them."""
         counts = confusion_counts(mask, positive)
         self.gate_metric.add_counts(counts)
         # tp + fp over all entries: the density, without another pass over the mask.
         self.observed_density.assign(tf.cast((counts[0] + counts[1]) / tf.reduce_sum(counts), tf.float32))
+        return counts
 
 
 # Rows of each training batch whose z the gate metrics, the skipped-unit penalty and a trained

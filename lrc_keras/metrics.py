@@ -73,3 +73,27 @@ class GateStatistics(keras.metrics.Metric):
 
     def get_config(self):
         return {"prefix": self.prefix, "name": self.name}
+
+
+class LatestValue(keras.metrics.Metric):
+    """The last value given to `update_state` since the last reset, NaN before any: how `fit` logs a
+    layer's state, such as a density target's penalty strength (`{layer}_density_penalty`), once per epoch."""
+
+    def __init__(self, name, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.value = self.add_variable(
+            shape=(), initializer=keras.initializers.Constant(float("nan")), dtype="float32", name="value",
+            aggregation="mean",
+        )
+
+    def update_state(self, value):
+        self.value.assign(tf.cast(value, tf.float32))
+
+    def reset_state(self):
+        self.value.assign(float("nan"))
+
+    def result(self):
+        return tf.convert_to_tensor(self.value)
+
+    def get_config(self):
+        return {"name": self.name}
