@@ -46,6 +46,17 @@ def seed_list(text):
     return values
 
 
+def density_list(text):
+    """Comma-separated densities, each in (0, 1]."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0 < value <= 1 for value in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1], got {text!r}")
+    return values
+
+
 def estimator_list(text):
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [name for name in names if name not in ESTIMATORS]
@@ -122,6 +133,10 @@ class ExampleParser(argparse.ArgumentParser):
                               const=False, default=None,
                               help="charge --l1 on the gated output only, as the paper does (default: also on "
                               "the active units the gate skipped)")
+            self.add_argument("--target-density", type=density_list, default=None,
+                              help="train the gated layers to this predicted density, one value for all or one per "
+                              "hidden layer: an L1 activity penalty whose strength adapts in training, added to --l1's "
+                              "(default: no target)")
             self.add_argument("--seeds", type=seed_list, default=None,
                               help="train every network once per seed, e.g. 0,1,2, and report mean ± std "
                               "(default: --seed; --seeds overrides it)")
@@ -143,6 +158,11 @@ class ExampleParser(argparse.ArgumentParser):
             self.error(
                 f"--ranks needs 1 or {len(parsed.hidden)} values (one per hidden layer), "
                 f"got {','.join(map(str, parsed.ranks))}"
+            )
+        if parsed.target_density and len(parsed.target_density) not in (1, len(parsed.hidden)):
+            self.error(
+                f"--target-density needs 1 or {len(parsed.hidden)} values (one per hidden layer), "
+                f"got {','.join(map(str, parsed.target_density))}"
             )
         parsed.seeds = parsed.seeds or [parsed.seed]
         parsed.logdir = parsed.logdir or run_folder(self.dataset_name)

@@ -34,12 +34,15 @@ def run(args, dataset, data):
             runs.append(train_and_measure(args, dataset, data, seed, per_layer(args.ranks, args.hidden), estimator))
     summary = report.summarise(runs)
     print("\n" + report.summary_text(summary))
+    print("\n".join(report.training_time_lines(runs, summary)))
     with open(os.path.join(args.logdir, "summary.md"), "w") as f:
         f.write(report.summary_table(summary) + "\n")
     report.write_summary_csv(summary, os.path.join(args.logdir, "summary.csv"))
     report.write_runs_csv(runs, os.path.join(args.logdir, "runs.csv"))
     report.plot_error_against_speedup(runs, os.path.join(args.logdir, "error_vs_speedup.png"))
     report.plot_gates_over_epochs(runs, os.path.join(args.logdir, "gates_over_epochs.png"))
+    if report.plot_density_targets(runs, os.path.join(args.logdir, "density_targets.png")):
+        print(f"\nwrote {args.logdir}/density_targets.png: each layer's density and penalty strength over epochs")
     print(f"\nwrote to {args.logdir}/: summary.md (the table as Markdown), summary.csv (mean and std over seeds), "
           "runs.csv (one line per run),\n  error_vs_speedup.png, gates_over_epochs.png, and TensorBoard logs: "
           f"tensorboard --logdir {args.logdir}")
@@ -69,7 +72,7 @@ def sweep(args, dataset, data):
 
 
 def per_layer(ranks, hidden):
-    """--ranks as one rank per hidden layer (a single value applies to all)."""
+    """--ranks (or --target-density) as one value per hidden layer (a single value applies to all)."""
     return ranks * len(hidden) if len(ranks) == 1 else ranks
 
 
@@ -94,7 +97,9 @@ def train_and_measure(args, dataset, data, seed, ranks=None, estimator=None, nam
     # A gated layer's estimator starts from an SVD of its kernel: seconds for SVHN's 3072x4000 layer.
     with progress.Phase(f"\nbuilding the {'gated' if ranks else 'Dense'} network"):
         model = models.build_network(x_train.shape[1], dataset.classes, args.hidden, ranks, gate_options,
-                                     l1=args.l1, dropout=args.dropout, learning_rate=args.learning_rate)
+                                     l1=args.l1, dropout=args.dropout, learning_rate=args.learning_rate,
+                                     target_densities=ranks and args.target_density and per_layer(
+                                         args.target_density, args.hidden))
     gated = gated_layers(model)
     network = f"{dataset.name}_{'gated' if gated else 'dense'}"
     estimator = gated[0].estimator.name if gated else None
@@ -110,14 +115,15 @@ def train_and_measure(args, dataset, data, seed, ranks=None, estimator=None, nam
         # the val_* gate metrics (logs and TensorBoard) instead of reporting them as NaN.
         lrc_keras.set_audit(model, True)
     # Last, so that each epoch's time includes the other callbacks' work at its end.
-    callbacks.append(progress.EpochLine(args.epochs))
+    epoch_line = progress.EpochLine(args.epochs)
+    callbacks.append(epoch_line)
     history = model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
                         validation_data=(x_test, y_test), callbacks=callbacks, verbose=0)
     with progress.Phase(f"evaluating it on the {len(x_test)} test rows"):
         accuracy = model.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"]
     run = {"run": name, "network": network, "estimator": estimator, "seed": seed,
            "rank": None if ranks is None else ",".join(map(str, ranks)), "test_error": 1.0 - accuracy,
-           "history": history.history, "layers": [], "model": model}
+           "history": history.history, "epoch_seconds": epoch_line.training_seconds, "layers": [], "model": model}
     print(f"test error {100 * run['test_error']:.2f}%", flush=True)
     if gated:
         lrc_keras.set_audit(model, False)  # an audited network computes every unit: not what we time

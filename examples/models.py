@@ -6,13 +6,14 @@ from lrc_keras import LowRankGatedDense
 
 
 def build_network(input_dim, classes, hidden, ranks=None, gate_options=None, l1=0.0, dropout=0.0,
-                  learning_rate=1e-3):
+                  learning_rate=1e-3, target_densities=None):
     """Hidden layers `hidden_<i>` are LowRankGatedDense of rank `ranks[i]` when `ranks` is given, Dense otherwise.
 
     `gate_options`: further LowRankGatedDense arguments (estimator, margin); what it
     leaves out takes the layer's default. `l1` is the paper's activity penalty, which makes the
     hidden activations sparse and so the gated layers cheap; it applies to both kinds of network
-    so that they are compared at the same sparsity pressure.
+    so that they are compared at the same sparsity pressure. `target_densities`: one density
+    target per gated layer (None: none), whose penalty adds to `l1`'s.
     """
     layers = [keras.Input((input_dim,))]
     for index, units in enumerate(hidden):
@@ -21,8 +22,9 @@ def build_network(input_dim, classes, hidden, ranks=None, gate_options=None, l1=
             layers.append(keras.layers.Dense(units, activation="relu", activity_regularizer=regularizer,
                                              name=f"hidden_{index}"))
         else:
+            target = target_densities[index] if target_densities else None
             layers.append(LowRankGatedDense(units, rank=ranks[index], activity_regularizer=regularizer,
-                                            name=f"hidden_{index}", **(gate_options or {})))
+                                            target_density=target, name=f"hidden_{index}", **(gate_options or {})))
         if dropout:
             layers.append(keras.layers.Dropout(dropout))
     layers.append(keras.layers.Dense(classes, name="logits"))

@@ -58,6 +58,7 @@ class EpochLine(keras.callbacks.Callback):
     def __init__(self, epochs):
         super().__init__()
         self.epochs = epochs
+        self.training_seconds = []  # each epoch's training time, validation left out: the reports' "s/epoch"
 
     def on_train_begin(self, logs=None):
         self.units = {layer.name: layer.units for layer in gated_layers(self.model)}
@@ -70,9 +71,15 @@ class EpochLine(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
+        self.trained = None
+
+    def on_test_begin(self, logs=None):
+        if self.trained is None:  # fit's validation: the epoch's training is over
+            self.trained = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self.started
+        self.training_seconds.append((self.trained or time.perf_counter()) - self.started)
         parts = [f"epoch {epoch + 1:>{len(str(self.epochs))}}/{self.epochs}", f"{seconds:5.1f} s",
                  "train:", *self.figures(logs, "")]
         validation = self.figures(logs, "val_")

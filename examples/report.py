@@ -2,7 +2,8 @@
 
 A run is a dict made by `experiment.train_and_measure`: "run" (its log directory), "network",
 "estimator" (None for Dense), "seed", "rank", "test_error", "history" (`fit`'s logs per epoch),
-"layers" (lrc_keras.measure_gates reports; empty for Dense), and for gated runs
+"epoch_seconds" (each epoch's training time, from progress.EpochLine), "layers"
+(lrc_keras.measure_gates reports; empty for Dense), and for gated runs
 "cost_model_speedup" and "speed" (measure.speedups against the Dense twin: the reference is
 "dense", the model "gated").
 """
@@ -20,9 +21,12 @@ SPEED_HEADINGS = {"in_graph": "in-graph", "call": "tf.function call", "predict":
 
 def run_metrics(run):
     """The run's numbers by column name: what the per-run CSV holds and what is averaged over seeds."""
-    metrics = {"test_error": run["test_error"]}
+    metrics = {"test_error": run["test_error"], "training_seconds": float(np.sum(run["epoch_seconds"]))}
     for report in run["layers"]:
         metrics.update({f"{report['layer']}_{key}": report[key] for key in LAYER_METRICS})
+        penalty = run["history"].get(f"{report['layer']}_density_penalty")
+        if penalty:  # a density target's strength at the end of training
+            metrics[f"{report['layer']}_density_penalty"] = penalty[-1]
     if run["layers"]:
         metrics["cost_model_speedup"] = run["cost_model_speedup"]
         for batch, speed in run["speed"].items():
@@ -65,6 +69,39 @@ def summarise(runs):
                         "layers": [report["layer"] for report in members[0]["layers"]],
                         "batches": list(members[0].get("speed", {})), "statistics": statistics})
     return summary
+
+
+def paired_against_dense(runs):
+    """Per gated (network, estimator): (mean, standard error, seeds) of its test error minus Dense's
+    on the same seeds; empty without Dense runs."""
+    dense = {run["seed"]: run["test_error"] for run in runs if not run["layers"]}
+    differences = {}
+    for run in runs:
+        if run["layers"] and run["seed"] in dense:
+            differences.setdefault((run["network"], run["estimator"]), []).append(run["test_error"] - dense[run["seed"]])
+    return {key: (float(np.mean(values)), spread(values) / np.sqrt(len(values)), len(values))
+            for key, values in differences.items()}
+
+
+def training_time_lines(runs, summary):
+    """Each network's training time (the sum of its epochs', validation left out) per epoch, and
+    against Dense's where Dense was trained; the gated networks' error minus Dense's, paired by seed."""
+    groups = {(group["network"], group["estimator"]): group["statistics"] for group in summary}
+    dense = next((statistics for (_, estimator), statistics in groups.items() if estimator is None), None)
+    paired = paired_against_dense(runs)
+    epochs = len(runs[0]["epoch_seconds"])
+    lines = []
+    for (network, estimator), statistics in groups.items():
+        name = network + (f", estimator {estimator}" if estimator else "")
+        seconds = statistics["training_seconds"][0]
+        line = f"{name}: training {seconds / epochs:.2f} s/epoch"
+        if dense is not None and statistics is not dense:
+            line += f" ({seconds / dense['training_seconds'][0]:.2f}x Dense's)"
+        if (network, estimator) in paired:
+            mean, error, count = paired[(network, estimator)]
+            line += f"; test error minus Dense's, paired over {count} seeds: {100 * mean:+.2f} ± {100 * error:.2f} pt (s.e.)"
+        lines.append(line)
+    return lines
 
 
 def write_summary_csv(summary, path):
@@ -296,6 +333,41 @@ def plot_gates_over_epochs(runs, path):
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_density_targets(runs, path):
+    """Per gated network trained to a density target, each layer's predicted density (training batches)
+    and its penalty's strength after every epoch, mean over seeds."""
+    plt = _pyplot()
+    groups = {key: members for key, members in _groups(runs).items()
+              if members[0]["layers"] and f"{members[0]['layers'][0]['layer']}_density_penalty" in members[0]["history"]}
+    if not groups:
+        return False
+    figure, axes = plt.subplots(2, len(groups), figsize=(max(7, 5 * len(groups)), 6.5), squeeze=False, sharex=True)
+    for column, ((network, estimator, rank), members) in enumerate(groups.items()):
+        density_axis, strength_axis = axes[0][column], axes[1][column]
+        for index, report in enumerate(members[0]["layers"]):
+            layer = report["layer"]
+            for axis, key in ((density_axis, "predicted_density"), (strength_axis, "density_penalty")):
+                values = np.array([run["history"][f"{layer}_{key}"] for run in members])
+                epochs = np.arange(1, values.shape[1] + 1)
+                axis.plot(epochs, values.mean(axis=0), "o-", markersize=4, color=f"C{index}", label=layer)
+                if len(members) > 1:
+                    axis.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=f"C{index}", alpha=0.15)
+        density_axis.set_title(f"{network}, {_label(network, estimator, rank, False)}", fontsize=10)
+        density_axis.set_ylabel("predicted density")
+        density_axis.grid(alpha=0.3)
+        strength_axis.set_yscale("log")
+        strength_axis.set_ylabel("penalty strength")
+        strength_axis.set_xlabel("epoch")
+        strength_axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle("Density targets: each layer's density and its L1 strength over training"
+                    + ("; band: seeds' range" if max(len(m) for m in groups.values()) > 1 else ""))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
 
 
 def plot_stages(accuracies, speeds, path, kind="in_graph"):
