@@ -97,6 +97,7 @@ def test_multi_worker_workers_end_identical(trained):
         if not name.endswith("observed_density"):  # each worker's own last batch half: see below
             np.testing.assert_array_equal(worker0[name], worker1[name], err_msg=name)
     assert worker0["sequential/gated_input_svd/training_steps"] == STEPS  # 6 refits of each layer
+    assert worker0["sequential/gated_svd/density_penalty"] > 2e-4, "the density target's strength adapted (from 1e-4)"
 
 
 def test_multi_worker_matches_one_process(trained):
