@@ -336,8 +336,8 @@ def plot_gates_over_epochs(runs, path):
 
 
 def plot_density_targets(runs, path):
-    """Per gated network trained to a density target, each layer's predicted density (training batches)
-    and its penalty's strength after every epoch, mean over seeds."""
+    """Per gated network trained to a density target, each layer's predicted density (training batches,
+    its target dotted) and its penalty's strength after every epoch, mean over seeds; False if none was."""
     plt = _pyplot()
     groups = {key: members for key, members in _groups(runs).items()
               if members[0]["layers"] and f"{members[0]['layers'][0]['layer']}_density_penalty" in members[0]["history"]}
@@ -354,6 +354,8 @@ def plot_density_targets(runs, path):
                 axis.plot(epochs, values.mean(axis=0), "o-", markersize=4, color=f"C{index}", label=layer)
                 if len(members) > 1:
                     axis.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=f"C{index}", alpha=0.15)
+            target = members[0]["model"].get_layer(layer).target_density.target
+            density_axis.axhline(target, color=f"C{index}", linestyle=":", linewidth=1)
         density_axis.set_title(f"{network}, {_label(network, estimator, rank, False)}", fontsize=10)
         density_axis.set_ylabel("predicted density")
         density_axis.grid(alpha=0.3)
@@ -362,8 +364,8 @@ def plot_density_targets(runs, path):
         strength_axis.set_xlabel("epoch")
         strength_axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    figure.suptitle("Density targets: each layer's density and its L1 strength over training"
-                    + ("; band: seeds' range" if max(len(m) for m in groups.values()) > 1 else ""))
+    figure.suptitle("Each layer's density (dotted: its target) and L1 strength"
+                    + ("; band: seeds' range" if max(len(m) for m in groups.values()) > 1 else ""), fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -316,6 +316,33 @@ def test_seeds_report_mean_and_std_of_the_per_seed_runs(tmp_path):
             assert cells[6] == ", ".join(shown(f"hidden_{i}_true_density") for i in range(2))
 
 
+def test_target_density_trains_each_layer_to_its_target_and_reports_times(tmp_path, capsys):
+    npz = tiny_npz(tmp_path / "digits.npz")
+    runs = mnist.main(TINY + ["--npz", npz, "--baseline", "--seeds", "0,1", "--epochs", "2", "--target-density",
+                              "0.3,0.2", "--speed-batches", "1", "--logdir", str(tmp_path)])
+    gated = [run for run in runs if run["layers"]]
+    assert [layer.target_density.target for layer in gated_layers(gated[0]["model"])] == [0.3, 0.2]
+    assert all(layer.target_density is None for layer in gated_layers(runs[0]["model"]))  # Dense has none
+    for run in runs:
+        assert len(run["epoch_seconds"]) == 2 and all(seconds > 0 for seconds in run["epoch_seconds"])
+    strengths = gated[0]["history"]["hidden_1_density_penalty"]
+    assert len(strengths) == 2 and all(np.isfinite(strengths))
+    with open(tmp_path / "runs.csv") as f:
+        per_run = list(csv.DictReader(f))
+    for row, run in zip(per_run, runs):
+        assert float(row["training_seconds"]) == pytest.approx(sum(run["epoch_seconds"]), rel=1e-12)
+    assert float(per_run[1]["hidden_1_density_penalty"]) == strengths[-1]
+    out = capsys.readouterr().out
+    dense_seconds = np.mean([sum(run["epoch_seconds"]) for run in runs if not run["layers"]])
+    gated_seconds = np.mean([sum(run["epoch_seconds"]) for run in gated])
+    assert f"mnist_dense: training {dense_seconds / 2:.2f} s/epoch\n" in out
+    differences = [g["test_error"] - d["test_error"] for d, g in zip(runs[::2], runs[1::2])]
+    assert (f"training {gated_seconds / 2:.2f} s/epoch ({gated_seconds / dense_seconds:.2f}x Dense's); test error "
+            f"minus Dense's, paired over 2 seeds: {100 * np.mean(differences):+.2f} ± "
+            f"{100 * np.std(differences, ddof=1) / np.sqrt(2):.2f} pt") in out
+    assert (tmp_path / "density_targets.png").stat().st_size > 1000
+
+
 def test_npz_split_holds_out_a_seeded_quarter(tmp_path):
     x = np.arange(40, dtype=np.uint8)[:, None, None] * np.ones((1, 28, 28), np.uint8)  # image i is all i
     np.savez(tmp_path / "digits.npz", x=x, y=np.arange(40) % 10)
@@ -406,6 +433,8 @@ def test_bad_flags_are_rejected(capsys):
         (["--seeds", "0,-1"], "--seeds: expected distinct non-negative integers, got '0,-1'"),
         (["--seeds", "1,1"], "--seeds: expected distinct non-negative integers, got '1,1'"),
         (["--refit-every", "0"], "--refit-every: expected a positive integer, got '0'"),
+        (["--target-density", "0.1,1.5"], "--target-density: expected comma-separated numbers in (0, 1], got '0.1,1.5'"),
+        (["--target-density", "0.1,0.2,0.3"], "--target-density needs 1 or 2 values (one per hidden layer), got 0.1,0.2,0.3"),
         (["--sweep-ranks", "2,4", "--seeds", "0,1"],
          "--sweep-ranks trains one network per rank for one seed and one estimator, got --seeds 0,1"),
     ],
