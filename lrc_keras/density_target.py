@@ -3,14 +3,17 @@ computes a chosen share of its units.
 
 `LowRankGatedDense(4000, rank=50, target_density=0.05)` (or `target_density=DensityTarget(0.05, ...)`)
 adds to the training loss `strength · Σ|y| / batch` (and, with `regularize_skipped_units`, the same on the
-sampled active units the gate skipped), where `strength` is the layer's non-trainable `density_penalty`
-variable. After every training step the strength moves by a factor `exp(±rate)` at most, towards more
-penalty while the predicted density of the step's sampled rows is above the target and less while it is
-below: `strength ← strength · exp(rate · clip(log(ρ / target), -1, 1))`, kept within
-[MIN_STRENGTH, MAX_STRENGTH]. Starting small and growing a few percent a step, the penalty rises
-gradually, as ProSparse's does, and holds where the density meets the target. Under a distribution
-strategy the step's gate counts are summed over every replica and worker first, so all compute the same
-strength from the global batch.
+sampled active units the gate skipped). At every training step, from the gate's counts on the sampled rows:
+- the base strength, the layer's non-trainable `density_penalty` variable, moves by
+  `exp(rate · clip(log(ρ / target), -1, 1))`, ρ the predicted density: up while the gate computes more than
+  the target, down while it computes less. It starts at `initial_strength` and grows a few percent a step at
+  most, so the penalty rises gradually, as ProSparse's does; it is what holds ρ at the target in the end.
+- the step's strength is `base · exp(gain · clip(log(active / target), -3, 3))`, from the share of units
+  active (z > 0). The penalty moves the active units at once, the gate only as the estimator is refitted:
+  this factor strengthens the penalty while the layer is far above its target and eases it as the target
+  nears, so that the base, which follows the lagging gate, winds up less and overshoots less.
+Both stay within [MIN_STRENGTH, MAX_STRENGTH]. Under a distribution strategy the counts are summed over every
+replica and worker first, so all compute the same strength from the global batch.
 """
 
 import math
@@ -36,10 +39,13 @@ class DensityTarget:
     Args:
         target: Number in (0, 1]: the share of the units the gate should compute (ρ, the
             predicted density).
-        initial_strength: Positive finite number: the L1 strength at the start of training.
-        rate: Positive finite number: the largest change of log(strength) in one training step
-            (the strength changes by a factor e^rate at most). Larger adapts faster but
-            overshoots more, as the density follows the penalty only through the weights.
+        initial_strength: Positive finite number: the base L1 strength at the start of training.
+        rate: Positive finite number: the largest change of log(base strength) in one training
+            step. Larger adapts faster but overshoots more, as the density follows the penalty
+            only through the weights, and the gate only at the estimator's refits.
+        gain: Positive finite number: the step's strength is the base times
+            (active share / target)^gain (within e^±3·gain), which reacts to the layer's activity
+            at once. A larger gain reaches the target sooner, with a stronger penalty early.
     """
 
     def __init__(self, target, initial_strength=1e-4, rate=0.03, gain=2.0):
