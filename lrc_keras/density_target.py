@@ -8,7 +8,7 @@ sampled active units the gate skipped). At every training step, from the gate's 
   `exp(rate · clip(log(ρ / target), -1, 1))`, ρ the predicted density: up while the gate computes more than
   the target, down while it computes less. It starts at `initial_strength` and grows a few percent a step at
   most, so the penalty rises gradually, as ProSparse's does; it is what holds ρ at the target in the end.
-- the step's strength is `base · exp(gain · clip(log(active / target), -3, 3))`, from the share of units
+- the step's strength is `base · exp(gain · clip(log(active / target), -1, 1))`, from the share of units
   active (z > 0). The penalty moves the active units at once, the gate only as the estimator is refitted:
   this factor strengthens the penalty while the layer is far above its target and eases it as the target
   nears, so that the base, which follows the lagging gate, winds up less and overshoots less.
@@ -44,7 +44,7 @@ class DensityTarget:
             step. Larger adapts faster but overshoots more, as the density follows the penalty
             only through the weights, and the gate only at the estimator's refits.
         gain: Positive finite number: the step's strength is the base times
-            (active share / target)^gain (within e^±3·gain), which reacts to the layer's activity
+            (active share / target)^gain (within e^±gain), which reacts to the layer's activity
             at once. A larger gain reaches the target sooner, with a stronger penalty early.
     """
 
@@ -92,15 +92,16 @@ class DensityTarget:
             totals = context.all_reduce(tf.distribute.ReduceOp.SUM, totals)
         predicted_error, active_error = self.errors(totals)
         strength = _clipped(base * tf.exp(self.gain * active_error))
-        layer.density_penalty.assign(_clipped(base * tf.exp(self.rate * tf.clip_by_value(predicted_error, -1.0, 1.0))))
+        layer.density_penalty.assign(_clipped(base * tf.exp(self.rate * predicted_error)))
         layer.density_penalty_metric.update_state(strength)
         return strength * activity
 
     def errors(self, totals):
-        """log(density / target) of the computed and of the active units, within ±3; 0 where nothing
-        was measured (an empty batch)."""
+        """log(density / target) of the computed and of the active units, within ±1 (so that no step
+        changes the strength by more than e^rate, nor boosts it by more than e^gain); 0 where nothing was
+        measured (an empty batch)."""
         densities = tf.cast(totals[:2] / tf.maximum(totals[2], 1.0), tf.float32)
-        errors = tf.clip_by_value(tf.math.log(tf.maximum(densities, 1e-6) / self.target), -3.0, 3.0)
+        errors = tf.clip_by_value(tf.math.log(tf.maximum(densities, 1e-6) / self.target), -1.0, 1.0)
         return tf.unstack(tf.where(totals[2] > 0, errors, 0.0))
 
     def usable_strength(self, strength):
