@@ -329,9 +329,9 @@ def test_target_density_trains_each_layer_to_its_target_and_reports_times(tmp_pa
     assert len(strengths) == 2 and all(np.isfinite(strengths))
     with open(tmp_path / "runs.csv") as f:
         per_run = list(csv.DictReader(f))
-    for row, run in zip(per_run, runs):
-        assert float(row["training_seconds"]) == pytest.approx(sum(run["epoch_seconds"]), rel=1e-12)
-    assert float(per_run[1]["hidden_1_density_penalty"]) == strengths[-1]
+    for row, run in zip(per_run, runs):  # the CSV keeps 6 significant digits
+        assert float(row["training_seconds"]) == pytest.approx(sum(run["epoch_seconds"]), rel=1e-5)
+    assert float(per_run[1]["hidden_1_density_penalty"]) == pytest.approx(strengths[-1], rel=1e-5)
     out = capsys.readouterr().out
     dense_seconds = np.mean([sum(run["epoch_seconds"]) for run in runs if not run["layers"]])
     gated_seconds = np.mean([sum(run["epoch_seconds"]) for run in gated])
