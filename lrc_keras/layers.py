@@ -13,6 +13,7 @@ from lrc_keras import estimators
 from lrc_keras import gated_training
 from lrc_keras import gating
 from lrc_keras import ops
+from lrc_keras import saved_layouts
 from lrc_keras.inputs import checked_sample_inputs
 from lrc_keras.metrics import GateStatistics
 from lrc_keras.metrics import LatestValue
@@ -139,12 +140,7 @@ class LowRankGatedDense(keras.layers.Layer):
         target_density=None,
         **kwargs,
     ):
-        moved = sorted(set(kwargs) & set(_MOVED_TO_ESTIMATOR))
-        if moved:
-            raise ValueError(
-                f"{moved[0]} is a setting of the estimator now: pass estimator="
-                f"{_MOVED_TO_ESTIMATOR[moved[0]]} from lrc_keras.estimators (got {moved[0]}={kwargs[moved[0]]!r})"
-            )
+        saved_layouts.check_no_moved_settings(kwargs)
         _check_positive_int("units", units)
         _check_positive_int("rank", rank)
         _check_margin(margin)
@@ -287,12 +283,8 @@ class LowRankGatedDense(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
-        """Also reads configs saved by lrc-keras 449377d, whose estimator settings were the
-        layer's own (`refit_every`, `estimator_loss_weight`, `estimator_positive_weight`)."""
-        config = dict(config)
-        if set(config) & set(_MOVED_TO_ESTIMATOR):
-            config["estimator"] = _estimator_of_449377d(config)
-        return cls(**config)
+        """Also reads the configs of earlier versions (`lrc_keras.saved_layouts`)."""
+        return cls(**saved_layouts.current_config(config))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
@@ -457,36 +449,10 @@ class LowRankGatedDense(keras.layers.Layer):
         )
 
     def load_own_variables(self, store):
-        """Loads this version's variables, or those of a model saved by lrc-keras 43b1cca or 449377d."""
+        """Loads this version's variables, or an earlier version's layout (`lrc_keras.saved_layouts`)."""
         if len(store) == len(self.variables):
             return super().load_own_variables(store)
-        layouts = {"43b1cca": self._variables_saved_by_43b1cca(), "449377d": self._variables_saved_by_449377d()}
-        names = next((names for names in layouts.values() if len(names) == len(store)), None)
-        if names is None:
-            raise ValueError(
-                f"{self.name}: the saved layer has {len(store)} variables; this version expects "
-                f"{len(self.variables)} ({', '.join(v.name for v in self.variables)}) and reads the "
-                + " or ".join(f"{len(names)} of lrc-keras {version}" for version, names in layouts.items())
-                + ". Re-save the model with the version that wrote it."
-            )
-        saved = {name: store[str(index)] for index, name in enumerate(names)}
-        for variable in self.variables:
-            if variable.name in saved:  # the old d×d input moment has no place here: the buffer refills
-                variable.assign(saved[variable.name])
-        self.assign_estimator(saved["estimator_u"], saved["estimator_v"])
-
-    def _variables_saved_by_43b1cca(self):
-        """lrc-keras 43b1cca saved U and V as two variables where `estimator_factors` is now."""
-        names = [v.name for v in self.variables]
-        at = names.index("estimator_factors")
-        return names[:at] + ["estimator_u", "estimator_v"] + names[at + 1:]
-
-    def _variables_saved_by_449377d(self):
-        """The order in which lrc-keras 449377d saved this layer's variables (trainable first)."""
-        trainable = ["kernel"] + (["bias"] if self.use_bias else [])
-        # joint's factors are trainable, the others' are not: either way they follow the bias.
-        state = ["training_steps"] + (["input_moment", "input_count"] if self.estimator.name == "input_svd" else [])
-        return trainable + ["estimator_u", "estimator_v"] + state + ["observed_density"]
+        saved_layouts.load_variables(self, store)
 
     def _check_rank_fits(self, rank, input_dim):
         if rank > min(input_dim, self.units):
@@ -549,29 +515,6 @@ class LowRankGatedDense(keras.layers.Layer):
 # estimator's loss use (see _training_forward). The dense path has their z anyway; the gated path
 # computes it for them alone, which costs a step no more at 32 rows than at 8 (BENCHMARKS.md).
 GATE_SAMPLE_ROWS = 32
-
-# Settings of 449377d's layer that belong to an estimator now, and where they went.
-_MOVED_TO_ESTIMATOR = {
-    "refit_every": "InputSVDEstimator(refit_every=...) or SVDEstimator(refit_every=...)",
-    "estimator_loss_weight": "JointEstimator(loss_weight=...)",
-    "estimator_positive_weight": "JointEstimator(positive_weight=...)",
-}
-
-
-def _estimator_of_449377d(config):
-    """The estimator object a 449377d config describes; pops the layer-level settings."""
-    name = config.get("estimator", "input_svd")
-    refit_every = config.pop("refit_every", "auto")
-    loss_weight = config.pop("estimator_loss_weight", 1.0)
-    positive_weight = config.pop("estimator_positive_weight", 4.0)
-    if name == "joint":
-        return estimators.JointEstimator(loss_weight, positive_weight)
-    if name == "svd":
-        return estimators.SVDEstimator(200 if refit_every == "auto" else refit_every)
-    if name == "input_svd":  # its "auto" schedule is now bounded by cost rather than 25 steps
-        return estimators.InputSVDEstimator(refit_every)
-    return estimators.get(name)
-
 
 def _check_margin(margin, name=None):
     """A finite Python or numpy number (a non-finite margin would make the model unloadable)."""

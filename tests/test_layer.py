@@ -640,6 +640,16 @@ def test_models_saved_by_earlier_versions_still_load(version, estimator, expecte
     np.testing.assert_allclose(model.predict(saved["x"], verbose=0), saved["y_pred"], rtol=1e-6, atol=1e-6)
 
 
+def test_a_saved_layer_of_no_known_layout_is_refused_with_its_size():
+    layer = LowRankGatedDense(4, rank=2, estimator="svd")
+    layer.build((None, 3))
+    store = {str(index): np.zeros(1, "float32") for index in range(2)}
+    with pytest.raises(ValueError, match=r"the saved layer has 2 variables; this version expects 7 \(kernel, bias, "
+                                         r".*\) and reads earlier versions' 8 \(separate factors layout\) or 6 "
+                                         r"\(layer settings layout\)\. Re-save"):
+        layer.load_own_variables(store)
+
+
 def test_a_margin_change_reaches_compiled_functions(rng):
     model = keras.Sequential([keras.Input((16,)), LowRankGatedDense(64, rank=8)])
     x = rng.standard_normal((100, 16)).astype("float32")
