@@ -1,5 +1,6 @@
-"""Dispatch: the one place that decides how a gated layer's inference runs, and says why
-(and, in `choose_training_path`, how its training step runs).
+"""Dispatch: the one place that decides how a gated layer's inference and training run, and says
+why: `infer` and `train` run a layer's call by the path `choose_path` and `choose_training_path`
+pick.
 
 `choose_path` picks one of the implementations of `lrc_keras.ops` (`infer` runs it for a layer):
     "reference"  plain TensorFlow, when the compiled ops are not loaded or the dtype is not
@@ -21,6 +22,7 @@ import warnings
 import tensorflow as tf
 
 from lrc_keras import crossover
+from lrc_keras import gated_training
 from lrc_keras import kernel_check
 from lrc_keras import ops
 from lrc_keras.estimators import low_rank_product
@@ -130,6 +132,23 @@ def infer(layer, x):
         lambda: ops.gated_dense_with_density(*args),
         lambda: ops.gemm_then_mask_with_density(*args),
     )
+
+
+def train(layer, x, sample_rows):
+    """`(y, skipped, product)` of a built LowRankGatedDense's training call on 2-D x, by the path
+    `choose_training_path` picks ("auto": gated while the density the layer last recorded is at
+    most GATED_TRAINING_MAX_DENSITY, decided in the graph at every step, inside the training
+    function's custom gradient: `lrc_keras.gated_training.train_with_sample`, which also says what
+    `skipped` is). The estimate's product (x·U)·V is computed once, here, and returned with the
+    gradient a trained estimator's loss needs; x reaches it without gradient."""
+    path = choose_training_path(layer.training_path, x.dtype, layer.kernel.shape[1], layer.units)
+    gated = path == "gated" if path != "auto" else layer.observed_density <= GATED_TRAINING_MAX_DENSITY
+    product = low_rank_product(tf.stop_gradient(x), *layer.current_factors())
+    y, skipped = gated_training.train_with_sample(
+        x, layer.kernel, ops.bias_or_zeros(layer.bias, layer.kernel, x.dtype), tf.stop_gradient(product),
+        tf.cast(layer.gate_margin, x.dtype), sample_rows, gated,
+    )
+    return y, skipped, product
 
 
 def _warn_once(key, message):

@@ -10,7 +10,6 @@ import tensorflow as tf
 from lrc_keras import density_target
 from lrc_keras import dispatch
 from lrc_keras import estimators
-from lrc_keras import gated_training
 from lrc_keras import gating
 from lrc_keras import ops
 from lrc_keras import saved_layouts
@@ -465,17 +464,11 @@ class LowRankGatedDense(keras.layers.Layer):
         """Training: y by the training path, then the gate metrics, a trained estimator's loss
         and the activity penalty on skipped active units, from the first GATE_SAMPLE_ROWS rows
         (fit shuffles them: an unbiased sample), whose z the training path computes densely."""
-        path = dispatch.choose_training_path(self.training_path, x.dtype, self.kernel.shape[1], self.units)
-        gated = path == "gated" if path != "auto" else self.observed_density <= dispatch.GATED_TRAINING_MAX_DENSITY
-        bias = ops.bias_or_zeros(self.bias, self.kernel, x.dtype)
-        product = estimators.low_rank_product(tf.stop_gradient(x), *self.current_factors())
-        margin = tf.cast(self.gate_margin, x.dtype)
-        y, skipped = gated_training.train_with_sample(
-            x, self.kernel, bias, tf.stop_gradient(product), margin, GATE_SAMPLE_ROWS, gated
-        )
+        y, skipped, product = dispatch.train(self, x, GATE_SAMPLE_ROWS)
         rows = slice(None, GATE_SAMPLE_ROWS)
+        bias = ops.bias_or_zeros(self.bias, self.kernel, x.dtype)
         z_hat = product[rows] + tf.stop_gradient(bias)  # a trained estimator's loss reaches U, V here
-        mask = tf.stop_gradient(gating.gate_mask(z_hat, margin))
+        mask = tf.stop_gradient(gating.gate_mask(z_hat, tf.cast(self.gate_margin, x.dtype)))
         # y and skipped never overlap, so their sum is relu(z) on the sampled rows.
         positive = tf.stop_gradient(y[rows] + skipped) > 0
         counts = self._record_gate(mask, positive)
