@@ -26,10 +26,11 @@ from lrc_keras.timing import median_times
 
 MEASURED_BATCHES = (1, 16, 256)
 MEASURED_DENSITIES = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)
-# The crossovers where none was measured: what `measure` gave on 2 CPU cores (AVX-512) for
-# 784→1000, 1000→1000, 4000→2000 and 3072→4000 layers, rounded down (batch 1: 1.4 to 3.6, gated
-# wins at every density; 16 rows: 0.32 to 0.54; 256 rows: 0.18 to 0.24).
-DEFAULT_CROSSOVERS = {1: 1.0, 16: 0.3, 256: 0.2}
+# The crossovers where none was measured: what `measure` gave on 2 idle CPU cores (AVX-512) for
+# 784→1000 and 1000→1000 layers at rank 20, 4000→2000 at 40 and 3072→4000 at 50, the smallest of
+# the four rounded down (batch 1: 1.4 to 4.2, gated wins at every density; 16 rows: 0.50 to 0.79;
+# 256 rows: 0.21 to 0.29).
+DEFAULT_CROSSOVERS = {1: 1.0, 16: 0.5, 256: 0.2}
 _measured = {}
 
 

@@ -56,11 +56,6 @@ def gated_dense_train_with_density(x, kernel, bias, product, margin):
     return y, active_fraction
 
 
-def gated_dense_train_with_sample(x, kernel, bias, product, margin, sample_rows):
-    """`(y, skipped)` of `train_with_sample` on the gated path."""
-    return train_with_sample(x, kernel, bias, product, margin, sample_rows, gated=True)
-
-
 def train_with_sample(x, kernel, bias, product, margin, sample_rows, gated):
     """`(y, skipped)`: the training path's y, and for the first `sample_rows` rows of x the
     active units the gate skipped, skipped = relu(z) where ẑ ≤ -margin, else 0, from z computed

@@ -37,7 +37,7 @@ def test_an_unmeasured_shape_uses_the_default_crossovers_and_times_nothing(tmp_p
     monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(crossover, "_measured", {})
     monkeypatch.setattr(crossover, "_measure", lambda *shape: pytest.fail(f"timed {shape} unasked"))
-    assert crossover.crossover_densities(12, 10, 2) == {1: 1.0, 16: 0.3, 256: 0.2}
+    assert crossover.crossover_densities(12, 10, 2) == {1: 1.0, 16: 0.5, 256: 0.2}
     assert list(tmp_path.iterdir()) == []
 
 
