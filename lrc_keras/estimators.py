@@ -10,9 +10,10 @@ new V (`pack_factors`, `unpack_factors`; the layer's `current_factors()` reads t
 
 An estimator is a small object holding its own settings (`get_config`), passed to the layer as
 `LowRankGatedDense(estimator=InputSVDEstimator(refit_every=50))` or by name
-(`estimator="input_svd"`, its defaults). The layer owns the variables; the estimator creates the
-ones it needs on the layer (`build`), says what to do with each training batch (`observe`), how
-to compute new factors (`factors`) and which auxiliary loss, if any, trains U, V (`loss`). Every
+(`estimator="input_svd"`, its defaults). Its variables live in a Keras layer nested in the gated
+layer, `layer.estimator_state` (an `EstimatorState`): the factors, then the state the rule keeps
+(`build_state`). The estimator says what to do with each training batch (`observe`), how to
+compute new factors (`factors`) and which auxiliary loss, if any, trains U, V (`loss`). Every
 method receives the layer, so one estimator object may serve several layers. A new estimator is
 one class decorated with `@register`; the layer needs no change.
 
@@ -195,10 +196,11 @@ def refit_multiply_adds(input_dim, units, rank, rows, power_iterations=3, oversa
 class Estimator:
     """A rule for the estimator's factors U, V. Subclasses set `name` and override what differs.
 
-    The layer calls `build(layer, input_dim)` once (after its kernel and bias exist),
-    `factors(layer, ...)` for new U, V (at build, from `layer.refit()`, and on the refit
-    schedule inside the compiled train step), `observe(layer, x)` with each training batch, and
-    adds `loss(layer, z_hat, positive)` to its losses when the estimator is `trainable`. Refits
+    The layer's `EstimatorState` calls `build_state(state, input_dim)` when it makes its
+    variables (at the layer's build and at `set_rank`); the layer calls `factors(layer, ...)`
+    for new U, V (at build, from `layer.refit()`, and on the refit schedule inside the compiled
+    train step), `observe(layer, x)` with each training batch, and adds
+    `loss(layer, z_hat, positive)` to its losses when the estimator is `trainable`. Refits
     inside training are computed identically by every replica and every worker (from the same
     kernel and the same gathered rows) and kept from the first replica.
     """
@@ -223,18 +225,8 @@ class Estimator:
     def __hash__(self):
         return hash((type(self), tuple(sorted(self.get_config().items()))))
 
-    def build(self, layer, input_dim):
-        # An initializer rather than an assignment in build: when Keras builds a subclassed
-        # model's layers symbolically, variables are initialised after build returns, and an
-        # assignment there would be lost (or, failing, make Keras build the layer twice).
-        def initial_factors(shape, dtype=None):
-            return tf.cast(pack_factors(*self.initial_factors(layer)), dtype)
-
-        # Assigned inside the (possibly replicated) train step: the first replica's value is kept.
-        layer.estimator_factors = layer.add_weight(
-            name="estimator_factors", shape=(layer.rank * (input_dim + layer.units),), initializer=initial_factors,
-            trainable=self.trainable, aggregation="only_first_replica",
-        )
+    def build_state(self, state, input_dim):
+        """Make the variables the rule keeps between steps on `state` (`EstimatorState.add_state`)."""
 
     def factors(self, layer, sample_inputs=None, rank=None):
         """New float32 (U, V) of rank `rank` (default the layer's) from the current kernel.
@@ -249,7 +241,7 @@ class Estimator:
 
         It runs as the initializer of `estimator_factors`, which may be deferred until after
         build (Keras' symbolic build of a subclassed model): it may read the kernel but not the
-        variables this estimator's `build` creates after the factors.
+        variables this estimator's `build_state` creates after the factors.
         """
         return self.factors(layer)
 
@@ -262,6 +254,65 @@ class Estimator:
         raise NotImplementedError(f"{type(self).__name__} is trainable but defines no loss")
 
 
+class EstimatorState(keras.layers.Layer):
+    """The variables of one gated layer's estimator, in a Keras layer nested in it (as tfmot's
+    pruning wrapper owns its mask): `estimator_factors`, then the state the rule keeps between
+    steps (`Estimator.build_state`: step counters, recent input rows), each also the attribute
+    of its name. Saved with the gated layer, under `estimator_state`.
+
+    `set_rank` replaces the factors by a variable of another shape, and Keras locks a layer's
+    state once its `build` has run; so this layer has no `build`: `create` makes the variables
+    and `recreate` deletes them (deleting a variable attribute untracks it) and makes them again
+    in the same order, the saved layout, with the state's values.
+    """
+
+    def __init__(self, estimator, **kwargs):
+        super().__init__(**kwargs)
+        self.estimator = estimator
+
+    def create(self, layer):
+        """The factors for `layer.rank`, from `Estimator.initial_factors`, then the rule's state."""
+
+        # An initializer rather than an assignment: when Keras builds a subclassed model's layers
+        # symbolically, variables are initialised after build returns, and an assignment there
+        # would be lost (or, failing, make Keras build the layer twice).
+        def initial_factors(shape, dtype=None):
+            return tf.cast(pack_factors(*self.estimator.initial_factors(layer)), dtype)
+
+        input_dim = layer.kernel.shape[1]
+        # Assigned inside the (possibly replicated) train step: the first replica's value is kept.
+        self.estimator_factors = self.add_weight(
+            name="estimator_factors", shape=(layer.rank * (input_dim + layer.units),), initializer=initial_factors,
+            trainable=self.estimator.trainable, aggregation="only_first_replica",
+        )
+        self.estimator.build_state(self, input_dim)
+        self.built = True
+
+    def add_state(self, name, shape=(), dtype="int64"):
+        """A zero-initialised variable of the rule's state, the attribute `name`. Every replica
+        writes the same value (from gathered rows and counts): the first replica's is kept."""
+        setattr(self, name, self.add_weight(
+            name=name, shape=shape, initializer="zeros", dtype=dtype, trainable=False,
+            aggregation="only_first_replica", autocast=False,
+        ))
+
+    def recreate(self, layer):
+        """Make the variables again for `layer.rank`; the state keeps its values."""
+        state = {v.name: v.numpy() for v in self.variables if v is not self.estimator_factors}
+        for variable in list(self.variables):
+            delattr(self, variable.name)
+        self.create(layer)
+        for variable in self.variables:
+            if variable.name in state:
+                variable.assign(state[variable.name])
+
+    def load_own_variables(self, store):
+        """An empty store is a model saved by an earlier version, whose layout kept these variables
+        on the gated layer, which has loaded them (`lrc_keras.saved_layouts`)."""
+        if len(store):
+            super().load_own_variables(store)
+
+
 def _current_factors(layer):
     return tuple(tf.cast(factor, tf.float32) for factor in layer.current_factors())
 
@@ -269,13 +320,6 @@ def _current_factors(layer):
 def _warm_start(layer):
     """The current Vᵀ, whose columns span the last fit's top right singular vectors."""
     return tf.transpose(_current_factors(layer)[1])
-
-
-def _add_step_counter(layer):
-    layer.training_steps = layer.add_weight(
-        name="training_steps", shape=(), initializer="zeros", dtype="int64", trainable=False,
-        aggregation="only_first_replica",
-    )
 
 
 def refit_when(layer, condition, factors):
@@ -328,14 +372,13 @@ class SVDEstimator(Estimator):
     def get_config(self):
         return {"refit_every": self.refit_every}
 
-    def build(self, layer, input_dim):
-        super().build(layer, input_dim)
-        _add_step_counter(layer)
+    def build_state(self, state, input_dim):
+        state.add_state("training_steps")
 
     def observe(self, layer, x):
         if self.refit_every is None:
             return
-        steps = layer.training_steps.assign_add(1)
+        steps = layer.estimator_state.training_steps.assign_add(1)
         refit_when(layer, tf.equal(steps % self.refit_every, 0), lambda: subspace_svd_factors(
             layer.kernel, layer.rank, tf.stack([tf.cast(steps, tf.int32), 0]), warm_start=_warm_start(layer)))
 
@@ -381,43 +424,33 @@ class InputSVDEstimator(Estimator):
         return {"refit_every": self.refit_every, "buffer_rows": self.buffer_rows,
                 "rows_per_step": self.rows_per_step, "refit_budget": self.refit_budget}
 
-    def build(self, layer, input_dim):
-        super().build(layer, input_dim)
-        _add_step_counter(layer)
-        # Every replica writes the same gathered rows: the first replica's write is kept.
-        layer.input_rows = layer.add_weight(
-            name="input_rows", shape=(self.buffer_rows, input_dim), initializer="zeros",
-            dtype="float32", trainable=False, aggregation="only_first_replica", autocast=False,
-        )
-        layer.input_rows_seen = layer.add_weight(
-            name="input_rows_seen", shape=(), initializer="zeros", dtype="int64", trainable=False,
-            aggregation="only_first_replica",
-        )
+    def build_state(self, state, input_dim):
+        state.add_state("training_steps")
+        state.add_state("input_rows", shape=(self.buffer_rows, input_dim), dtype="float32")
+        state.add_state("input_rows_seen")
         # Training rows (of every replica) since the last refit: what the "auto" schedule weighs.
-        layer.rows_since_refit = layer.add_weight(
-            name="rows_since_refit", shape=(), initializer="zeros", dtype="float32", trainable=False,
-            aggregation="only_first_replica", autocast=False,
-        )
+        state.add_state("rows_since_refit", dtype="float32")
 
     def initial_factors(self, layer):
         """No input seen yet: the truncated SVD of the kernel, as `factors` gives on an empty buffer."""
         return truncated_svd_factors(layer.kernel, layer.rank)
 
     def factors(self, layer, sample_inputs=None, rank=None):
-        rank = rank or layer.rank
+        rank, state = rank or layer.rank, layer.estimator_state
         if sample_inputs is not None:
             return reduced_rank_factors(layer.kernel, sample_inputs, rank, seed=[0, 0])
-        filled = tf.minimum(tf.convert_to_tensor(layer.input_rows_seen), self.buffer_rows)
-        seed = tf.stack([tf.cast(layer.training_steps, tf.int32), 0])
+        filled = tf.minimum(tf.convert_to_tensor(state.input_rows_seen), self.buffer_rows)
+        seed = tf.stack([tf.cast(state.training_steps, tf.int32), 0])
         return tf.cond(
             filled > 0,
-            lambda: reduced_rank_factors(layer.kernel, layer.input_rows[:filled], rank, seed,
+            lambda: reduced_rank_factors(layer.kernel, state.input_rows[:filled], rank, seed,
                                          warm_start=_warm_start(layer) if rank == layer.rank else None,
                                          power_iterations=self.power_iterations),
             lambda: truncated_svd_factors(layer.kernel, rank),
         )
 
     def observe(self, layer, x):
+        state = layer.estimator_state
         context = tf.distribute.get_replica_context()
         rows = tf.cast(x[: self.rows_per_step], tf.float32)
         batch_rows = tf.cast(tf.shape(x)[0], tf.float32)
@@ -427,14 +460,14 @@ class InputSVDEstimator(Estimator):
         # A zero row adds nothing to ‖X·(W − U·V)‖²: non-finite rows are stored as zeros.
         rows = tf.where(tf.reduce_all(tf.math.is_finite(rows), axis=1, keepdims=True), rows, 0.0)[: self.buffer_rows]
         count = tf.shape(rows, out_type=tf.int64)[0]
-        slots = (layer.input_rows_seen + tf.range(count)) % self.buffer_rows
-        layer.input_rows.value.scatter_update(tf.IndexedSlices(rows, slots))
-        layer.input_rows_seen.assign_add(count)
-        steps = layer.training_steps.assign_add(1)
-        since = layer.rows_since_refit + batch_rows
+        slots = (state.input_rows_seen + tf.range(count)) % self.buffer_rows
+        state.input_rows.value.scatter_update(tf.IndexedSlices(rows, slots))
+        state.input_rows_seen.assign_add(count)
+        steps = state.training_steps.assign_add(1)
+        since = state.rows_since_refit + batch_rows
         due = self._refit_due(layer, steps, since)
         refit_when(layer, due, lambda: self.factors(layer))
-        layer.rows_since_refit.assign(tf.where(due, 0.0, since))
+        state.rows_since_refit.assign(tf.where(due, 0.0, since))
 
     def _refit_due(self, layer, steps, rows_since_refit):
         if self.refit_every is None:
@@ -485,9 +518,8 @@ class JointEstimator(Estimator):
     def get_config(self):
         return {"loss_weight": self.loss_weight, "positive_weight": self.positive_weight}
 
-    def build(self, layer, input_dim):
-        super().build(layer, input_dim)
-        _add_step_counter(layer)
+    def build_state(self, state, input_dim):
+        state.add_state("training_steps")
 
     def factors(self, layer, sample_inputs=None, rank=None):
         if sample_inputs is None:
@@ -495,7 +527,7 @@ class JointEstimator(Estimator):
         return reduced_rank_factors(layer.kernel, sample_inputs, rank or layer.rank, seed=[0, 0])
 
     def observe(self, layer, x):
-        steps = layer.training_steps.assign_add(1)
+        steps = layer.estimator_state.training_steps.assign_add(1)
         rows = tf.boolean_mask(x, tf.reduce_all(tf.math.is_finite(x), axis=1))
         refit_when(layer, tf.logical_and(tf.equal(steps, 1), tf.shape(rows)[0] > 0),
                    lambda: self.factors(layer, rows))

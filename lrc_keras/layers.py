@@ -45,9 +45,10 @@ class LowRankGatedDense(keras.layers.Layer):
     transposed, each unit's weights contiguous); `estimator_factors` holds U `(input_dim, rank)`
     then V `(rank, units)` in one variable, so that a refit replaces both at once;
     `ẑ = (x·U)·V + bias`. `current_factors()` returns (U, V) from one read; `estimator_u` and
-    `estimator_v` read one each. The layer's `gate_margin` and `estimator_rank` come before the
-    factors (they outlive `set_rank`), the estimator's own state after them
-    (`lrc_keras.estimators`), then `observed_density`, then a density target's `density_penalty`.
+    `estimator_v` read one each. The layer's own variables are `kernel`, `bias`, `gate_margin`,
+    `estimator_rank`, `observed_density` and a density target's `density_penalty`; the
+    estimator's (`estimator_factors`, then its rule's state) live in the nested layer
+    `estimator_state` (`lrc_keras.estimators.EstimatorState`), which `set_rank` remakes.
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -203,12 +204,23 @@ class LowRankGatedDense(keras.layers.Layer):
             dtype="float32", trainable=False, aggregation="only_first_replica", autocast=False,
         )
         # Functions check the rank they were traced for against this at every call: set_rank
-        # assigns it (it outlives set_rank's new variables), so functions traced before fail.
+        # assigns it (it outlives the estimator's new variables), so functions traced before fail.
         self.estimator_rank = self.add_weight(
             name="estimator_rank", shape=(), initializer=keras.initializers.Constant(self.rank),
             dtype="int32", trainable=False, aggregation="only_first_replica",
         )
-        self._build_estimator(input_dim)
+        # The predicted density last recorded (in training, by measure_gates or calibrate), which
+        # the dispatch compares with the crossover. Inference writes no variable.
+        self.observed_density = self.add_weight(
+            name="observed_density", shape=(), initializer="zeros", dtype="float32",
+            trainable=False, aggregation="only_first_replica",
+        )
+        if self.target_density is not None:
+            self.target_density.build(self)
+        self.estimator_state = estimators.EstimatorState(
+            self.estimator, name="estimator_state", dtype=self.dtype_policy, trainable=self.trainable
+        )
+        self.estimator_state.create(self)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
 
     def call(self, inputs, training=None):
@@ -371,6 +383,11 @@ class LowRankGatedDense(keras.layers.Layer):
             return
         self.assign_estimator(estimator_u, estimator_v)
 
+    @property
+    def estimator_factors(self):
+        """The variable holding U then V (`lrc_keras.estimators.pack_factors`), of `estimator_state`."""
+        return self.estimator_state.estimator_factors
+
     def assign_estimator(self, estimator_u, estimator_v):
         """Store float32 factors in the variable's dtype (bfloat16/float16 layers fit in float32),
         both in one assignment: a call running beside it sees the old pair or this one."""
@@ -400,41 +417,19 @@ class LowRankGatedDense(keras.layers.Layer):
     def set_rank(self, rank, sample_inputs=None):
         """Change the estimator's rank of a built layer and refit U, V (see `refit`).
 
-        The estimator's variables are re-created in build order, so saving and loading keep
-        working, and its state (counters, input rows) keeps its values. Keras offers no
-        public way to replace a built layer's variables, hence the tracker calls. Functions
-        Keras compiled before (`predict`, `evaluate`, `fit`) still hold the old variables: they
-        fail with a message saying to compile the model again, never answer with the old rank.
+        The estimator's variables are made anew in `estimator_state`, its state (counters,
+        input rows) keeping its values. Functions Keras compiled before (`predict`, `evaluate`,
+        `fit`) still hold the old variables: they fail with a message saying to compile the
+        model again, never answer with the old rank.
         """
         _check_positive_int("rank", rank)
         input_dim = self.kernel.shape[1]
         self._check_rank_fits(rank, input_dim)
         sample_inputs = checked_sample_inputs(sample_inputs, input_dim, self.name)
-        first = next(i for i, v in enumerate(self.variables) if v is self.estimator_factors)
-        kept = [v for v in self.variables[first:] if v is not self.gate_margin and v is not self.estimator_rank]
-        state = {v.name: v.numpy() for v in kept if v is not self.estimator_factors}
-        for variable in kept:
-            self._untrack_variable(variable)
         self.rank = int(rank)
-        self._tracker.unlock()
-        self._build_estimator(input_dim)
-        self._tracker.lock()
-        for variable in self.variables:
-            if variable.name in state:
-                variable.assign(state[variable.name])
+        self.estimator_state.recreate(self)
         self.estimator_rank.assign(self.rank)
         self.refit(sample_inputs)
-
-    def _build_estimator(self, input_dim):
-        self.estimator.build(self, input_dim)
-        # The predicted density last recorded (in training, by measure_gates or calibrate), which
-        # the dispatch compares with the crossover. Inference writes no variable.
-        self.observed_density = self.add_weight(
-            name="observed_density", shape=(), initializer="zeros", dtype="float32",
-            trainable=False, aggregation="only_first_replica",
-        )
-        if self.target_density is not None:
-            self.target_density.build(self)
 
     def _check_traced_rank(self):
         """Functions traced before a `set_rank` hold the old factors: make them fail clearly.
@@ -448,10 +443,12 @@ class LowRankGatedDense(keras.layers.Layer):
         )
 
     def load_own_variables(self, store):
-        """Loads this version's variables, or an earlier version's layout (`lrc_keras.saved_layouts`)."""
-        if len(store) == len(self.variables):
-            return super().load_own_variables(store)
-        saved_layouts.load_variables(self, store)
+        """Loads this version's own variables (`estimator_state` loads the estimator's), or all of
+        them from an earlier version's layout (`lrc_keras.saved_layouts`)."""
+        if saved_layouts.is_earlier_layout(self, store):
+            saved_layouts.load_variables(self, store)
+        else:
+            super().load_own_variables(store)
 
     def _check_rank_fits(self, rank, input_dim):
         if rank > min(input_dim, self.units):

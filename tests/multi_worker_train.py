@@ -129,7 +129,7 @@ def main(out, multi_worker):
     x, y = global_batches()
     model = train_multi_worker(x, y) if multi_worker else train_reference(x, y)
     np.savez(out, names=np.array([w.path for w in model.weights]), *model.get_weights())
-    print("OK", int(model.get_layer("gated_input_svd").training_steps.numpy()))
+    print("OK", int(model.get_layer("gated_input_svd").estimator_state.training_steps.numpy()))
 
 
 if __name__ == "__main__":

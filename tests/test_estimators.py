@@ -138,8 +138,8 @@ def test_input_rows_are_buffered_in_the_train_step(rng):
         warnings.simplefilter("ignore")
         model.fit(x, np.zeros(len(x)), batch_size=48, epochs=1, shuffle=False, verbose=0)
     buffer, seen = buffer_reference(np.split(x, 5), 100)  # 160 rows seen: the ring wrapped
-    assert int(layer.input_rows_seen.numpy()) == seen == 160
-    np.testing.assert_array_equal(layer.input_rows.numpy(), buffer.astype(np.float32))
+    assert int(layer.estimator_state.input_rows_seen.numpy()) == seen == 160
+    np.testing.assert_array_equal(layer.estimator_state.input_rows.numpy(), buffer.astype(np.float32))
 
 
 def test_input_rows_under_mirrored_strategy_are_gathered(rng, mirrored_strategy):
@@ -150,8 +150,8 @@ def test_input_rows_under_mirrored_strategy_are_gathered(rng, mirrored_strategy)
     layer = model.layers[0]
     # Each replica takes its 16 rows of each global batch of 32: gathered, the whole batch.
     buffer, seen = buffer_reference(np.split(x, 4), 128)
-    assert int(layer.input_rows_seen.numpy()) == seen == 128
-    np.testing.assert_array_equal(layer.input_rows.numpy(), buffer.astype(np.float32))
+    assert int(layer.estimator_state.input_rows_seen.numpy()) == seen == 128
+    np.testing.assert_array_equal(layer.estimator_state.input_rows.numpy(), buffer.astype(np.float32))
 
 
 def test_refit_in_training_fits_the_buffered_rows(rng):
@@ -207,8 +207,8 @@ def test_save_and_load_keep_the_input_rows(rng, tmp_path):
     path = str(tmp_path / "m.keras")
     model.save(path)
     loaded = keras.models.load_model(path).layers[0]
-    assert int(loaded.input_rows_seen.numpy()) == 64
-    np.testing.assert_array_equal(loaded.input_rows.numpy(), model.layers[0].input_rows.numpy())
+    assert int(loaded.estimator_state.input_rows_seen.numpy()) == 64
+    np.testing.assert_array_equal(loaded.estimator_state.input_rows.numpy(), model.layers[0].estimator_state.input_rows.numpy())
     assert loaded.estimator == model.layers[0].estimator
 
 
@@ -301,5 +301,5 @@ def test_joint_trains_under_mirrored_strategy(rng, mirrored_strategy):
     model.fit(x, x[:, :1], batch_size=32, epochs=1, verbose=0)
     start = layer.estimator_u.numpy().copy()
     model.fit(x, x[:, :1], batch_size=32, epochs=2, verbose=0)
-    assert int(layer.training_steps.numpy()) == 6
+    assert int(layer.estimator_state.training_steps.numpy()) == 6
     assert np.all(np.isfinite(layer.estimator_u.numpy())) and not np.allclose(layer.estimator_u.numpy(), start)

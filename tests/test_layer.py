@@ -149,7 +149,7 @@ def test_refit_runs_every_n_steps_inside_fit(rng):
             snapshots.append((layer.estimator_u.numpy().copy(), layer.kernel.numpy().copy()))
 
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[Record()])
-    assert len(snapshots) == 6 and int(layer.training_steps.numpy()) == 6
+    assert len(snapshots) == 6 and int(layer.estimator_state.training_steps.numpy()) == 6
     changed = [not np.array_equal(a[0], b[0]) for a, b in zip(snapshots, snapshots[1:])]
     # Steps 3 and 6 refit: U changes between the snapshots after steps 2→3 and 5→6 only.
     assert changed == [False, True, False, False, True]
@@ -354,12 +354,12 @@ def test_from_dense_copies_weights_and_fits_svd(rng):
     np.testing.assert_array_equal(gated.bias.numpy(), dense.bias.numpy())
     np.testing.assert_allclose(np.abs(gated.estimator_u.numpy()), np.abs(_svd_u(gated.kernel.numpy(), 3)), rtol=1e-3, atol=1e-5)
     weights = gated.get_weights()
-    # kernel, bias, margin, rank, U then V, steps, observed density
-    assert [w.shape for w in weights] == [(12, 9), (12,), (), (), (9 * 3 + 3 * 12,), (), ()]
+    # kernel, bias, margin, rank, observed density, then estimator_state's U then V and steps
+    assert [w.shape for w in weights] == [(12, 9), (12,), (), (), (), (9 * 3 + 3 * 12,), ()]
     # The default estimator adds its buffer of 1024 input rows, the rows seen and since the last refit.
     default = LowRankGatedDense.from_dense(dense, rank=3)
     assert [w.shape for w in default.get_weights()] == [
-        (12, 9), (12,), (), (), (9 * 3 + 3 * 12,), (), (1024, 9), (), (), ()]
+        (12, 9), (12,), (), (), (), (9 * 3 + 3 * 12,), (), (1024, 9), (), ()]
 
 
 def test_from_dense_rejects_what_it_cannot_copy():
@@ -542,7 +542,7 @@ def test_fit_under_mirrored_strategy(rng, mirrored_strategy):
             kernels.append(layer.kernel.numpy().copy())
 
     model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[Record()])
-    assert int(layer.training_steps.numpy()) == 6
+    assert int(layer.estimator_state.training_steps.numpy()) == 6
     # The last refit happened at step 6, before its update: U is the SVD of the kernel after step 5.
     np.testing.assert_allclose(np.abs(layer.estimator_u.numpy()), np.abs(_svd_u(kernels[4], 4)), rtol=1e-3, atol=1e-4)
 
@@ -652,8 +652,9 @@ def test_a_saved_layer_of_no_known_layout_is_refused_with_its_size():
     layer = LowRankGatedDense(4, rank=2, estimator="svd")
     layer.build((None, 3))
     store = {str(index): np.zeros(1, "float32") for index in range(2)}
-    with pytest.raises(ValueError, match=r"the saved layer has 2 variables; this version expects 7 \(kernel, bias, "
-                                         r".*\) and reads earlier versions' 8 \(separate factors layout\) or 6 "
+    with pytest.raises(ValueError, match=r"the saved layer has 2 variables; this version expects 5 \(kernel, bias, "
+                                         r"gate_margin, estimator_rank, observed_density\) and reads earlier versions' "
+                                         r"7 \(estimator on the layer layout\) or 8 \(separate factors layout\) or 6 "
                                          r"\(layer settings layout\)\. Re-save"):
         layer.load_own_variables(store)
 

@@ -96,7 +96,7 @@ def test_multi_worker_workers_end_identical(trained):
     for name in worker0:
         if not name.endswith("observed_density"):  # each worker's own last batch half: see below
             np.testing.assert_array_equal(worker0[name], worker1[name], err_msg=name)
-    assert worker0["sequential/gated_input_svd/training_steps"] == STEPS  # 6 refits of each layer
+    assert worker0["sequential/gated_input_svd/estimator_state/training_steps"] == STEPS  # 6 refits of each layer
     assert worker0["sequential/gated_svd/density_penalty"] > 2e-4, "the density target's strength adapted (from 1e-4)"
 
 
@@ -118,5 +118,5 @@ def test_multi_worker_input_rows_are_the_global_batches(trained):
     # in the order of the global batches (each worker's half of a global batch, gathered).
     worker0, _, _ = trained
     x, _ = global_batches()
-    assert worker0["sequential/gated_input_svd/input_rows_seen"] == STEPS * GLOBAL_BATCH
-    np.testing.assert_array_equal(worker0["sequential/gated_input_svd/input_rows"][: STEPS * GLOBAL_BATCH], x)
+    assert worker0["sequential/gated_input_svd/estimator_state/input_rows_seen"] == STEPS * GLOBAL_BATCH
+    np.testing.assert_array_equal(worker0["sequential/gated_input_svd/estimator_state/input_rows"][: STEPS * GLOBAL_BATCH], x)
