@@ -371,20 +371,76 @@ def test_from_dense_rejects_what_it_cannot_copy():
         LowRankGatedDense.from_dense(keras.layers.ReLU(), rank=2)
 
 
-def test_save_and_load_round_trip(rng, tmp_path):
-    model, x, y = small_classifier(rng, estimator="joint", margin=0.2)
+ESTIMATORS_TO_SAVE = [
+    (JointEstimator(loss_weight=0.5), {}),
+    (SVDEstimator(refit_every=2), {"target_density": 0.5}),  # with the density target's variable
+    (InputSVDEstimator(refit_every=2, buffer_rows=64), {}),
+]
+
+
+@pytest.mark.parametrize("estimator, settings", ESTIMATORS_TO_SAVE)
+def test_save_and_load_round_trip(rng, tmp_path, estimator, settings):
+    model, x, y = small_classifier(rng, estimator=estimator, margin=0.2, **settings)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    model.layers[0].assign_estimator(model.layers[0].estimator_u, model.layers[0].estimator_v * 1.5)  # not an SVD any more
+    layer = model.layers[0]
+    layer.assign_estimator(layer.estimator_u, layer.estimator_v * 1.5)  # not a fit of anything any more
     path = os.path.join(tmp_path, "m.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
-    for original, restored in zip(model.layers[0].get_weights(), loaded.layers[0].get_weights()):
-        np.testing.assert_array_equal(original, restored)
-    config = loaded.layers[0].get_config()
+    restored = loaded.layers[0]
+    assert [v.name for v in restored.weights] == [v.name for v in layer.weights]
+    for original, variable in zip(layer.weights, restored.weights):
+        np.testing.assert_array_equal(original.numpy(), variable.numpy(), err_msg=variable.name)
+    assert int(restored.estimator_state.training_steps.numpy()) == 6
+    config = restored.get_config()
     assert (config["estimator"]["class_name"], config["margin"], config["rank"], config["units"]) == (
-        "JointEstimator", 0.2, 4, 48)
-    assert config == model.layers[0].get_config()
+        type(estimator).__name__, 0.2, 4, 48)
+    assert config == layer.get_config() and restored.estimator == estimator
+
+
+@pytest.mark.parametrize("estimator, settings", ESTIMATORS_TO_SAVE)
+def test_set_rank_then_fit_predict_save_and_load(rng, tmp_path, estimator, settings):
+    """set_rank remakes the estimator's variables in its nested layer: the model then has them
+    and no other (a joint estimator trains the new factors), the state keeps its values, and the
+    model trains, predicts as the numpy reference and saves and loads at the new rank."""
+    model, x, y = small_classifier(rng, estimator=estimator, **settings)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    layer = model.layers[0]
+    state = {v.name: v.numpy() for v in layer.estimator_state.weights if v is not layer.estimator_factors}
+    layer.set_rank(2)
+    assert layer.estimator_factors.shape == (2 * (20 + 48),) and int(layer.estimator_rank.numpy()) == 2
+    for variable in layer.estimator_state.weights[1:]:
+        np.testing.assert_array_equal(variable.numpy(), state.pop(variable.name), err_msg=variable.name)
+    assert not state, "every state variable is made again"
+    fresh, _, _ = small_classifier(rng, estimator=estimator, **settings)
+    assert [v.name for v in model.weights] == [v.name for v in fresh.weights]
+    assert any(v is layer.estimator_factors for v in model.trainable_weights) == estimator.trainable
+    model.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    factors = layer.estimator_factors.numpy()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert int(layer.estimator_state.training_steps.numpy()) == 12
+    assert not np.array_equal(layer.estimator_factors.numpy(), factors), "trained or refitted at rank 2"
+    expected, _, z_hat, _ = numpy_gated_dense(x, *weights_of(layer), 0.0)
+    keep = away_from_boundary(z_hat, 0.0)
+    hidden = keras.Model(model.inputs, layer.output)
+    np.testing.assert_allclose(hidden.predict(x, verbose=0)[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.layers[0].rank == 2
+    np.testing.assert_array_equal(loaded.layers[0].estimator_factors.numpy(), layer.estimator_factors.numpy())
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_the_package_uses_no_private_keras_tracking():
+    """set_rank remakes variables through the nested layer's public behaviour, not Keras' tracker."""
+    package = os.path.join(os.path.dirname(__file__), os.pardir, "lrc_keras")
+    for name in sorted(os.listdir(package)):
+        if name.endswith(".py"):
+            with open(os.path.join(package, name), encoding="utf-8") as source:
+                text = source.read()
+            assert "_untrack_variable" not in text and "_tracker" not in text, name
 
 
 CONSTRUCTOR_ARGUMENTS = {
