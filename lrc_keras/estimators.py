@@ -28,7 +28,11 @@ import numbers
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
+
+from lrc_keras.inputs import check_positive_int
+from lrc_keras.inputs import checked_sample_inputs
 
 ESTIMATORS = {}
 # Ridge added to the inputs' second moment, relative to its mean eigenvalue trace(C)/d: it keeps
@@ -313,6 +317,98 @@ class EstimatorState(keras.layers.Layer):
             super().load_own_variables(store)
 
 
+class EstimatorMethods:
+    """What LowRankGatedDense offers on its estimator, kept beside the estimators and inherited by
+    the layer: the factors, `assign_estimator`, `refit` and `set_rank`. The layer has `estimator`,
+    `kernel`, `units` and `rank`, and calls `_build_estimator()` in its build."""
+
+    def _build_estimator(self):
+        # Functions check the rank they were traced for against this at every call: set_rank
+        # assigns it (it outlives the estimator's new variables), so functions traced before fail.
+        self.estimator_rank = self.add_weight(
+            name="estimator_rank", shape=(), initializer=keras.initializers.Constant(self.rank),
+            dtype="int32", trainable=False, aggregation="only_first_replica",
+        )
+        self.estimator_state = EstimatorState(
+            self.estimator, name="estimator_state", dtype=self.dtype_policy, trainable=self.trainable
+        )
+        self.estimator_state.create(self)
+
+    @property
+    def estimator_factors(self):
+        """The variable holding U then V (`pack_factors`), of `estimator_state`."""
+        return self.estimator_state.estimator_factors
+
+    def current_factors(self):
+        """(U, V) from one read of `estimator_factors`: always a pair one refit stored."""
+        return unpack_factors(tf.convert_to_tensor(self.estimator_factors), self.kernel.shape[1], self.rank)
+
+    @property
+    def estimator_u(self):
+        """U (input_dim, rank), read now; `current_factors()` gives U and V from one read."""
+        return self.current_factors()[0]
+
+    @property
+    def estimator_v(self):
+        """V (rank, units), read now; `current_factors()` gives U and V from one read."""
+        return self.current_factors()[1]
+
+    def assign_estimator(self, estimator_u, estimator_v):
+        """Store float32 factors in the variable's dtype (bfloat16/float16 layers fit in float32),
+        both in one assignment: a call running beside it sees the old pair or this one."""
+        dtype = self.estimator_factors.dtype
+        self.estimator_factors.assign(pack_factors(tf.cast(estimator_u, dtype), tf.cast(estimator_v, dtype)))
+
+    def refit(self, sample_inputs=None):
+        """Set U, V by the estimator's rule from the current kernel.
+
+        `sample_inputs` (2-D, this layer's input width, finite), where given, are the inputs
+        the rules that use inputs fit to (input_svd, joint's start) instead of the statistics
+        gathered in training; they are checked before any weight changes.
+        """
+        sample_inputs = checked_sample_inputs(sample_inputs, self.kernel.shape[1], self.name)
+        estimator_u, estimator_v = self.estimator.factors(self, sample_inputs)
+        if not (np.all(np.isfinite(estimator_u)) and np.all(np.isfinite(estimator_v))):
+            warn_non_finite(self.name)
+            return
+        self.assign_estimator(estimator_u, estimator_v)
+
+    def set_rank(self, rank, sample_inputs=None):
+        """Change the estimator's rank of a built layer and refit U, V (see `refit`).
+
+        The estimator's variables are made anew in `estimator_state`, its state (counters,
+        input rows) keeping its values. Functions Keras compiled before (`predict`, `evaluate`,
+        `fit`) still hold the old variables: they fail with a message saying to compile the
+        model again, never answer with the old rank.
+        """
+        check_positive_int("rank", rank)
+        input_dim = self.kernel.shape[1]
+        self._check_rank_fits(rank, input_dim)
+        sample_inputs = checked_sample_inputs(sample_inputs, input_dim, self.name)
+        self.rank = int(rank)
+        self.estimator_state.recreate(self)
+        self.estimator_rank.assign(self.rank)
+        self.refit(sample_inputs)
+
+    def _check_traced_rank(self):
+        """Functions traced before a `set_rank` hold the old factors: make them fail clearly.
+
+        Three ops (read, compare, Assert), the least a compiled function can check at run time.
+        """
+        tf.debugging.Assert(
+            tf.equal(self.estimator_rank, self.rank),
+            [f"{self.name}: set_rank changed the rank of the estimator after this function was traced; compile "
+             f"the model again (model.compile(...)) before predict, evaluate or fit"],
+        )
+
+    def _check_rank_fits(self, rank, input_dim):
+        if rank > min(input_dim, self.units):
+            raise ValueError(
+                f"{self.name}: rank={rank} exceeds min(input_dim, units) = "
+                f"min({input_dim}, {self.units}) = {min(input_dim, self.units)}"
+            )
+
+
 def _current_factors(layer):
     return tuple(tf.cast(factor, tf.float32) for factor in layer.current_factors())
 
@@ -410,9 +506,8 @@ class InputSVDEstimator(Estimator):
 
     def __init__(self, refit_every="auto", buffer_rows=1024, rows_per_step=32, refit_budget=0.05):
         self.refit_every = _check_refit_every(refit_every, allow_auto=True)
-        for key, value in (("buffer_rows", buffer_rows), ("rows_per_step", rows_per_step)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {key}={value!r}")
+        check_positive_int("buffer_rows", buffer_rows)
+        check_positive_int("rows_per_step", rows_per_step)
         if (isinstance(refit_budget, bool) or not isinstance(refit_budget, numbers.Real)
                 or not 0 < refit_budget <= 1):
             raise ValueError(f"refit_budget must be a number in (0, 1], got refit_budget={refit_budget!r}")

@@ -2,7 +2,14 @@
 sample inputs and model inputs. Each raises a ValueError that names the offending value,
 before any weight changes."""
 
+import numbers
+
 import numpy as np
+
+
+def check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
 
 
 def checked_model_inputs(x, name):

@@ -13,6 +13,7 @@ from lrc_keras import estimators
 from lrc_keras import gating
 from lrc_keras import ops
 from lrc_keras import saved_layouts
+from lrc_keras.inputs import check_positive_int
 from lrc_keras.inputs import checked_sample_inputs
 from lrc_keras.metrics import GateStatistics
 from lrc_keras.metrics import LatestValue
@@ -20,7 +21,7 @@ from lrc_keras.metrics import confusion_counts
 
 
 @keras.saving.register_keras_serializable(package="lrc_keras")
-class LowRankGatedDense(keras.layers.Layer):
+class LowRankGatedDense(estimators.EstimatorMethods, keras.layers.Layer):
     """ReLU dense layer with low-rank conditional computation (Davis & Arel, 2013).
 
     It computes `y = relu(x·W + b)`, but only for the units whose rank-r estimate
@@ -46,9 +47,10 @@ class LowRankGatedDense(keras.layers.Layer):
     then V `(rank, units)` in one variable, so that a refit replaces both at once;
     `ẑ = (x·U)·V + bias`. `current_factors()` returns (U, V) from one read; `estimator_u` and
     `estimator_v` read one each. The layer's own variables are `kernel`, `bias`, `gate_margin`,
-    `estimator_rank`, `observed_density` and a density target's `density_penalty`; the
+    `observed_density`, a density target's `density_penalty` and `estimator_rank`; the
     estimator's (`estimator_factors`, then its rule's state) live in the nested layer
-    `estimator_state` (`lrc_keras.estimators.EstimatorState`), which `set_rank` remakes.
+    `estimator_state`, which `set_rank` remakes. The estimator's methods (`refit`, `set_rank`,
+    `assign_estimator`, the factors) are inherited from `lrc_keras.estimators.EstimatorMethods`.
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -141,8 +143,8 @@ class LowRankGatedDense(keras.layers.Layer):
         **kwargs,
     ):
         saved_layouts.check_no_moved_settings(kwargs)
-        _check_positive_int("units", units)
-        _check_positive_int("rank", rank)
+        check_positive_int("units", units)
+        check_positive_int("rank", rank)
         _check_margin(margin)
         if not isinstance(regularize_skipped_units, (bool, np.bool_)):
             raise ValueError(
@@ -203,12 +205,6 @@ class LowRankGatedDense(keras.layers.Layer):
             name="gate_margin", shape=(), initializer=keras.initializers.Constant(self._margin),
             dtype="float32", trainable=False, aggregation="only_first_replica", autocast=False,
         )
-        # Functions check the rank they were traced for against this at every call: set_rank
-        # assigns it (it outlives the estimator's new variables), so functions traced before fail.
-        self.estimator_rank = self.add_weight(
-            name="estimator_rank", shape=(), initializer=keras.initializers.Constant(self.rank),
-            dtype="int32", trainable=False, aggregation="only_first_replica",
-        )
         # The predicted density last recorded (in training, by measure_gates or calibrate), which
         # the dispatch compares with the crossover. Inference writes no variable.
         self.observed_density = self.add_weight(
@@ -217,10 +213,7 @@ class LowRankGatedDense(keras.layers.Layer):
         )
         if self.target_density is not None:
             self.target_density.build(self)
-        self.estimator_state = estimators.EstimatorState(
-            self.estimator, name="estimator_state", dtype=self.dtype_policy, trainable=self.trainable
-        )
-        self.estimator_state.create(self)
+        self._build_estimator()
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
 
     def call(self, inputs, training=None):
@@ -369,78 +362,11 @@ class LowRankGatedDense(keras.layers.Layer):
             dense.bias.assign(self.bias)
         return dense
 
-    def refit(self, sample_inputs=None):
-        """Set U, V by the estimator's rule from the current kernel.
-
-        `sample_inputs` (2-D, this layer's input width, finite), where given, are the inputs
-        the rules that use inputs fit to (input_svd, joint's start) instead of the statistics
-        gathered in training; they are checked before any weight changes.
-        """
-        sample_inputs = checked_sample_inputs(sample_inputs, self.kernel.shape[1], self.name)
-        estimator_u, estimator_v = self.estimator.factors(self, sample_inputs)
-        if not (np.all(np.isfinite(estimator_u)) and np.all(np.isfinite(estimator_v))):
-            estimators.warn_non_finite(self.name)
-            return
-        self.assign_estimator(estimator_u, estimator_v)
-
-    @property
-    def estimator_factors(self):
-        """The variable holding U then V (`lrc_keras.estimators.pack_factors`), of `estimator_state`."""
-        return self.estimator_state.estimator_factors
-
-    def assign_estimator(self, estimator_u, estimator_v):
-        """Store float32 factors in the variable's dtype (bfloat16/float16 layers fit in float32),
-        both in one assignment: a call running beside it sees the old pair or this one."""
-        dtype = self.estimator_factors.dtype
-        self.estimator_factors.assign(estimators.pack_factors(tf.cast(estimator_u, dtype), tf.cast(estimator_v, dtype)))
-
-    def current_factors(self):
-        """(U, V) from one read of `estimator_factors`: always a pair one refit stored."""
-        return estimators.unpack_factors(tf.convert_to_tensor(self.estimator_factors), self.kernel.shape[1], self.rank)
-
     def gate(self, x):
         """`(ẑ, mask)` for 2-D inputs x: the estimate (x·U)·V + b and the units the gate computes
         (`lrc_keras.gating.gate_mask` at the layer's margin), what every reader of the gate uses."""
         z_hat = estimators.estimate(x, *self.current_factors(), self.bias)
         return z_hat, gating.gate_mask(z_hat, tf.cast(self.gate_margin, z_hat.dtype))
-
-    @property
-    def estimator_u(self):
-        """U (input_dim, rank), read now; `current_factors()` gives U and V from one read."""
-        return self.current_factors()[0]
-
-    @property
-    def estimator_v(self):
-        """V (rank, units), read now; `current_factors()` gives U and V from one read."""
-        return self.current_factors()[1]
-
-    def set_rank(self, rank, sample_inputs=None):
-        """Change the estimator's rank of a built layer and refit U, V (see `refit`).
-
-        The estimator's variables are made anew in `estimator_state`, its state (counters,
-        input rows) keeping its values. Functions Keras compiled before (`predict`, `evaluate`,
-        `fit`) still hold the old variables: they fail with a message saying to compile the
-        model again, never answer with the old rank.
-        """
-        _check_positive_int("rank", rank)
-        input_dim = self.kernel.shape[1]
-        self._check_rank_fits(rank, input_dim)
-        sample_inputs = checked_sample_inputs(sample_inputs, input_dim, self.name)
-        self.rank = int(rank)
-        self.estimator_state.recreate(self)
-        self.estimator_rank.assign(self.rank)
-        self.refit(sample_inputs)
-
-    def _check_traced_rank(self):
-        """Functions traced before a `set_rank` hold the old factors: make them fail clearly.
-
-        Three ops (read, compare, Assert), the least a compiled function can check at run time.
-        """
-        tf.debugging.Assert(
-            tf.equal(self.estimator_rank, self.rank),
-            [f"{self.name}: set_rank changed the rank of the estimator after this function was traced; compile "
-             f"the model again (model.compile(...)) before predict, evaluate or fit"],
-        )
 
     def load_own_variables(self, store):
         """Loads this version's own variables (`estimator_state` loads the estimator's), or all of
@@ -449,13 +375,6 @@ class LowRankGatedDense(keras.layers.Layer):
             saved_layouts.load_variables(self, store)
         else:
             super().load_own_variables(store)
-
-    def _check_rank_fits(self, rank, input_dim):
-        if rank > min(input_dim, self.units):
-            raise ValueError(
-                f"{self.name}: rank={rank} exceeds min(input_dim, units) = "
-                f"min({input_dim}, {self.units}) = {min(input_dim, self.units)}"
-            )
 
     def _training_forward(self, x, batch_size):
         """Training: y by the training path, then the gate metrics, a trained estimator's loss
@@ -512,11 +431,6 @@ def _check_margin(margin, name=None):
             or not math.isfinite(float(margin))):
         prefix = f"{name}: " if name else ""
         raise ValueError(f"{prefix}margin must be a finite number, got margin={margin!r}")
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
 
 
 def _transposed_constraint(constraint):

@@ -1,7 +1,7 @@
 """Models saved by earlier versions of lrc-keras, read into this version's LowRankGatedDense.
 
-Today the layer saves its own variables (`kernel`, `bias`, `gate_margin`, `estimator_rank`,
-`observed_density`, a density target's `density_penalty`) and its nested `estimator_state` the
+Today the layer saves its own variables (`kernel`, `bias`, `gate_margin`, `observed_density`, a
+density target's `density_penalty`, `estimator_rank`) and its nested `estimator_state` the
 estimator's (`estimator_factors`, then the rule's state). Three earlier layouts saved all of them
 as the layer's own, and are named here by what differs:
 

@@ -354,7 +354,7 @@ def test_from_dense_copies_weights_and_fits_svd(rng):
     np.testing.assert_array_equal(gated.bias.numpy(), dense.bias.numpy())
     np.testing.assert_allclose(np.abs(gated.estimator_u.numpy()), np.abs(_svd_u(gated.kernel.numpy(), 3)), rtol=1e-3, atol=1e-5)
     weights = gated.get_weights()
-    # kernel, bias, margin, rank, observed density, then estimator_state's U then V and steps
+    # kernel, bias, margin, observed density, rank, then estimator_state's U then V and steps
     assert [w.shape for w in weights] == [(12, 9), (12,), (), (), (), (9 * 3 + 3 * 12,), ()]
     # The default estimator adds its buffer of 1024 input rows, the rows seen and since the last refit.
     default = LowRankGatedDense.from_dense(dense, rank=3)
@@ -709,7 +709,7 @@ def test_a_saved_layer_of_no_known_layout_is_refused_with_its_size():
     layer.build((None, 3))
     store = {str(index): np.zeros(1, "float32") for index in range(2)}
     with pytest.raises(ValueError, match=r"the saved layer has 2 variables; this version expects 5 \(kernel, bias, "
-                                         r"gate_margin, estimator_rank, observed_density\) and reads earlier versions' "
+                                         r"gate_margin, observed_density, estimator_rank\) and reads earlier versions' "
                                          r"7 \(estimator on the layer layout\) or 8 \(separate factors layout\) or 6 "
                                          r"\(layer settings layout\)\. Re-save"):
         layer.load_own_variables(store)
