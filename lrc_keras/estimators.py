@@ -265,9 +265,9 @@ class EstimatorState(keras.layers.Layer):
     of its name. Saved with the gated layer, under `estimator_state`.
 
     `set_rank` replaces the factors by a variable of another shape, and Keras locks a layer's
-    state once its `build` has run; so this layer has no `build`: `create` makes the variables
-    and `recreate` deletes them (deleting a variable attribute untracks it) and makes them again
-    in the same order, the saved layout, with the state's values.
+    state once its `build` has run; so this layer has no `build` of its own: `create` makes the
+    variables and `recreate` deletes them (Keras untracks a deleted variable attribute) and makes
+    them again in the same order, the saved layout, with the state's values.
     """
 
     def __init__(self, estimator, **kwargs):
