@@ -74,14 +74,15 @@ def part_functions(x, kernel, bias, estimator_u, estimator_v, margin, cotangent)
     product = low_rank_product(tf.constant(x), u, v)
     y = library.lrc_gated_dense(x, kernel_t, bias_t, product, margin)[0]
     grad_y = tf.constant(cotangent)
+    no_rows = tf.zeros([0, kernel.shape[0]])  # no sampled rows: y's pairs alone
     narrow_x, narrow_kernel = tf.constant(x[:, :16]), tf.constant(kernel[:, :16])
     return {
         "gemm": lambda x: tf.matmul(x, dense_kernel),
         "estimate": lambda x: low_rank_product(x, u, v),
         "forward": lambda x: library.lrc_gated_dense(x, kernel_t, bias_t, product, margin)[0],
-        "backward": lambda x: one_element_of_each(library.lrc_gated_dense_grad(grad_y, y, x, kernel_t)),
+        "backward": lambda x: one_element_of_each(library.lrc_gated_dense_grad(grad_y, y, no_rows, no_rows, x, kernel_t)),
         "lists": lambda x: one_element_of_each(
-            library.lrc_gated_dense_grad(grad_y, y, narrow_x + 0 * x[:1, :16], narrow_kernel)
+            library.lrc_gated_dense_grad(grad_y, y, no_rows, no_rows, narrow_x + 0 * x[:1, :16], narrow_kernel)
         ),
     }, y
 

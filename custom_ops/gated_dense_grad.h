@@ -7,6 +7,11 @@
 // computes both products over those pairs only:
 //   grad_y   [batch, units]       dL/dy
 //   y        [batch, units]       the forward's output: its positive entries are the pairs
+//   grad_skipped, skipped [sample_rows, units]
+//                                 the active units the gate skipped in the first rows
+//                                 (LrcGatedLayer's skipped, gated_layer.h) and their dL/d: their
+//                                 positive entries are pairs too, with grad_skipped in place of
+//                                 grad_y (y and skipped are never both positive)
 //   x        [batch, input_dim]
 //   kernel   [units, input_dim]   W_j is one contiguous row
 //   grad_x      [batch, input_dim]   dL/dx_i = Σ_{j: pair (i, j)} grad_y[i, j] · W_j
@@ -29,8 +34,11 @@ struct GatedDenseGradArgs {
   int64_t batch;
   int64_t input_dim;
   int64_t units;
+  int64_t sample_rows;
   const float* grad_y;
   const float* y;
+  const float* grad_skipped;
+  const float* skipped;
   const float* x;
   const float* kernel;
   float* grad_x;
@@ -39,6 +47,17 @@ struct GatedDenseGradArgs {
 };
 
 LRC_HOST_DEVICE inline bool PassesGradient(float y) { return y > 0.f; }
+
+// Whether pair (i, j) passes gradient, and its upstream gradient: y's, or in the sampled rows
+// skipped's where y does not pass.
+LRC_HOST_DEVICE inline bool PairPasses(const GatedDenseGradArgs& a, int64_t i, int64_t j) {
+  const int64_t k = i * a.units + j;
+  return PassesGradient(a.y[k]) || (i < a.sample_rows && PassesGradient(a.skipped[k]));
+}
+LRC_HOST_DEVICE inline float PairGradient(const GatedDenseGradArgs& a, int64_t i, int64_t j) {
+  const int64_t k = i * a.units + j;
+  return i < a.sample_rows && !PassesGradient(a.y[k]) ? a.grad_skipped[k] : a.grad_y[k];
+}
 
 // Specialised for Eigen::ThreadPoolDevice in gated_dense_grad_cpu.cc and Eigen::GpuDevice in
 // gated_dense_grad_gpu.cc. Shapes are validated by the OpKernel (gated_dense_grad_kernels.cc).

@@ -1,11 +1,13 @@
 // CPU functor of LrcGatedDenseGrad: TensorFlow's worker threads, AVX-512 / AVX2+FMA / baseline
 // chosen at run time (isa.h), the vector loops in gated_dense_grad_impl.h.
 //
-// 1. Lists. A pass over y marks the pairs that pass gradient (y > 0) in a bitmap, one bit a
+// 1. Lists. A pass over y (and skipped, in the sampled rows) marks the pairs that pass gradient
+//    (PairPasses) in a bitmap, one bit a
 //    (row, unit), counts them per unit and per row, and sums grad_bias. From the bitmap two
 //    lists are filled, each entry with grad_y of its pair: per unit, its rows (for dW), and per
 //    row, its units (for dx). Scratch from TensorFlow's allocator, so that its failure is an
 //    error status: 16 bytes a pair, one bit a (row, unit), 8 bytes a row and a unit.
+//    (PairGradient reads a pair's gradient in place: a branch a listed pair, not a pass.)
 // 2. Products. Threads split the input dimension into chunks of 64 columns, so that no two
 //    threads write the same element of grad_x or grad_kernel: no locks, no per-thread copies of
 //    a gradient. For its chunk a thread copies x's columns into dense rows (batch × 64 floats,
@@ -94,11 +96,10 @@ void ListUnitPairs(const GatedDenseGradArgs& a, int64_t word, int64_t words,
   int64_t next[kUnitsPerWord];
   for (int64_t u = 0; u < width; ++u) next[u] = units.first[unit + u];
   for (int64_t i = 0; i < a.batch; ++i) {
-    const float* grad_y = a.grad_y + i * a.units + unit;
     for (uint64_t bits = bitmap[i * words + word]; bits != 0; bits &= bits - 1) {
       const int u = __builtin_ctzll(bits);
       units.others[next[u]] = static_cast<int32_t>(i);
-      units.grads[next[u]++] = grad_y[u];
+      units.grads[next[u]++] = PairGradient(a, i, unit + u);
     }
   }
 }
@@ -106,13 +107,12 @@ void ListUnitPairs(const GatedDenseGradArgs& a, int64_t word, int64_t words,
 // Row i's list, units in increasing order.
 void ListRowPairs(const GatedDenseGradArgs& a, int64_t i, int64_t words, const uint64_t* bitmap,
                   const PairLists& rows) {
-  const float* grad_y = a.grad_y + i * a.units;
   int64_t next = rows.first[i];
   for (int64_t word = 0; word < words; ++word) {
     for (uint64_t bits = bitmap[i * words + word]; bits != 0; bits &= bits - 1) {
       const int64_t j = word * kUnitsPerWord + __builtin_ctzll(bits);
       rows.others[next] = static_cast<int32_t>(j);
-      rows.grads[next++] = grad_y[j];
+      rows.grads[next++] = PairGradient(a, i, j);
     }
   }
 }

@@ -62,8 +62,8 @@ __device__ __forceinline__ void StoreRow(const float (&sum)[kColumnsPerLane], fl
   }
 }
 
-// One vote of a warp over a pair per lane: lane l's pair is element k of y and grad_y (when
-// `valid`) and stands for row l of `rows` (x_i's or W_j's, input_dim floats apart). For each
+// One vote of a warp over a pair per lane: lane l's pair is element k of y and grad_y (or, in
+// the sampled rows, of skipped and grad_skipped: PairPasses; when `valid`) and stands for row l of `rows` (x_i's or W_j's, input_dim floats apart). For each
 // lane whose pair passes gradient, in lane order, its g is broadcast and every lane adds
 // g·that row over its columns. Returns the lane's own g, 0 where its pair passes none.
 __device__ __forceinline__ float AddPassingRows(const GatedDenseGradArgs& a, bool valid, int64_t k,
@@ -72,8 +72,9 @@ __device__ __forceinline__ float AddPassingRows(const GatedDenseGradArgs& a, boo
   float g = 0.f;
   bool passes = false;
   if (valid) {
-    passes = PassesGradient(a.y[k]);
-    if (passes) g = a.grad_y[k];
+    const int64_t i = k / a.units, j = k % a.units;
+    passes = PairPasses(a, i, j);
+    if (passes) g = PairGradient(a, i, j);
   }
   for (unsigned voters = __ballot_sync(kFullWarp, passes); voters != 0; voters &= voters - 1) {
     const int source = __ffs(static_cast<int>(voters)) - 1;

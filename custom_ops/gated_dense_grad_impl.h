@@ -63,7 +63,7 @@ inline void PackColumns(const float* source, int64_t rows, int64_t stride, int64
 }
 
 // For the units of word `word` (units 64·word .. +64): bit u of bitmap[i * words + word] set
-// where pair (i, 64·word + u) passes gradient, each unit's count of such pairs in
+// where pair (i, 64·word + u) passes gradient (PairPasses), each unit's count of such pairs in
 // unit_counts, and grad_bias, summed in row order.
 inline void MarkPairs(const GatedDenseGradArgs& a, int64_t word, int64_t words, uint64_t* bitmap,
                       int64_t* unit_counts) {
@@ -74,7 +74,7 @@ inline void MarkPairs(const GatedDenseGradArgs& a, int64_t word, int64_t words, 
   // bits, agree whatever PassesGradient says (comparing twice was 1.4x faster here, and one
   // edit away from overrunning a list). A whole word has a fixed trip count: it vectorises.
   auto mark = [&](auto width) {
-    for (int64_t i = 0; i < a.batch; ++i) {
+    for (int64_t i = a.sample_rows; i < a.batch; ++i) {
       const float* y = a.y + i * a.units + unit;
       const float* grad_y = a.grad_y + i * a.units + unit;
       uint64_t bits = 0;
@@ -88,6 +88,17 @@ inline void MarkPairs(const GatedDenseGradArgs& a, int64_t word, int64_t words, 
     }
   };
   const int64_t width = std::min<int64_t>(64, a.units - unit);
+  // The sampled rows, where skipped's pairs join y's: few, so one pair at a time.
+  for (int64_t i = 0; i < a.sample_rows; ++i) {
+    uint64_t bits = 0;
+    for (int64_t u = 0; u < width; ++u) {
+      const bool passes = PairPasses(a, i, unit + u);
+      bits |= uint64_t{passes} << u;
+      count[u] += passes;
+      sum[u] += passes ? PairGradient(a, i, unit + u) : 0.f;
+    }
+    bitmap[i * words + word] = bits;
+  }
   if (width == 64) {
     mark(std::integral_constant<int64_t, 64>());
   } else {

@@ -18,23 +18,29 @@ using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 
 std::string InputShapes(OpKernelContext* ctx) {
-  return absl::StrCat(" (grad_y ", ctx->input(0).shape().DebugString(), ", y ",
-                      ctx->input(1).shape().DebugString(), ", x ",
-                      ctx->input(2).shape().DebugString(), ", kernel ",
-                      ctx->input(3).shape().DebugString(), ")");
+  std::string text = " (";
+  const char* names[] = {"grad_y", "y", "grad_skipped", "skipped", "x", "kernel"};
+  for (int index = 0; index < 6; ++index) {
+    absl::StrAppend(&text, index ? ", " : "", names[index], " ", ctx->input(index).shape().DebugString());
+  }
+  return text + ")";
 }
 
 absl::Status Prepare(OpKernelContext* ctx, GatedDenseGradArgs* args) {
   const Tensor& grad_y = ctx->input(0);
   const Tensor& y = ctx->input(1);
-  const Tensor& x = ctx->input(2);
-  const Tensor& kernel = ctx->input(3);
-  if (!(grad_y.dims() == 2 && y.shape() == grad_y.shape() && x.dims() == 2 && kernel.dims() == 2 &&
+  const Tensor& grad_skipped = ctx->input(2);
+  const Tensor& skipped = ctx->input(3);
+  const Tensor& x = ctx->input(4);
+  const Tensor& kernel = ctx->input(5);
+  if (!(grad_y.dims() == 2 && y.shape() == grad_y.shape() && skipped.dims() == 2 &&
+        grad_skipped.shape() == skipped.shape() && x.dims() == 2 && kernel.dims() == 2 &&
         x.dim_size(0) == y.dim_size(0) && kernel.dim_size(0) == y.dim_size(1) &&
+        skipped.dim_size(0) <= y.dim_size(0) && skipped.dim_size(1) == y.dim_size(1) &&
         kernel.dim_size(1) == x.dim_size(1))) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "LrcGatedDenseGrad expects grad_y and y [batch, units], x [batch, input_dim] and kernel "
-        "[units, input_dim]; got",
+        "LrcGatedDenseGrad expects grad_y and y [batch, units], grad_skipped and skipped "
+        "[sample_rows <= batch, units], x [batch, input_dim] and kernel [units, input_dim]; got",
         InputShapes(ctx)));
   }
   // The CPU kernel lists pairs by 32-bit row and unit indices.
@@ -46,8 +52,11 @@ absl::Status Prepare(OpKernelContext* ctx, GatedDenseGradArgs* args) {
   args->batch = x.dim_size(0);
   args->input_dim = x.dim_size(1);
   args->units = kernel.dim_size(0);
+  args->sample_rows = skipped.dim_size(0);
   args->grad_y = grad_y.flat<float>().data();
   args->y = y.flat<float>().data();
+  args->grad_skipped = grad_skipped.flat<float>().data();
+  args->skipped = skipped.flat<float>().data();
   args->x = x.flat<float>().data();
   args->kernel = kernel.flat<float>().data();
   return absl::OkStatus();

@@ -112,18 +112,15 @@ def _train(x, kernel, bias, product, margin, sample_rows, gated):
 
         def gradient(grad_y, grad_active_fraction, grad_skipped):
             if grad_skipped is None:
-                grad_passing, passing = grad_y, y
-            else:
-                # The sample's rows, padded to the batch: zeros add no pair and no gradient.
-                below = [[0, tf.shape(y)[0] - tf.shape(skipped)[0]], [0, 0]]
-                passing = y + tf.pad(skipped, below)
-                grad_passing = tf.where(y > 0, grad_y, tf.pad(grad_skipped, below))
+                grad_skipped = tf.zeros_like(skipped)
 
             def gated_backward():
-                return tuple(ops.compiled_library().lrc_gated_dense_grad(grad_passing, passing, x, kernel))
+                return tuple(ops.compiled_library().lrc_gated_dense_grad(grad_y, y, grad_skipped, skipped, x, kernel))
 
             def dense_backward():
-                grad_z = tf.where(passing > 0, grad_passing, tf.zeros_like(grad_passing))
+                # The sample's rows, padded to the batch: zeros add no pair and no gradient.
+                below = [[0, tf.shape(y)[0] - tf.shape(skipped)[0]], [0, 0]]
+                grad_z = tf.where(y > 0, grad_y, tf.where(tf.pad(skipped, below) > 0, tf.pad(grad_skipped, below), tf.zeros_like(grad_y)))
                 return tf.matmul(grad_z, kernel), tf.matmul(grad_z, x, transpose_a=True), tf.reduce_sum(grad_z, axis=0)
 
             return _either(gated, gated_backward, dense_backward)

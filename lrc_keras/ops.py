@@ -204,23 +204,25 @@ if _library is not None:
         """The gated backward's own gradient, for second-order gradients (gradient penalties,
         Hessian-vector products) through the gated training path.
 
-        The backward is linear in grad_y and bilinear in x and W over a fixed set of pairs
-        P = {(i, j): y[i, j] > 0}: with G = grad_y on P and 0 elsewhere,
+        The backward is linear in its upstream gradients and bilinear in x and W over a fixed set
+        of pairs P: y's positive entries, with grad_y, and in the first rows skipped's, with
+        grad_skipped (they never overlap). With G those gradients on P and 0 elsewhere,
             grad_x = G·W,   grad_kernel = Gᵀ·x,   grad_bias = Σ_i G[i, :].
         For upstream gradients A (of grad_x), B (of grad_kernel) and c (of grad_bias):
             dL/dx_i  = Σ_{j: (i,j) ∈ P} G[i, j]·B_j   the op's grad_x with B in W's place
             dL/dW_j  = Σ_{i: (i,j) ∈ P} G[i, j]·A_i   the op's grad_kernel with A in x's place
         so one more call of the compiled op gives both, over the same pairs; and
-            dL/dgrad_y[i, j] = A_i·W_j + x_i·B_j + c_j on P, 0 elsewhere,
-        dense products masked to P. y gets none: P is piecewise constant in it, as relu's
-        second derivative is 0.
+            dL/dG[i, j] = A_i·W_j + x_i·B_j + c_j on P, 0 elsewhere,
+        dense products masked to P, split between grad_y and grad_skipped as P is. y and skipped
+        get none: P is piecewise constant in them, as relu's second derivative is 0.
         """
-        grad_y, y, x, kernel = op.inputs
-        grad_x = grad_kernel = grad_grad_y = None
+        grad_y, y, grad_skipped, skipped, x, kernel = op.inputs
+        grad_x = grad_kernel = grad_grad_y = grad_grad_skipped = None
         if grad_grad_x is not None or grad_grad_kernel is not None:
             upstream_x = tf.zeros_like(x) if grad_grad_x is None else grad_grad_x
             upstream_kernel = tf.zeros_like(kernel) if grad_grad_kernel is None else grad_grad_kernel
-            of_x, of_kernel, _ = _library.lrc_gated_dense_grad(grad_y, y, upstream_x, upstream_kernel)
+            of_x, of_kernel, _ = _library.lrc_gated_dense_grad(grad_y, y, grad_skipped, skipped, upstream_x,
+                                                               upstream_kernel)
             grad_x = None if grad_grad_kernel is None else of_x
             grad_kernel = None if grad_grad_x is None else of_kernel
         terms = [kernel_product(grad_grad_x, kernel) if grad_grad_x is not None else None,
@@ -228,6 +230,7 @@ if _library is not None:
                  grad_grad_bias]
         terms = [term for term in terms if term is not None]
         if terms:
-            grad_grad_y = tf.where(y > 0, tf.math.add_n([tf.broadcast_to(term, tf.shape(y)) for term in terms]),
-                                   tf.zeros_like(y))
-        return grad_grad_y, None, grad_x, grad_kernel
+            through = tf.math.add_n([tf.broadcast_to(term, tf.shape(y)) for term in terms])
+            grad_grad_y = tf.where(y > 0, through, tf.zeros_like(y))
+            grad_grad_skipped = tf.where(skipped > 0, through[:tf.shape(skipped)[0]], tf.zeros_like(skipped))
+        return grad_grad_y, None, grad_grad_skipped, None, grad_x, grad_kernel

@@ -176,10 +176,15 @@ def test_float64_is_refused_with_the_input_named(rng):
 
 
 def test_grad_op_rejects_mismatched_shapes():
-    grad_y, y, x, kernel = (np.zeros(s, np.float32) for s in ((4, 6), (4, 6), (4, 5), (7, 5)))
+    grad_y, y, sample, x, kernel = (np.zeros(s, np.float32) for s in ((4, 6), (4, 6), (1, 6), (4, 5), (7, 5)))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"LrcGatedDenseGrad expects .*kernel \[7,5\]"):
-        tf.function(ops._library.lrc_gated_dense_grad, input_signature=[tf.TensorSpec(None, tf.float32)] * 4)(
-            grad_y, y, x, kernel
+        tf.function(ops._library.lrc_gated_dense_grad, input_signature=[tf.TensorSpec(None, tf.float32)] * 6)(
+            grad_y, y, sample, sample, x, kernel
+        )
+    grad_y, y, sample, x, kernel = (np.zeros(s, np.float32) for s in ((4, 6), (4, 6), (5, 6), (4, 5), (6, 5)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"sample_rows <= batch.*skipped \[5,6\]"):
+        tf.function(ops._library.lrc_gated_dense_grad, input_signature=[tf.TensorSpec(None, tf.float32)] * 6)(
+            grad_y, y, sample, sample, x, kernel
         )
 
 
@@ -277,3 +282,22 @@ def test_gpu_gradients_match_numpy_on_device(rng):
     inputs = layer_inputs(rng, 33, 131, 70)
     with tf.device("/GPU:0"):
         assert_gradients_match(*inputs[:4], 0.3, inputs[4])
+
+
+@pytest.mark.parametrize("batch, sample_rows", [(9, 0), (9, 4), (9, 9), (1, 1), (33, 32)])
+def test_grad_op_passes_the_sampled_rows_skipped_pairs(batch, sample_rows):
+    """Pairs of y's positive entries take grad_y; in the first rows, skipped's positive entries
+    (where y is not positive) take grad_skipped: one backward for both, against float64 numpy."""
+    rng = np.random.default_rng(batch + sample_rows)
+    units, input_dim = 70, 13
+    x = rng.standard_normal((batch, input_dim)).astype(np.float32)
+    kernel = rng.standard_normal((units, input_dim)).astype(np.float32)
+    y = np.where(rng.random((batch, units)) < 0.3, rng.random((batch, units)) + 0.1, 0.0).astype(np.float32)
+    skipped = np.where((y[:sample_rows] == 0) & (rng.random((sample_rows, units)) < 0.3), 0.5, 0.0).astype(np.float32)
+    grad_y = rng.standard_normal((batch, units)).astype(np.float32)
+    grad_skipped = rng.standard_normal((sample_rows, units)).astype(np.float32)
+    grad_z = np.where(y > 0, grad_y, 0.0).astype(np.float64)
+    grad_z[:sample_rows] += np.where(skipped > 0, grad_skipped, 0.0)
+    got = ops._library.lrc_gated_dense_grad(grad_y, y, grad_skipped, skipped, x, kernel)
+    for value, want in zip(got, (grad_z @ kernel, grad_z.T @ x, grad_z.sum(axis=0))):
+        np.testing.assert_allclose(value.numpy(), want, rtol=1e-5, atol=1e-5)

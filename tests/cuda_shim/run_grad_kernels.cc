@@ -9,8 +9,9 @@ extern "C" {
 void run_gated_dense_grad(int64_t batch, int64_t input_dim, int64_t units, const float* grad_y,
                           const float* y, const float* x, const float* kernel, float* grad_x,
                           float* grad_kernel, float* grad_bias) {
-  const lrc::GatedDenseGradArgs args{batch,  input_dim, units,  grad_y,      y,
-                                     x,      kernel,    grad_x, grad_kernel, grad_bias};
+  // No sampled rows: the shim checks the y pairs.
+  const lrc::GatedDenseGradArgs args{batch, input_dim, units,  0,           grad_y,   y, nullptr,
+                                     nullptr, x,     kernel, grad_x, grad_kernel, grad_bias};
   lrc::gpu_grad::LaunchGatedDenseGradKernels(
       args, [](auto kernel, lrc::gpu_grad::Geometry geometry, auto... args) {
         cuda_shim::Launch(geometry.grid, 1, geometry.block, kernel, args...);

@@ -90,7 +90,8 @@ const char* masked_relu(int64_t batch, int64_t units, const float* z, const floa
 const char* gated_dense_grad(int64_t batch, int64_t input_dim, int64_t units, const float* grad_y,
                              const float* y, const float* x, const float* kernel, float* grad_x,
                              float* grad_kernel, float* grad_bias, void* stream) {
-  const lrc::GatedDenseGradArgs args{batch, input_dim, units, grad_y, y, x, kernel, grad_x, grad_kernel, grad_bias};
+  const lrc::GatedDenseGradArgs args{batch,  input_dim, units,  0,           grad_y,   y, nullptr,
+                                     nullptr, x,     kernel, grad_x, grad_kernel, grad_bias};
   return LaunchGatedDenseGrad(args, stream);
 }
 
