@@ -39,7 +39,8 @@ TENSORFLOW_RANGE = "tensorflow>=2.20,<2.22"
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["custom_ops/gated_dense_ops.cc", "custom_ops/gated_dense_kernels.cc", "custom_ops/gated_dense_cpu.cc",
                "custom_ops/gated_dense_grad_ops.cc", "custom_ops/gated_dense_grad_kernels.cc",
-               "custom_ops/gated_dense_grad_cpu.cc"]
+               "custom_ops/gated_dense_grad_cpu.cc", "custom_ops/gated_layer_ops.cc",
+               "custom_ops/gated_layer_kernels.cc", "custom_ops/gated_layer_cpu.cc"]
 GPU_HOST_SOURCES = ["custom_ops/gated_dense_gpu.cc", "custom_ops/gated_dense_grad_gpu.cc"]
 GPU_DEVICE_SOURCES = ["custom_ops/gated_dense_gpu.cu.cc", "custom_ops/gated_dense_grad_gpu.cu.cc"]
 # sm_80 (A100) and sm_90 (H100) machine code, plus PTX that newer GPUs compile at load time.

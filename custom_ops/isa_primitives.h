@@ -1,7 +1,8 @@
 // One instruction set's vector primitives, the vocabulary of the loops in dot_rows_impl.h and
 // gated_dense_grad_impl.h: Vec, kWidth (floats a Vec), Zero(), Load(p), Store(p, v),
 // StreamStore(p, v), FenceStreamStores(), Broadcast(s), MulAdd(a, b, c) = a * b + c, Sum(v),
-// Prefetch(p). GCC's vector extensions make `+` work on Vec for all three sets.
+// Prefetch(p), and LoadFirst(p, count) / StoreFirst(p, v, count), which read or write only the
+// first count <= kWidth floats (the rest read as 0; masked off, they never fault). GCC's vector extensions make `+` work on Vec for all three sets.
 //
 // No include guard: isa.h includes it once per instruction set through isa_copies.h, which
 // defines the LRC_ISA_* macro of the copy being read.
@@ -32,6 +33,17 @@ inline Vec Broadcast(float value) { return LRC_MM(set1_ps)(value); }
 inline Vec MulAdd(Vec a, Vec b, Vec c) { return LRC_MM(fmadd_ps)(a, b, c); }
 inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 #undef LRC_MM
+#if defined(LRC_ISA_AVX512)
+inline __mmask16 FirstLanes(int64_t count) { return static_cast<__mmask16>((1u << count) - 1); }
+inline Vec LoadFirst(const float* p, int64_t count) { return _mm512_maskz_loadu_ps(FirstLanes(count), p); }
+inline void StoreFirst(float* p, Vec v, int64_t count) { _mm512_mask_storeu_ps(p, FirstLanes(count), v); }
+#else
+inline __m256i FirstLanes(int64_t count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline Vec LoadFirst(const float* p, int64_t count) { return _mm256_maskload_ps(p, FirstLanes(count)); }
+inline void StoreFirst(float* p, Vec v, int64_t count) { _mm256_maskstore_ps(p, FirstLanes(count), v); }
+#endif
 #elif defined(LRC_ISA_PORTABLE)
 using Vec = float;
 constexpr int64_t kWidth = 1;
@@ -44,6 +56,10 @@ inline Vec Broadcast(float value) { return value; }
 inline Vec MulAdd(Vec a, Vec b, Vec c) { return a * b + c; }
 inline float Sum(Vec v) { return v; }
 inline void Prefetch(const float*) {}
+inline Vec LoadFirst(const float* p, int64_t count) { return count > 0 ? *p : 0.f; }
+inline void StoreFirst(float* p, Vec v, int64_t count) {
+  if (count > 0) *p = v;
+}
 #else
 #error "isa_primitives.h is included through isa_copies.h"
 #endif
