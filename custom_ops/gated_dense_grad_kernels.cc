@@ -6,6 +6,7 @@
 #include <string>
 
 #include "gated_dense_grad.h"
+#include "input_shapes.h"
 #include "tensorflow/core/framework/op_kernel.h"
 
 namespace lrc {
@@ -17,14 +18,8 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 
-std::string InputShapes(OpKernelContext* ctx) {
-  std::string text = " (";
-  const char* names[] = {"grad_y", "y", "grad_skipped", "skipped", "x", "kernel"};
-  for (int index = 0; index < 6; ++index) {
-    absl::StrAppend(&text, index ? ", " : "", names[index], " ", ctx->input(index).shape().DebugString());
-  }
-  return text + ")";
-}
+// The op's inputs, in order.
+constexpr std::initializer_list<const char*> kInputs = {"grad_y", "y", "grad_skipped", "skipped", "x", "kernel"};
 
 absl::Status Prepare(OpKernelContext* ctx, GatedDenseGradArgs* args) {
   const Tensor& grad_y = ctx->input(0);
@@ -41,13 +36,13 @@ absl::Status Prepare(OpKernelContext* ctx, GatedDenseGradArgs* args) {
     return absl::InvalidArgumentError(absl::StrCat(
         "LrcGatedDenseGrad expects grad_y and y [batch, units], grad_skipped and skipped "
         "[sample_rows <= batch, units], x [batch, input_dim] and kernel [units, input_dim]; got",
-        InputShapes(ctx)));
+        InputShapes(ctx, kInputs)));
   }
   // The CPU kernel lists pairs by 32-bit row and unit indices.
   constexpr int64_t kMaxIndex = std::numeric_limits<int32_t>::max();
   if (y.dim_size(0) > kMaxIndex || y.dim_size(1) > kMaxIndex) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "LrcGatedDenseGrad supports up to ", kMaxIndex, " rows and units; got", InputShapes(ctx)));
+        "LrcGatedDenseGrad supports up to ", kMaxIndex, " rows and units; got", InputShapes(ctx, kInputs)));
   }
   args->batch = x.dim_size(0);
   args->input_dim = x.dim_size(1);

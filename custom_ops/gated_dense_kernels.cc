@@ -5,6 +5,7 @@
 #include <string>
 
 #include "gated_dense.h"
+#include "input_shapes.h"
 #include "tensorflow/core/framework/op_kernel.h"
 
 namespace lrc {
@@ -16,16 +17,6 @@ using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 
 namespace {
-
-std::string Shapes(OpKernelContext* ctx, std::initializer_list<const char*> names) {
-  std::string text = " (";
-  int index = 0;
-  for (const char* name : names) {
-    absl::StrAppend(&text, index ? ", " : "", name, " ", ctx->input(index).shape().DebugString());
-    ++index;
-  }
-  return text + ")";
-}
 
 // What differs between the ops. Each traits struct has
 //   Args             the functor's arguments (gated_dense.h), with batch, units, y, active_fraction
@@ -52,7 +43,7 @@ struct GatedDenseTraits {
       return absl::InvalidArgumentError(absl::StrCat(
           "LrcGatedDense expects x [batch, input_dim], kernel [units, input_dim], bias [units], "
           "product [batch, units] and a scalar margin; got",
-          Shapes(ctx, {"x", "kernel", "bias", "product", "margin"})));
+          InputShapes(ctx, {"x", "kernel", "bias", "product", "margin"})));
     }
     args->batch = x.dim_size(0);
     args->input_dim = x.dim_size(1);
@@ -62,7 +53,7 @@ struct GatedDenseTraits {
       return absl::InvalidArgumentError(absl::StrCat(
           "LrcGatedDense: mismatched dimensions: input_dim must agree between x[1] and kernel[1], "
           "units between kernel[0], bias[0] and product[1], batch between x[0] and product[0]; got",
-          Shapes(ctx, {"x", "kernel", "bias", "product", "margin"})));
+          InputShapes(ctx, {"x", "kernel", "bias", "product", "margin"})));
     }
     args->x = x.flat<float>().data();
     args->kernel = kernel.flat<float>().data();
@@ -90,7 +81,7 @@ struct MaskedReluTraits {
       return absl::InvalidArgumentError(absl::StrCat(
           "LrcMaskedRelu expects z [batch, units], bias [units], product of z's shape and a "
           "scalar margin; got",
-          Shapes(ctx, {"z", "bias", "product", "margin"})));
+          InputShapes(ctx, {"z", "bias", "product", "margin"})));
     }
     args->batch = z.dim_size(0);
     args->units = z.dim_size(1);

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "gated_layer.h"
+#include "input_shapes.h"
 #include "tensorflow/core/framework/op_kernel.h"
 
 namespace lrc {
@@ -15,16 +16,6 @@ using ::tensorflow::OpKernelConstruction;
 using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
-
-std::string Shapes(OpKernelContext* ctx, std::initializer_list<const char*> names) {
-  std::string text = " (";
-  int index = 0;
-  for (const char* name : names) {
-    absl::StrAppend(&text, index ? ", " : "", name, " ", ctx->input(index).shape().DebugString());
-    ++index;
-  }
-  return text + ")";
-}
 
 template <typename Device>
 class GatedLayerOpKernel : public OpKernel {
@@ -72,7 +63,7 @@ class GatedLayerOpKernel : public OpKernel {
       return absl::InvalidArgumentError(absl::StrCat(
           "LrcGatedLayer expects x [batch, input_dim], factors [rank·(input_dim + units)], kernel "
           "[units, input_dim], bias [units], a scalar margin, z [rows <= batch, units] and a scalar "
-          "rank_now; got", Shapes(ctx, names)));
+          "rank_now; got", InputShapes(ctx, names)));
     }
     args->batch = x.dim_size(0);
     args->input_dim = x.dim_size(1);
@@ -83,7 +74,7 @@ class GatedLayerOpKernel : public OpKernel {
       return absl::InvalidArgumentError(absl::StrCat(
           "LrcGatedLayer: mismatched dimensions: input_dim must agree between x[1] and kernel[1], "
           "units between kernel[0], bias[0] and z[1], and z may have at most x's rows; got",
-          Shapes(ctx, names)));
+          InputShapes(ctx, names)));
     }
     // Host memory on every device.
     const int32_t traced_for = rank_now.scalar<int32_t>()();
