@@ -20,39 +20,23 @@
 // Counts of computed pairs are warp-reduced and added atomically to one uint64; a one-thread
 // kernel turns the count into the active fraction on the device, so nothing waits on the host.
 //
-// This file includes only the CUDA runtime: it compiles in seconds with nvcc, and
+// This file includes only the CUDA runtime (launch_on_stream.cu.h): it compiles in seconds with nvcc, and
 // libtensorflow_framework exports the runtime entry points, so no cudart is linked.
-#include <cuda_runtime.h>
-
 #include "gated_dense_gpu_kernels.cu.h"
+#include "launch_on_stream.cu.h"
 
 namespace lrc {
-namespace {
-
-// Zeroes the count, then makes the launches of gated_dense_gpu_kernels.cu.h on `stream`.
-template <typename Args, typename Launches>
-const char* LaunchOnStream(const Args& a, unsigned long long* scratch, cudaStream_t stream,
-                           Launches launches) {
-  cudaError_t error = cudaMemsetAsync(scratch, 0, sizeof(*scratch), stream);
-  if (error == cudaSuccess) {
-    launches(a, scratch, [stream](auto kernel, gpu::Geometry geometry, auto... args) {
-      kernel<<<dim3(geometry.grid, geometry.grid_y), geometry.block, 0, stream>>>(args...);
-    });
-    error = cudaGetLastError();  // the launches' own errors, which <<<>>> does not return
-  }
-  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
-}
-
-}  // namespace
 
 const char* LaunchGatedDense(const GatedDenseArgs& a, unsigned long long* scratch,
                              ::CUstream_st* stream) {
-  return LaunchOnStream(a, scratch, stream, [](auto&&... args) { gpu::LaunchGatedDenseKernels(args...); });
+  return LaunchOnStream(scratch, 1, stream,
+                        [&](auto launch) { gpu::LaunchGatedDenseKernels(a, scratch, launch); });
 }
 
 const char* LaunchMaskedRelu(const MaskedReluArgs& a, unsigned long long* scratch,
                              ::CUstream_st* stream) {
-  return LaunchOnStream(a, scratch, stream, [](auto&&... args) { gpu::LaunchMaskedReluKernels(args...); });
+  return LaunchOnStream(scratch, 1, stream,
+                        [&](auto launch) { gpu::LaunchMaskedReluKernels(a, scratch, launch); });
 }
 
 }  // namespace lrc
