@@ -41,8 +41,10 @@ CPU_SOURCES = ["custom_ops/gated_dense_ops.cc", "custom_ops/gated_dense_kernels.
                "custom_ops/gated_dense_grad_ops.cc", "custom_ops/gated_dense_grad_kernels.cc",
                "custom_ops/gated_dense_grad_cpu.cc", "custom_ops/gated_layer_ops.cc",
                "custom_ops/gated_layer_kernels.cc", "custom_ops/gated_layer_cpu.cc"]
-GPU_HOST_SOURCES = ["custom_ops/gated_dense_gpu.cc", "custom_ops/gated_dense_grad_gpu.cc"]
-GPU_DEVICE_SOURCES = ["custom_ops/gated_dense_gpu.cu.cc", "custom_ops/gated_dense_grad_gpu.cu.cc"]
+GPU_HOST_SOURCES = ["custom_ops/gated_dense_gpu.cc", "custom_ops/gated_dense_grad_gpu.cc",
+                    "custom_ops/gated_layer_gpu.cc"]
+GPU_DEVICE_SOURCES = ["custom_ops/gated_dense_gpu.cu.cc", "custom_ops/gated_dense_grad_gpu.cu.cc",
+                      "custom_ops/gated_layer_gpu.cu.cc"]
 # sm_80 (A100) and sm_90 (H100) machine code, plus PTX that newer GPUs compile at load time.
 NVCC_ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
               "-gencode", "arch=compute_90,code=compute_90"]

@@ -1,6 +1,8 @@
 // Device code of the GPU ops (the contract is gated_dense.h) and the geometry and order of their
 // launches. Only CUDA built-ins are used, so that tests/cuda_shim/ can compile all of it with g++
-// and run it on the CPU.
+// and run it on the CPU. The kernels are static: two launchers include them
+// (gated_dense_gpu.cu.cc, and gated_layer_gpu.cu.cc through gated_layer_gpu_kernels.cu.h), each
+// nvcc object with its own copy, which the linker would otherwise find defined twice.
 #ifndef LRC_KERAS_CUSTOM_OPS_GATED_DENSE_GPU_KERNELS_CU_H_
 #define LRC_KERAS_CUSTOM_OPS_GATED_DENSE_GPU_KERNELS_CU_H_
 
@@ -34,7 +36,7 @@ constexpr unsigned kMaxGridY = 65535;  // CUDA's limit on gridDim.y
 // W_j and the x rows), each W_j element read once for the pass, and each sum is reduced with
 // shuffles; lane r keeps the sum of its own row. Every branch is warp-uniform. A row's sum has
 // the same order of additions whatever the tile or pass, so y does not depend on the geometry.
-__global__ void GatedDenseKernel(GatedDenseArgs a, int rows_per_tile, unsigned long long* computed) {
+static __global__ void GatedDenseKernel(GatedDenseArgs a, int rows_per_tile, unsigned long long* computed) {
   const int64_t unit = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) +
                        threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -82,7 +84,7 @@ __global__ void GatedDenseKernel(GatedDenseArgs a, int rows_per_tile, unsigned l
 
 // Elementwise over [batch, units], grid-stride. Each element is read and written by one thread,
 // so y may be z's or product's buffer.
-__global__ void MaskedReluKernel(MaskedReluArgs a, unsigned long long* computed) {
+static __global__ void MaskedReluKernel(MaskedReluArgs a, unsigned long long* computed) {
   const int64_t total = a.batch * a.units;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   unsigned long long count = 0;
@@ -97,9 +99,14 @@ __global__ void MaskedReluKernel(MaskedReluArgs a, unsigned long long* computed)
   if (threadIdx.x % kWarpSize == 0 && count) atomicAdd(computed, count);
 }
 
-__global__ void ActiveFractionKernel(const unsigned long long* computed, int64_t total,
+// Computed pairs over all pairs, 0 when there are none.
+__device__ __forceinline__ float ActiveFraction(unsigned long long computed, int64_t total) {
+  return total ? static_cast<float>(static_cast<double>(computed) / total) : 0.f;
+}
+
+static __global__ void ActiveFractionKernel(const unsigned long long* computed, int64_t total,
                                      float* active_fraction) {
-  *active_fraction = total ? static_cast<float>(static_cast<double>(*computed) / total) : 0.f;
+  *active_fraction = ActiveFraction(*computed, total);
 }
 
 // The launches of each op, written once for gated_dense_gpu.cu.cc and for the CPU shim of the

@@ -2,8 +2,7 @@
 // GPU kernels. It replaces the pipeline of small TensorFlow ops around the kernels (the estimate's
 // two products, the mask, the sampled rows' statistics, the traced-rank check), whose count, not
 // size, was the cost. The dense product TensorFlow's tuned GEMM does best (x·Wᵀ for the rows
-// computed densely) stays TensorFlow's, an input here. (No GPU kernel yet: on a GPU the layer
-// takes the TensorFlow path.)
+// computed densely) stays TensorFlow's, an input here.
 //
 // LrcGatedLayer(x, factors, kernel, bias, margin, z, rank_now; attrs rank, sample_rows, layer):
 //   x        [batch, input_dim]
@@ -63,8 +62,11 @@ struct GatedLayerArgs {
   float* active_fraction;  // one float, in the device's memory
 };
 
-// Specialised for Eigen::ThreadPoolDevice in gated_layer_cpu.cc (and Eigen::GpuDevice where a
-// GPU build has them). Shapes are validated by the OpKernels (gated_layer_kernels.cc).
+// The GPU kernels' uint64 counters: computed pairs, then the four gate counts.
+constexpr int kGatedLayerCounters = 5;
+
+// Specialised for Eigen::ThreadPoolDevice in gated_layer_cpu.cc and Eigen::GpuDevice in
+// gated_layer_gpu.cc. Shapes are validated by the OpKernels (gated_layer_kernels.cc).
 template <typename Device>
 struct GatedLayerFunctor {
   void operator()(tensorflow::OpKernelContext* ctx, const GatedLayerArgs& args);
@@ -73,6 +75,19 @@ struct GatedLayerFunctor {
 template <>
 void GatedLayerFunctor<Eigen::ThreadPoolDevice>::operator()(tensorflow::OpKernelContext* ctx,
                                                              const GatedLayerArgs& args);
+#if GOOGLE_CUDA
+template <>
+void GatedLayerFunctor<Eigen::GpuDevice>::operator()(tensorflow::OpKernelContext* ctx,
+                                                      const GatedLayerArgs& args);
+
+// gated_layer_gpu.cu.cc launches the kernels on `stream` (a cudaStream_t), counting in
+// `counters` (kGatedLayerCounters device uint64s) and adding the estimate's split products in
+// `partial_sums` (GatedLayerPartialSumFloats(args) device floats); returns nullptr or CUDA's
+// error message.
+int64_t GatedLayerPartialSumFloats(const GatedLayerArgs& args);
+const char* LaunchGatedLayer(const GatedLayerArgs& args, unsigned long long* counters,
+                             float* partial_sums, ::CUstream_st* stream);
+#endif
 
 }  // namespace lrc
 

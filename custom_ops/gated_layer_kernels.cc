@@ -76,7 +76,7 @@ class GatedLayerOpKernel : public OpKernel {
           "units between kernel[0], bias[0] and z[1], and z may have at most x's rows; got",
           InputShapes(ctx, names)));
     }
-    // Host memory on every device.
+    // Host memory on every device (the registrations below).
     const int32_t traced_for = rank_now.scalar<int32_t>()();
     const int64_t expected = rank_ * (args->input_dim + args->units);
     if (traced_for != rank_ || factors.dim_size(0) != expected) {
@@ -111,5 +111,11 @@ class GatedLayerOpKernel : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("LrcGatedLayer").Device(::tensorflow::DEVICE_CPU),
                         GatedLayerOpKernel<Eigen::ThreadPoolDevice>);
+#if GOOGLE_CUDA
+// Prepare reads margin and rank_now on the host, on every device.
+REGISTER_KERNEL_BUILDER(
+    Name("LrcGatedLayer").Device(::tensorflow::DEVICE_GPU).HostMemory("margin").HostMemory("rank_now"),
+    GatedLayerOpKernel<Eigen::GpuDevice>);
+#endif
 
 }  // namespace lrc
