@@ -1,7 +1,9 @@
 // Enough of CUDA to run this project's kernels on the CPU with g++, faithfully enough that a
 // test means something: the threads of a block run concurrently (one std::thread each), and
 // warp shuffles exchange values through a per-warp barrier, so a lane reads what the other
-// lanes of its warp really passed at that step. Blocks of a grid run one after another.
+// lanes of its warp really passed at that step. Blocks of a grid run one after another, so a
+// kernel's __shared__ arrays are its static locals (one copy, the running block's), and
+// __syncthreads is a barrier of the block's threads.
 #ifndef LRC_KERAS_TESTS_CUDA_SHIM_H_
 #define LRC_KERAS_TESTS_CUDA_SHIM_H_
 
@@ -18,6 +20,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __shared__ static
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -39,6 +42,7 @@ struct Warp {
 };
 
 inline thread_local Warp* current_warp = nullptr;
+inline thread_local std::barrier<>* current_block = nullptr;  // its threads' __syncthreads
 
 // Every lane's value at this step, as passed by the lanes of the current warp.
 template <typename T>
@@ -70,6 +74,7 @@ void Launch(unsigned grid, unsigned grid_y, unsigned block, Kernel kernel, Args.
   blockDim = dim3{block, 1, 1};
   for (unsigned by = 0; by < grid_y; ++by) {
     for (unsigned bx = 0; bx < grid; ++bx) {
+      std::barrier<> block_barrier(block);
       std::vector<std::unique_ptr<Warp>> warps;
       for (unsigned first = 0; first < block; first += kWarpSize) {
         warps.push_back(std::make_unique<Warp>(static_cast<int>(std::min<unsigned>(kWarpSize, block - first))));
@@ -80,8 +85,10 @@ void Launch(unsigned grid, unsigned grid_y, unsigned block, Kernel kernel, Args.
           threadIdx = dim3{t, 1, 1};
           blockIdx = dim3{bx, by, 1};
           current_warp = warps[t / kWarpSize].get();
+          current_block = &block_barrier;
           kernel(args...);
           current_warp->barrier.arrive_and_drop();  // lanes still shuffling no longer wait for it
+          block_barrier.arrive_and_drop();          // nor do threads at a __syncthreads
         });
       }
       for (auto& thread : threads) thread.join();
@@ -118,6 +125,8 @@ inline unsigned __ballot_sync(unsigned, bool predicate) {
   for (int lane = 0; lane < cuda_shim::kWarpSize; ++lane) bits |= static_cast<unsigned>(predicates[lane]) << lane;
   return bits;
 }
+
+inline void __syncthreads() { cuda_shim::current_block->arrive_and_wait(); }
 
 inline int __popc(unsigned bits) { return __builtin_popcount(bits); }
 inline int __ffs(unsigned bits) { return __builtin_ffs(static_cast<int>(bits)); }
