@@ -47,13 +47,18 @@ def test_gpu_check_runs_on_the_cpu_shim(tmp_path):
 class FaultyOutput:
     """The shim library, but for batches of `batch` rows the gated kernel's y[row, unit] comes out
     `error` off, or its active fraction `fraction_error` off, or the backward's `gradient`
-    ("grad_x", "grad_kernel" or "grad_bias") `gradient_error` off at its flat `element`."""
+    ("grad_x", "grad_kernel" or "grad_bias") `gradient_error` off at its flat `element`, or
+    LrcGatedLayer's `layer_output` ("y", "skipped", "gate_counts" or "active_fraction")
+    `layer_error` off at its flat `element`."""
 
     def __init__(self, library, batch, row=0, unit=0, error=0.0, fraction_error=0.0, gradient=None, element=0,
-                 gradient_error=0.0):
+                 gradient_error=0.0, layer_output=None, layer_error=0.0):
         self.library, self.batch, self.row, self.unit = library, batch, row, unit
         self.error, self.fraction_error = error, fraction_error
         self.gradient, self.element, self.gradient_error = gradient, element, gradient_error
+        self.layer_output, self.layer_error = layer_output, layer_error
+        self.gated_layer_counters = library.gated_layer_counters
+        self.gated_layer_partial_sums = library.gated_layer_partial_sums
 
     def gated_dense(self, *args):
         self.library.gated_dense(*args)
@@ -70,6 +75,12 @@ class FaultyOutput:
         outputs = dict(zip(("grad_x", "grad_kernel", "grad_bias"), args[7:10]))
         if args[0] == self.batch and self.gradient is not None:
             ctypes.cast(outputs[self.gradient], ctypes.POINTER(ctypes.c_float))[self.element] += self.gradient_error
+
+    def gated_layer(self, *args):
+        self.library.gated_layer(*args)
+        outputs = dict(zip(("y", "skipped", "gate_counts", "active_fraction"), args[13:17]))
+        if args[0] == self.batch and self.layer_output is not None:
+            ctypes.cast(outputs[self.layer_output], ctypes.POINTER(ctypes.c_float))[self.element] += self.layer_error
 
 
 TINY_GRID = {"batches": (0, 3), "input_dims": (40,), "units": (9,), "densities": (0.25, 1.0)}
@@ -107,8 +118,27 @@ def test_gpu_check_reports_a_wrong_backward(gpu_check, shim_library, gradient, e
     assert all(message in problem for problem in problems), problems
 
 
+# Batch 3, input_dim 40, units 9: rank 1 with no dense rows, rank 40 with one dense row and one
+# sampled, rank 8 with three dense rows and three sampled (layer_configurations).
+@pytest.mark.parametrize(
+    "output, element, error, message",
+    [
+        ("y", 1 * 9 + 4, 1e-3, "rank=1 dense_rows=0 sample_rows=0 density=1.0: 1 of 27 outputs wrong; first [1, 4]"),
+        ("skipped", 2 * 9 + 8, 0.5, "rank=8 dense_rows=3 sample_rows=4 density=0.25 skipped: 1 of 27 outputs wrong; first [2, 8]"),
+        ("gate_counts", 1, 1.0, "rank=40 dense_rows=1 sample_rows=1 density=0.25: gate counts"),
+        ("active_fraction", 0, 1 / 27, "rank=1 dense_rows=0 sample_rows=0 density=1.0: active fraction 1.037037, expected 1"),
+    ],
+)
+def test_gpu_check_reports_a_wrong_gated_layer(gpu_check, shim_library, output, element, error, message):
+    faulty = FaultyOutput(shim_library, 3, element=element, layer_output=output, layer_error=error)
+    problems = gpu_check.check_gated_layer(gpu_check.ShimDevice(), faulty, TINY_GRID)
+    assert problems and all(problem.startswith("gated_layer batch=3 input_dim=40 units=9") for problem in problems)
+    assert any(message in problem for problem in problems), problems
+
+
 @pytest.mark.parametrize("fault, message", [
     (dict(error=1.0), "MISMATCH gated_dense batch=3"),
+    (dict(layer_output="y", layer_error=1.0), "MISMATCH gated_layer batch=3"),
     (dict(gradient="grad_x", gradient_error=1.0), "MISMATCH gated_dense_grad batch=3"),
 ])
 def test_gpu_check_exits_1_on_a_mismatch(gpu_check, shim_library, monkeypatch, capsys, tmp_path, fault, message):

@@ -3,20 +3,22 @@
     python3 tools/gpu_check/gpu_check.py          # a machine with a GPU, nvcc, numpy and PyTorch
     python3 tools/gpu_check/gpu_check.py --shim   # the same checks on the CPU (tests/cuda_shim)
 
-It compiles the ops' own launches (custom_ops/gated_dense_gpu.cu.cc and
-gated_dense_grad_gpu.cu.cc, which include the kernels of custom_ops/gated_dense_gpu_kernels.cu.h
-and gated_dense_grad_gpu_kernels.cu.h) and launches.cc into one shared library with nvcc, for
-the architectures setup.py builds, loads it with ctypes and hands it PyTorch's device pointers
-and stream. Then:
+It compiles the ops' own launches (custom_ops/gated_dense_gpu.cu.cc, gated_dense_grad_gpu.cu.cc
+and gated_layer_gpu.cu.cc, which include the kernels of custom_ops/*_gpu_kernels.cu.h) and
+launches.cc into one shared library with nvcc, for the architectures setup.py builds, loads it
+with ctypes and hands it PyTorch's device pointers and stream. Then:
   1. correctness: the forward kernels (LrcGatedDense's, LrcMaskedRelu's) and the backward one
      (LrcGatedDenseGrad's) against float64 numpy, for every batch, input_dim, units and
      predicted density of the grids below, with NaN estimates and a NaN input; the forward's y
      in a buffer of its own and in each input buffer the op may hand over
-     (gated_dense_kernels.cc); the backward's grad_y NaN on pairs it must not read. Every
-     mismatch is printed, and the exit status is 1 if there was any.
+     (gated_dense_kernels.cc); the backward's grad_y NaN on pairs it must not read. Then
+     LrcGatedLayer's (the estimate's products, y, the sampled rows' skipped units and gate
+     counts, the active fraction) over the same grid, at ranks 1, 8 and input_dim with no,
+     half and all rows computed densely. Every mismatch is printed, and the exit status is 1
+     if there was any.
   2. speed of inference: the gated layer (the estimate's two GEMMs in cuBLAS, then the gated
-     kernel) against the dense layer (one cuBLAS GEMM with the bias, then relu), timed with
-     CUDA events, printed as a markdown table.
+     kernel; and LrcGatedLayer, the whole layer in one op) against the dense layer (one cuBLAS
+     GEMM with the bias, then relu), timed with CUDA events, printed as a markdown table.
   3. speed of a training step: the gated layer's forward and backward kernels (and the
      estimate's GEMMs) against the three cuBLAS GEMMs of a dense layer's step, likewise.
 With --shim, the library is built with g++ on the CPU shim of the tests and the same code runs
@@ -60,6 +62,8 @@ SHIM_TIMING_GRID = {"layers": ((40, 9, 3),), "batches": (1, 5), "densities": (0.
 TOLERANCE = 1e-4
 # Estimates this close to the threshold may fall either side of it in float32.
 BOUNDARY = 1e-3
+# z + b this close to 0 may have either sign in float32 (z given in float32, b added on the device).
+SIGN_BOUNDARY = 1e-6
 
 
 def log(message):
@@ -101,7 +105,8 @@ def build(shim, build_dir):
         command = [find_nvcc(), "-shared", "-x", "cu", "-std=c++17", "-O3", "-Xcompiler", "-fPIC",
                    "-DGOOGLE_CUDA=1", *setup_nvcc_architectures(), f"-I{CUSTOM_OPS}",
                    os.path.join(CUSTOM_OPS, "gated_dense_gpu.cu.cc"),
-                   os.path.join(CUSTOM_OPS, "gated_dense_grad_gpu.cu.cc"), launches, "-o", library]
+                   os.path.join(CUSTOM_OPS, "gated_dense_grad_gpu.cu.cc"),
+                   os.path.join(CUSTOM_OPS, "gated_layer_gpu.cu.cc"), launches, "-o", library]
     log("building: " + " ".join(command))
     started = time.perf_counter()
     subprocess.run(command, check=True)
@@ -118,8 +123,12 @@ class Library:
         self._library.gated_dense.argtypes = [int64] * 3 + [pointer] * 4 + [ctypes.c_float] + [pointer] * 4
         self._library.masked_relu.argtypes = [int64] * 2 + [pointer] * 3 + [ctypes.c_float] + [pointer] * 4
         self._library.gated_dense_grad.argtypes = [int64] * 3 + [pointer] * 8
-        for function in ("gated_dense", "masked_relu", "gated_dense_grad"):
+        self._library.gated_layer.argtypes = [int64] * 6 + [pointer] * 4 + [ctypes.c_float] + [pointer] * 9
+        for function in ("gated_dense", "masked_relu", "gated_dense_grad", "gated_layer"):
             getattr(self._library, function).restype = ctypes.c_char_p
+        self._library.gated_layer_partial_sums.argtypes = [int64] * 4
+        self._library.gated_layer_partial_sums.restype = int64
+        self.gated_layer_counters = self._library.gated_layer_counters()
         if hasattr(self._library, "spin"):
             self._library.spin.argtypes = [int64, pointer]
             self._library.spin.restype = ctypes.c_char_p
@@ -137,6 +146,12 @@ class Library:
 
     def gated_dense_grad(self, *args):
         self._call("gated_dense_grad", *args)
+
+    def gated_layer(self, *args):
+        self._call("gated_layer", *args)
+
+    def gated_layer_partial_sums(self, batch, input_dim, units, rank):
+        return self._library.gated_layer_partial_sums(batch, input_dim, units, rank)
 
     def spin(self, nanoseconds, stream):
         self._call("spin", nanoseconds, stream)
@@ -302,26 +317,30 @@ def margin_for_density(z_hat, density):
     return -float(np.nanquantile(z_hat, 1.0 - density))
 
 
-def compare(name, y, z, bias, product, margin, fraction):
+def compare(name, y, z, bias, product, margin, fraction, selects=True):
     """Mismatches of one run against the contract of custom_ops/gated_dense.h, in float64.
 
     z: x·Wᵀ in float64 (NaN where x has a NaN). Estimates within BOUNDARY of the threshold may be
     decided either way, but y must then be 0 or the computed value, and the active fraction
-    must lie between the counts of the two decisions.
+    must lie between the counts of the two decisions. With selects=False, y holds the pairs the
+    estimate does not select (LrcGatedLayer's skipped), and fraction is None.
     """
     z_hat = product.astype(np.float64) + bias
     selected = ~(z_hat <= -margin)  # NaN estimates select their unit
     undecided = np.abs(z_hat + margin) <= BOUNDARY
     relu = np.maximum(z + bias, 0.0)
     close = np.isclose(y, relu, rtol=TOLERANCE, atol=TOLERANCE, equal_nan=True)
-    wrong = np.where(undecided, ~(close | (y == 0.0)), np.where(selected, ~close, y != 0.0))
+    kept = selected if selects else ~selected
+    wrong = np.where(undecided, ~(close | (y == 0.0)), np.where(kept, ~close, y != 0.0))
     problems = []
     if wrong.any():
         i, j = np.argwhere(wrong)[0]
-        expected = relu[i, j] if selected[i, j] else 0.0
+        expected = relu[i, j] if kept[i, j] else 0.0
         problems.append(f"{name}: {wrong.sum()} of {wrong.size} outputs wrong; first [{i}, {j}]: "
                         f"y={float(y[i, j]):.7g}, expected {expected:.7g} "
                         f"(estimate {z_hat[i, j]:.7g}, margin {margin:.7g})")
+    if fraction is None:
+        return problems
     if y.size:
         low, high = (selected & ~undecided).sum() / y.size, (selected | undecided).sum() / y.size
     else:
@@ -441,12 +460,106 @@ def check_kernels(device, library, grid, seed=0):
     return problems
 
 
+def run_gated_layer(device, library, x, factors, kernel, bias, margin, z, rank, sample_rows):
+    """LrcGatedLayer's y, skipped, gate counts and active fraction, each written into a buffer of
+    NaN; x, factors, kernel and bias on the device, z on the host (the rows computed densely)."""
+    (batch, input_dim), units = x.shape, kernel.shape[0]
+    rows = min(sample_rows, z.shape[0])
+    z_on_device = device.upload(z)
+    outputs = [device.upload(np.full(shape, np.nan, np.float32)) for shape in ((batch, units), (rows, units), (4,), (1,))]
+    projected = device.empty((batch, rank))
+    counters = device.empty((library.gated_layer_counters,), np.uint64)
+    partial_sums = device.empty((library.gated_layer_partial_sums(batch, input_dim, units, rank),))
+    library.gated_layer(batch, input_dim, units, rank, z.shape[0], rows, *map(device.pointer, (x, factors, kernel, bias)),
+                        margin, device.pointer(z_on_device), device.pointer(projected),
+                        *map(device.pointer, outputs), device.pointer(counters), device.pointer(partial_sums),
+                        device.stream)
+    y, skipped, counts, fraction = (device.download(output) for output in outputs)
+    return y, skipped, counts, float(fraction[0])
+
+
+def compare_gated_layer(name, outputs, z, z32, bias, product, margin, rows):
+    """Mismatches of LrcGatedLayer's outputs against the contract of custom_ops/gated_layer.h in
+    float64: y (from z32, the float32 z given, in the dense rows), the sampled rows' skipped,
+    and their gate counts, exact where no pair's decision or sign is within rounding of its
+    threshold."""
+    y, skipped, counts, fraction = outputs
+    dense_rows = z32.shape[0]
+    z_seen = np.concatenate([z32.astype(np.float64), z[dense_rows:]])
+    problems = compare(name, y, z_seen, bias, product, margin, fraction)
+    sampled = slice(0, rows)
+    problems += compare(f"{name} skipped", skipped, z_seen[sampled], bias, product[sampled], margin, None, selects=False)
+    z_hat = product[sampled].astype(np.float64) + bias
+    pre_activation = z_seen[sampled] + bias  # the device adds the same float32 z: its sign flips only near 0
+    computed, positive = ~(z_hat <= -margin), pre_activation > 0
+    uncertain = (np.abs(z_hat + margin) <= BOUNDARY) | (np.abs(pre_activation) <= SIGN_BOUNDARY)
+    low = [int(np.sum(pairs & ~uncertain)) for pairs in (computed & positive, computed & ~positive,
+                                                        ~computed & positive, ~computed & ~positive)]
+    high = [count + int(uncertain.sum()) for count in low]
+    if counts.sum() != skipped.size or not all(lo <= c <= hi for lo, c, hi in zip(low, counts, high)):
+        problems.append(f"{name}: gate counts {counts.tolist()}, expected {low}" +
+                        (f" to {high}" if high != low else "") + f", {skipped.size} in all")
+    return problems
+
+
+def layer_configurations(batch, input_dim):
+    """(rank, dense rows, sampled rows) of the LrcGatedLayer runs: inference (no dense rows), a
+    training step's forward at full rank (half the rows dense, one sampled), and every row dense
+    with more rows sampled than there are."""
+    return ((1, 0, 0), (input_dim, batch // 2, 1), (min(8, input_dim), batch, batch + 1))
+
+
+def check_gated_layer(device, library, grid, seed=0):
+    """Runs LrcGatedLayer's kernels over the grid; returns the list of mismatches."""
+    rng = np.random.default_rng(seed)
+    max_batch = max(grid["batches"])
+    problems = []
+    for input_dim in grid["input_dims"]:
+        for units in grid["units"]:
+            started = time.perf_counter()
+            x_all = rng.standard_normal((max_batch, input_dim)).astype(np.float32)
+            x_all[min(2, max_batch - 1), input_dim // 2] = np.nan  # row 2: every unit computed, NaN
+            kernel = (rng.standard_normal((units, input_dim)) / np.sqrt(input_dim)).astype(np.float32)
+            bias = (0.1 * rng.standard_normal(units)).astype(np.float32)
+            z_all = x_all.astype(np.float64) @ kernel.T.astype(np.float64)
+            kernel_on_device, bias_on_device = device.upload(kernel), device.upload(bias)
+            runs = 0
+            for rank in sorted({rank for rank, _, _ in layer_configurations(1, input_dim)}):
+                # Estimates of about unit variance, whatever the rank: float32 rounding ~1e-6.
+                estimator_u = (rng.standard_normal((input_dim, rank)) / np.sqrt(input_dim)).astype(np.float32)
+                estimator_v = (rng.standard_normal((rank, units)) / np.sqrt(rank)).astype(np.float32)
+                factors = device.upload(np.concatenate([estimator_u.ravel(), estimator_v.ravel()]))
+                product_all = x_all.astype(np.float64) @ estimator_u.astype(np.float64) @ estimator_v.astype(np.float64)
+                for batch in grid["batches"]:
+                    rows = np.r_[0:batch - 1, max_batch - 1] if batch else np.arange(0)
+                    x, product, z = x_all[rows], product_all[rows], z_all[rows]
+                    x_on_device = device.upload(x)
+                    for density in grid["densities"]:
+                        margin = margin_for_density(product + bias, density) if batch else 0.0
+                        for config_rank, dense_rows, sample_rows in layer_configurations(batch, input_dim):
+                            if config_rank != rank:
+                                continue
+                            z32 = z[:dense_rows].astype(np.float32)
+                            outputs = run_gated_layer(device, library, x_on_device, factors, kernel_on_device,
+                                                      bias_on_device, margin, z32, rank, sample_rows)
+                            name = (f"gated_layer batch={batch} input_dim={input_dim} units={units} rank={rank} "
+                                    f"dense_rows={dense_rows} sample_rows={sample_rows} density={density}")
+                            problems += compare_gated_layer(name, outputs, z, z32, bias, product, margin,
+                                                            min(sample_rows, dense_rows))
+                            runs += 1
+            log(f"checked gated_layer input_dim={input_dim:5d} units={units:5d}: {runs} runs, "
+                f"{len(problems)} mismatches so far ({time.perf_counter() - started:.1f} s)")
+    return problems
+
+
 # ----------------------------------------------------------------------------------------------
 # Speed.
 
 # The columns of the two tables: inference (a call of the layer) and a training step.
+# Inference has two more: LrcGatedLayer (the whole layer in one op) and its speedup vs TF32.
 TABLE_HEADERS = {
-    "inference": "| layer | batch | density | Dense µs | Dense TF32 µs | gated µs | gated kernel µs | speedup | speedup vs TF32 |",
+    "inference": "| layer | batch | density | Dense µs | Dense TF32 µs | gated µs | gated kernel µs | speedup | speedup vs TF32 "
+                 "| LrcGatedLayer µs | LrcGatedLayer vs TF32 |",
     "training": "| layer | batch | density | Dense step µs | Dense step TF32 µs | gated step µs | gated backward µs | speedup | speedup vs TF32 |",
 }
 
@@ -455,19 +568,23 @@ def time_layers(device, library, grid, step, seed=0):
     """Times the gated and dense layers' `step` ("inference" or "training") over the grid,
     printing each table row as it is made."""
     rng = np.random.default_rng(seed)
-    log(TABLE_HEADERS[step] + "\n" + "|---" * 9 + "|")
+    log(TABLE_HEADERS[step] + "\n" + "|---" * (TABLE_HEADERS[step].count("|") - 1) + "|")
     rows = []
     for input_dim, units, rank in grid["layers"]:
         kernel = device.upload((rng.standard_normal((units, input_dim)) / np.sqrt(input_dim)).astype(np.float32))
         bias_host = (0.1 * rng.standard_normal(units)).astype(np.float32)
         bias = device.upload(bias_host)
-        estimator_u = device.upload(rng.standard_normal((input_dim, rank)).astype(np.float32))
-        estimator_v = device.upload((rng.standard_normal((rank, units)) / np.sqrt(input_dim)).astype(np.float32))
+        estimator_u_host = rng.standard_normal((input_dim, rank)).astype(np.float32)
+        estimator_v_host = (rng.standard_normal((rank, units)) / np.sqrt(input_dim)).astype(np.float32)
+        estimator_u, estimator_v = device.upload(estimator_u_host), device.upload(estimator_v_host)
+        factors = device.upload(np.concatenate([estimator_u_host.ravel(), estimator_v_host.ravel()]))
         for batch in grid["batches"]:
             x = device.upload(rng.standard_normal((batch, input_dim)).astype(np.float32))
             grad_y = device.upload(rng.standard_normal((batch, units)).astype(np.float32))
             hidden, product, y = device.empty((batch, rank)), device.empty((batch, units)), device.empty((batch, units))
             fraction, scratch = device.empty((1,)), device.empty((1,), np.uint64)
+            gate_counts, counters = device.empty((4,)), device.empty((library.gated_layer_counters,), np.uint64)
+            partial_sums = device.empty((library.gated_layer_partial_sums(batch, input_dim, units, rank),))
             z, grad_x = device.empty((batch, units)), device.empty((batch, input_dim))
             grad_kernel, grad_bias = device.empty((units, input_dim)), device.empty((units,))
             device.matmul(x, estimator_u, hidden)
@@ -479,6 +596,12 @@ def time_layers(device, library, grid, step, seed=0):
                 kernel_args = (batch, input_dim, units, device.pointer(x), device.pointer(kernel),
                                device.pointer(bias), device.pointer(product), margin, device.pointer(y),
                                device.pointer(fraction), device.pointer(scratch), device.stream)
+                # Inference: no rows computed densely, none sampled (z and skipped: 0 rows).
+                layer_op_args = (batch, input_dim, units, rank, 0, 0, device.pointer(x), device.pointer(factors),
+                                 device.pointer(kernel), device.pointer(bias), margin, device.pointer(z),
+                                 device.pointer(hidden), device.pointer(y), device.pointer(z), device.pointer(gate_counts),
+                                 device.pointer(fraction), device.pointer(counters), device.pointer(partial_sums),
+                                 device.stream)
                 backward_args = (batch, input_dim, units, device.pointer(grad_y), device.pointer(y), device.pointer(x),
                                  device.pointer(kernel), device.pointer(grad_x), device.pointer(grad_kernel),
                                  device.pointer(grad_bias), device.stream)
@@ -490,6 +613,9 @@ def time_layers(device, library, grid, step, seed=0):
                     device.matmul(x, estimator_u, hidden)
                     device.matmul(hidden, estimator_v, product)
                     gated_kernel()
+
+                def gated_layer_op():
+                    library.gated_layer(*layer_op_args)
 
                 def gated_backward():  # over the pairs of the y that gated_layer left
                     library.gated_dense_grad(*backward_args)
@@ -503,7 +629,8 @@ def time_layers(device, library, grid, step, seed=0):
                     functions = (("dense_us", lambda: device.dense_layer(x, kernel, bias, y, tf32=False)),
                                  ("dense_tf32_us", lambda: device.dense_layer(x, kernel, bias, y, tf32=True)),
                                  ("gated_us", gated_layer),
-                                 ("gated_kernel_us", gated_kernel))
+                                 ("gated_kernel_us", gated_kernel),
+                                 ("layer_op_us", gated_layer_op))
                 else:
                     dense_step_args = (x, kernel, bias, grad_y, z, grad_x, grad_kernel)
                     functions = (("dense_us", lambda: device.dense_step(*dense_step_args, tf32=False)),
@@ -515,9 +642,12 @@ def time_layers(device, library, grid, step, seed=0):
                 row = {"step": step, "layer": f"{input_dim}->{units} r={rank}", "batch": batch,
                        "density": float(device.download(fraction)[0]), **timings}
                 rows.append(row)
-                log(f"| {row['layer']} | {batch} | {row['density']:.3f} | {row['dense_us']:.1f} | "
-                    f"{row['dense_tf32_us']:.1f} | {row['gated_us']:.1f} | {row['gated_kernel_us']:.1f} | "
-                    f"{row['dense_us'] / row['gated_us']:.2f}x | {row['dense_tf32_us'] / row['gated_us']:.2f}x |")
+                line = (f"| {row['layer']} | {batch} | {row['density']:.3f} | {row['dense_us']:.1f} | "
+                        f"{row['dense_tf32_us']:.1f} | {row['gated_us']:.1f} | {row['gated_kernel_us']:.1f} | "
+                        f"{row['dense_us'] / row['gated_us']:.2f}x | {row['dense_tf32_us'] / row['gated_us']:.2f}x |")
+                if step == "inference":
+                    line += f" {row['layer_op_us']:.1f} | {row['dense_tf32_us'] / row['layer_op_us']:.2f}x |"
+                log(line)
     return rows
 
 
@@ -537,14 +667,17 @@ def main(argv=None):
         return 0
     device = ShimDevice() if args.shim else TorchGpu(torch, library)
     log(f"device: {device.label}")
-    log("1. correctness against float64 numpy: the forward kernels, then the backward")
-    problems = check_kernels(device, library, SHIM_CHECK_GRID if args.shim else GPU_CHECK_GRID)
+    log("1. correctness against float64 numpy: the forward kernels, then the backward, then LrcGatedLayer")
+    check_grid = SHIM_CHECK_GRID if args.shim else GPU_CHECK_GRID
+    problems = check_kernels(device, library, check_grid)
+    problems += check_gated_layer(device, library, check_grid)
     for problem in problems:
         log("MISMATCH " + problem)
     log(f"{len(problems)} mismatches")
     timing_grid = SHIM_TIMING_GRID if args.shim else GPU_TIMING_GRID
     log("2. speed of inference: µs per call, median of repeats; Dense = cuBLAS GEMM with bias + relu (FP32, or "
-        "TF32 as TensorFlow uses by default on this GPU); gated = the estimate's two FP32 GEMMs + the gated kernel")
+        "TF32 as TensorFlow uses by default on this GPU); gated = the estimate's two FP32 GEMMs + the gated kernel; "
+        "LrcGatedLayer = the same layer in one op, its estimate by its own kernels")
     rows = time_layers(device, library, timing_grid, "inference")
     log("3. speed of a training step: µs per step, median of repeats; Dense step = the three cuBLAS GEMMs "
         "(forward with bias + relu, dL/dx, dL/dW; FP32, or TF32); gated step = the estimate's two FP32 GEMMs + "

@@ -1,9 +1,10 @@
 // The C API that gpu_check.py loads with ctypes: the ops' own launches of
-// custom_ops/gated_dense_gpu_kernels.cu.h and gated_dense_grad_gpu_kernels.cu.h, without
-// TensorFlow. gpu_check.py builds it either
+// custom_ops/gated_dense_gpu_kernels.cu.h, gated_dense_grad_gpu_kernels.cu.h and
+// gated_layer_gpu_kernels.cu.h, without TensorFlow. gpu_check.py builds it either
 //   with nvcc, together with custom_ops/gated_dense_gpu.cu.cc (LaunchGatedDense and
-//     LaunchMaskedRelu) and gated_dense_grad_gpu.cu.cc (LaunchGatedDenseGrad), exactly as the
-//     ops call them: pointers are device pointers and `stream` a cudaStream_t; or
+//     LaunchMaskedRelu), gated_dense_grad_gpu.cu.cc (LaunchGatedDenseGrad) and
+//     gated_layer_gpu.cu.cc (LaunchGatedLayer), exactly as the ops call them: pointers are
+//     device pointers and `stream` a cudaStream_t; or
 //   with g++ on the CPU shim of the tests (tests/cuda_shim): pointers are host pointers, the
 //     kernels run on the CPU before the call returns, and `stream` is ignored.
 // Each function returns nullptr or an error message.
@@ -14,10 +15,12 @@
 
 #include "gated_dense.h"
 #include "gated_dense_grad.h"
+#include "gated_layer.h"
 #else
 #include "cuda_shim.h"
 #include "gated_dense_gpu_kernels.cu.h"
 #include "gated_dense_grad_gpu_kernels.cu.h"
+#include "gated_layer_gpu_kernels.cu.h"
 #endif
 
 namespace {
@@ -34,6 +37,13 @@ const char* LaunchMaskedRelu(const lrc::MaskedReluArgs& args, unsigned long long
 const char* LaunchGatedDenseGrad(const lrc::GatedDenseGradArgs& args, void* stream) {
   return lrc::LaunchGatedDenseGrad(args, static_cast<cudaStream_t>(stream));
 }
+
+const char* LaunchGatedLayer(const lrc::GatedLayerArgs& args, unsigned long long* counters, float* partial_sums,
+                             void* stream) {
+  return lrc::LaunchGatedLayer(args, counters, partial_sums, static_cast<cudaStream_t>(stream));
+}
+
+int64_t PartialSumFloats(const lrc::GatedLayerArgs& args) { return lrc::GatedLayerPartialSumFloats(args); }
 
 // Busy for `nanoseconds` of the GPU's clock: launches queued behind it start back to back, so
 // that CUDA events around them time the GPU and not the host's launch latency.
@@ -67,6 +77,16 @@ const char* LaunchGatedDenseGrad(const lrc::GatedDenseGradArgs& args, void*) {
       });
   return nullptr;
 }
+
+// What gated_layer_gpu.cu.cc does on the GPU: zero the counters, then launch.
+const char* LaunchGatedLayer(const lrc::GatedLayerArgs& args, unsigned long long* counters, float* partial_sums,
+                             void*) {
+  std::fill(counters, counters + lrc::kGatedLayerCounters, 0ull);
+  lrc::gpu::LaunchGatedLayerKernels(args, counters, partial_sums, cuda_shim::kLaunchOnCpu);
+  return nullptr;
+}
+
+int64_t PartialSumFloats(const lrc::GatedLayerArgs& args) { return lrc::gpu::GatedLayerPartialSums(args); }
 #endif
 
 }  // namespace
@@ -94,6 +114,29 @@ const char* gated_dense_grad(int64_t batch, int64_t input_dim, int64_t units, co
                                      nullptr, x,     kernel, grad_x, grad_kernel, grad_bias};
   return LaunchGatedDenseGrad(args, stream);
 }
+
+// LrcGatedLayer (custom_ops/gated_layer.h): `projected` holds batch·rank floats, `counters`
+// kGatedLayerCounters uint64s and `partial_sums` gated_layer_partial_sums(...) floats.
+const char* gated_layer(int64_t batch, int64_t input_dim, int64_t units, int64_t rank, int64_t dense_rows,
+                        int64_t sample_rows, const float* x, const float* factors, const float* kernel,
+                        const float* bias, float margin, const float* z, float* projected, float* y, float* skipped,
+                        float* gate_counts, float* active_fraction, unsigned long long* counters,
+                        float* partial_sums, void* stream) {
+  const lrc::GatedLayerArgs args{batch, input_dim, units, rank, dense_rows, sample_rows, x, factors, kernel, bias,
+                                 margin, z, projected, y, skipped, gate_counts, active_fraction};
+  return LaunchGatedLayer(args, counters, partial_sums, stream);
+}
+
+int64_t gated_layer_partial_sums(int64_t batch, int64_t input_dim, int64_t units, int64_t rank) {
+  lrc::GatedLayerArgs args{};
+  args.batch = batch;
+  args.input_dim = input_dim;
+  args.units = units;
+  args.rank = rank;
+  return PartialSumFloats(args);
+}
+
+int gated_layer_counters() { return lrc::kGatedLayerCounters; }
 
 #if defined(__CUDACC__)
 const char* spin(int64_t nanoseconds, void* stream) {
