@@ -12,8 +12,13 @@ milliseconds, on CHECK_ROWS rows of the layer's input_dim and units:
     LrcMaskedRelu      the same, given z = x·Wᵀ computed in float64 and rounded to float32 (TF's
                        own float32 GEMM may round through TF32 on a GPU)
     LrcGatedDenseGrad  dL/dx, dL/dW and dL/db against TensorFlow's autodiff of that reference
-The estimates keep at least 0.1 away from the gate's threshold (no decision depends on
-rounding), and the last row's are NaN (which select every unit). A kernel fails on an output off
+    LrcGatedLayer      y, the sampled rows' skipped units and gate counts, and the active
+                       fraction against float64 numpy, its estimate from random factors of rank
+                       CHECK_RANK, the first CHECK_DENSE_ROWS rows given z, the last row's input
+                       NaN; pairs whose float64 estimate lies within BOUNDARY of the threshold
+                       (which float32 may decide either way) are left out
+For the other kernels the estimates keep at least 0.1 away from the gate's threshold (no decision
+depends on rounding), and the last row's are NaN (which select every unit). A kernel fails on an output off
 by more than TOLERANCE·(1 + |reference|), a NaN where the reference has none (or a number where
 it has NaN), or an op error (a CUDA error); then one RuntimeWarning names it, the device, the
 shape, the largest error and the command that reproduces it, and layers take the TensorFlow path
@@ -39,6 +44,12 @@ SETTING = "LRC_KERAS_GPU_SELF_CHECK"
 REPRODUCE = "python3 tools/gpu_check/gpu_check.py"
 CHECK_ROWS = 7
 CHECK_MARGIN = 0.25
+CHECK_RANK = 4  # at most input_dim
+CHECK_DENSE_ROWS = 3
+CHECK_SAMPLE_ROWS = 2
+# LrcGatedLayer's own float32 estimate (rank CHECK_RANK, about unit variance) is within ~1e-6 of
+# float64's; a wider window would leave out pairs enough to hide one miscounted.
+BOUNDARY = 1e-4
 # float32 sums of a few thousand N(0, 1)·N(0, 1/d) terms are within ~1e-6 of float64; one wrong
 # or missing term is off by ~1e-2.
 TOLERANCE = 1e-4
@@ -85,7 +96,7 @@ def is_gpu(device):
 
 def kernels_pass(kernels, device, input_dim, units):
     """Whether every kernel named in `kernels` ("LrcGatedDense", "LrcMaskedRelu",
-    "LrcGatedDenseGrad") may serve a layer of this shape on `device`: always on a CPU or with
+    "LrcGatedDenseGrad", "LrcGatedLayer") may serve a layer of this shape on `device`: always on a CPU or with
     the check off; on a GPU, when its self-check passed (run at its first use in this process,
     on this layer's shape; a failure warns once)."""
     if not is_gpu(device) or not enabled():
@@ -152,12 +163,13 @@ def _problem(kernel, device, input_dim, units):
     return None
 
 
+def _normal(shape, stream):
+    return tf.random.stateless_normal(shape, seed=[_SEED, stream])
+
+
 def _random_case(input_dim, units):
     """float32 inputs of the layer's ops (and their gradient's grad_y) on the current device."""
-
-    def normal(shape, stream):
-        return tf.random.stateless_normal(shape, seed=[_SEED, stream])
-
+    normal = _normal
     rows = CHECK_ROWS
     bias = 0.1 * normal([units], 3)
     # ẑ + margin, at least 0.1 away from 0; the last row's estimates NaN.
@@ -215,10 +227,48 @@ def _check_gated_dense_grad(case):
     return [(name, g, e, TOLERANCE) for name, g, e in zip(("dL/dx", "dL/dW", "dL/db"), got, expected)]
 
 
+def _check_gated_layer(case):
+    input_dim, units = case["kernel"].shape[1], case["kernel"].shape[0]
+    rank = min(CHECK_RANK, input_dim)
+    x = tf.concat([case["x"][:-1], tf.fill([1, input_dim], float("nan"))], axis=0)
+    estimator_u = _normal([input_dim, rank], 6) / float(np.sqrt(input_dim))
+    estimator_v = _normal([rank, units], 7) / float(np.sqrt(rank))
+    factors = tf.concat([tf.reshape(estimator_u, [-1]), tf.reshape(estimator_v, [-1])], axis=0)
+    x64, kernel64 = tf.cast(x, tf.float64), tf.cast(case["kernel"], tf.float64)
+    z = ops.kernel_product(x64, kernel64).numpy()
+    z[:CHECK_DENSE_ROWS] = tf.cast(z[:CHECK_DENSE_ROWS], tf.float32).numpy()  # the float32 z the op is given
+    y, skipped, counts, fraction = (np.asarray(output, np.float64) for output in ops.compiled_library().lrc_gated_layer(
+        x, factors, case["kernel"], case["bias"], CHECK_MARGIN, tf.cast(z[:CHECK_DENSE_ROWS], tf.float32), rank,
+        rank=rank, sample_rows=CHECK_SAMPLE_ROWS, layer="the self-check"))
+
+    estimate = (x64 @ tf.cast(estimator_u, tf.float64) @ tf.cast(estimator_v, tf.float64)).numpy()
+    estimate += case["bias"].numpy()
+    pre_activation = z + case["bias"].numpy()
+    computed = ~(estimate <= -CHECK_MARGIN)  # the NaN row's estimates compute every unit
+    uncertain = np.abs(estimate + CHECK_MARGIN) <= BOUNDARY
+    # np.maximum keeps NaN: the NaN row's computed outputs are NaN.
+    expected_y = np.where(uncertain, y, np.where(computed, np.maximum(pre_activation, 0.0), 0.0))
+    rows = CHECK_SAMPLE_ROWS
+    expected_skipped = np.where(uncertain, np.nan, np.where(computed, 0.0, np.maximum(pre_activation, 0.0)))[:rows]
+    expected_skipped = np.where(uncertain[:rows], skipped, expected_skipped)
+    # Each gate count between its pairs sure of their category and those plus every uncertain one.
+    undecided = (uncertain | (np.abs(pre_activation) <= 1e-6))[:rows]
+    positive = pre_activation[:rows] > 0
+    low = np.array([np.sum(pairs & ~undecided) for pairs in (computed[:rows] & positive, computed[:rows] & ~positive,
+                                                             ~computed[:rows] & positive, ~computed[:rows] & ~positive)])
+    pairs = computed.size
+    expected_fraction = np.clip(fraction, (computed & ~uncertain).sum() / pairs, (computed | uncertain).sum() / pairs)
+    return [("y", y, expected_y, TOLERANCE), ("skipped", skipped, expected_skipped, TOLERANCE),
+            ("gate counts", counts, np.clip(counts, low, low + undecided.sum()), 0.0),
+            ("gate counts' total", counts.sum(), rows * units, 0.0),
+            ("active fraction", fraction, expected_fraction, _half_a_pair(case))]
+
+
 _CHECKS = {
     "LrcGatedDense": _check_gated_dense,
     "LrcMaskedRelu": _check_masked_relu,
     "LrcGatedDenseGrad": _check_gated_dense_grad,
+    "LrcGatedLayer": _check_gated_layer,
 }
 
 

@@ -20,7 +20,7 @@ from lrc_keras import LowRankGatedDense, kernel_check, ops
 pytestmark = pytest.mark.skipif(not ops.is_compiled(), reason="the self-check guards the compiled ops")
 
 REPRODUCE = "python3 tools/gpu_check/gpu_check.py"
-EVERY_KERNEL = ("LrcGatedDense", "LrcMaskedRelu", "LrcGatedDenseGrad")
+EVERY_KERNEL = ("LrcGatedDense", "LrcMaskedRelu", "LrcGatedDenseGrad", "LrcGatedLayer")
 
 
 class LibraryWithWrongOp:
@@ -187,9 +187,20 @@ def cuda_error():
     ("lrc_gated_dense_grad", lambda grad_x, grad_kernel, grad_bias: (grad_x, grad_kernel, grad_bias * 1.001),
      "in dL/db"),
     ("lrc_gated_dense_grad", lambda *gradients: cuda_error(), "it failed with InternalError: LrcGatedDenseGrad: CUDA"),
+    ("lrc_gated_layer", lambda y, skipped, counts, fraction: (tf.tensor_scatter_nd_update(y, [[0, 0]], [np.nan]),
+                                                              skipped, counts, fraction),
+     "y[0, 0] is NaN where the reference has none"),
+    ("lrc_gated_layer", lambda y, skipped, counts, fraction: (y, tf.tensor_scatter_nd_add(skipped, [[1, 5]], [1e-3]),
+                                                              counts, fraction),
+     "in skipped[1, 5]"),
+    ("lrc_gated_layer", lambda y, skipped, counts, fraction: (y, skipped, counts + [1.0, -1.0, 0.0, 0.0], fraction),
+     "in gate counts["),
+    ("lrc_gated_layer", lambda y, skipped, counts, fraction: (y, skipped, counts, fraction + 1 / (7 * 131)),
+     "in active fraction"),
 ])
 def test_the_check_reports_what_is_wrong(monkeypatch, op_name, corrupt, words):
-    """A NaN, one miscounted pair, one output 1e-3 off, a 0.1% error and a CUDA error each fail."""
+    """A NaN, one miscounted pair, one output 1e-3 off, a 0.1% error, a CUDA error, one gate count
+    moved to another, each fail."""
     inject(monkeypatch, op_name, corrupt)
     with pytest.warns(RuntimeWarning, match="self-check") as caught:
         assert not kernel_check.kernels_pass(EVERY_KERNEL, "/GPU:1", 37, 131)
