@@ -11,12 +11,13 @@ import cuda_shim_library
 import numpy as np
 import pytest
 import tensorflow as tf
+import test_gated_layer_op
 from conftest import away_from_boundary
 from cuda_shim_library import FLOAT_P, pointer
+from test_gated_layer_op import MARGIN, SHAPES, case, expected
 from tensorflow.python.framework import kernels
 
 from lrc_keras import ops
-from test_gated_layer_op import MARGIN, case, expected
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +208,11 @@ def test_gpu_op_matches_numpy_on_device(rng, path):
     keep = away_from_boundary(product + bias, 0.1)
     np.testing.assert_allclose(y.numpy()[keep], expected[keep], rtol=1e-4, atol=1e-4)
     assert float(fraction) == pytest.approx(selected.mean(), abs=np.mean(~keep) + 1e-6)
+
+
+@pytest.mark.skipif(not tf.config.list_physical_devices("GPU"), reason="no GPU visible to TensorFlow")
+@pytest.mark.parametrize("batch, input_dim, units, rank, dense_rows, sample_rows", SHAPES)
+def test_gpu_gated_layer_op_matches_numpy_on_device(batch, input_dim, units, rank, dense_rows, sample_rows):
+    """LrcGatedLayer's GPU kernel, through TensorFlow (margin and rank_now in host memory)."""
+    with tf.device("/GPU:0"):
+        test_gated_layer_op.test_outputs_match_numpy(batch, input_dim, units, rank, dense_rows, sample_rows)
