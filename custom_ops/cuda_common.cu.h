@@ -1,5 +1,5 @@
-// What the device code of both GPU ops (gated_dense_gpu_kernels.cu.h and
-// gated_dense_grad_gpu_kernels.cu.h) assumes of a warp, and its sum. Only CUDA built-ins are
+// What the device code of the GPU ops (gated_dense_gpu_kernels.cu.h,
+// gated_dense_grad_gpu_kernels.cu.h, gated_layer_gpu_kernels.cu.h) assumes of a warp, and its sum. Only CUDA built-ins are
 // used, so that tests/cuda_shim/ can compile it with g++ and run it on the CPU.
 #ifndef LRC_KERAS_CUSTOM_OPS_CUDA_COMMON_CU_H_
 #define LRC_KERAS_CUSTOM_OPS_CUDA_COMMON_CU_H_
