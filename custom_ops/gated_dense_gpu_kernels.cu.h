@@ -140,10 +140,12 @@ inline GatedDenseLayout GatedDenseGeometry(const GatedDenseArgs& a) {
 }
 
 // One thread per element, up to 4096 blocks that then stride over the rest.
-inline Geometry MaskedReluGeometry(const MaskedReluArgs& a) {
-  const int64_t blocks = (a.batch * a.units + kElementwiseThreads - 1) / kElementwiseThreads;
+inline Geometry ElementwiseGeometry(int64_t elements) {
+  const int64_t blocks = (elements + kElementwiseThreads - 1) / kElementwiseThreads;
   return {static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kElementwiseThreads};
 }
+
+inline Geometry MaskedReluGeometry(const MaskedReluArgs& a) { return ElementwiseGeometry(a.batch * a.units); }
 
 // With a layout of the caller's: the tests pass short grids and tiles, to run the strides.
 template <typename Launch>

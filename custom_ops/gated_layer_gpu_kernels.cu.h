@@ -146,7 +146,8 @@ inline MultiplyLayout MultiplyGeometry(int64_t rows, int64_t depth, int64_t colu
           column_tiles, chunks, tiles_per_chunk * kTile};
 }
 
-// The partial sums of a product split into chunks: 0 floats when it is not.
+// The partial sums of a product split into chunks: 0 floats when it is not. Split products have
+// fewer than kMultiplyBlocksToFillGpu output tiles, so these are at most ~2·264 tiles of floats.
 inline int64_t PartialSumFloats(const MultiplyArgs& m, const MultiplyLayout& layout) {
   return layout.chunks > 1 ? layout.chunks * m.rows * m.columns : 0;
 }
@@ -158,9 +159,8 @@ void LaunchMultiply(const MultiplyArgs& m, const MultiplyLayout& layout, float* 
   if (m.rows == 0 || m.columns == 0) return;
   launch(MultiplyKernel, layout.geometry, m, layout, partial_sums);
   if (layout.chunks > 1) {
-    const int64_t blocks = (m.rows * m.columns + kElementwiseThreads - 1) / kElementwiseThreads;
-    launch(SumChunksKernel, Geometry{static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kElementwiseThreads}, m,
-           layout.chunks, static_cast<const float*>(partial_sums));
+    launch(SumChunksKernel, ElementwiseGeometry(m.rows * m.columns), m, layout.chunks,
+           static_cast<const float*>(partial_sums));
   }
 }
 
@@ -192,11 +192,7 @@ void LaunchGatedLayerKernels(const GatedLayerArgs& a, unsigned long long* counte
     const MultiplyArgs projection = Projection(a), estimate = Estimate(a);
     LaunchMultiply(projection, MultiplyGeometry(a.batch, a.input_dim, a.rank), partial_sums, launch);
     LaunchMultiply(estimate, MultiplyGeometry(a.batch, a.rank, a.units), partial_sums, launch);
-    if (a.sample_rows > 0) {
-      const int64_t blocks = (a.sample_rows * a.units + kElementwiseThreads - 1) / kElementwiseThreads;
-      launch(SampledRowsKernel, Geometry{static_cast<unsigned>(blocks < 4096 ? blocks : 4096), kElementwiseThreads},
-             a, counters);
-    }
+    if (a.sample_rows > 0) launch(SampledRowsKernel, ElementwiseGeometry(a.sample_rows * a.units), a, counters);
     unsigned long long* computed = counters + kComputedCounter;
     if (a.dense_rows > 0) {
       const MaskedReluArgs dense{a.dense_rows, a.units, a.z, a.y, a.bias, a.margin, a.y, nullptr};
