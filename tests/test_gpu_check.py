@@ -78,8 +78,12 @@ class FaultyOutput:
 
     def gated_layer(self, *args):
         self.library.gated_layer(*args)
+        batch, units, skipped_rows = args[0], args[2], args[5]
         outputs = dict(zip(("y", "skipped", "gate_counts", "active_fraction"), args[13:17]))
-        if args[0] == self.batch and self.layer_output is not None:
+        sizes = {"y": batch * units, "skipped": skipped_rows * units, "gate_counts": 4, "active_fraction": 1}
+        # Only within the output: a write past a smaller one's end (fewer sampled rows) would
+        # corrupt the heap of this process.
+        if batch == self.batch and self.layer_output is not None and self.element < sizes[self.layer_output]:
             ctypes.cast(outputs[self.layer_output], ctypes.POINTER(ctypes.c_float))[self.element] += self.layer_error
 
 
