@@ -98,6 +98,7 @@ def calibrate(model, x, target_recall=None, target_density=None, ranks=None):
         if row["rank"] != layer.rank:
             layer.set_rank(row["rank"], sample_inputs=inputs)
         layer.margin = row["margin"]
+        row["margin"] = layer.margin  # as the layer holds it: the float32 the gate compares with
         layer.observed_density.assign(row["predicted_density"])
         rows.append(row)
     crossover.measure(model)

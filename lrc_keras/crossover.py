@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from lrc_keras import ops
 from lrc_keras.estimators import estimate
-from lrc_keras.estimators import low_rank_product
+from lrc_keras.estimators import pack_factors
 from lrc_keras.gating import margin_for_density
 from lrc_keras.timing import median_times
 
@@ -98,23 +98,21 @@ def _measure(input_dim, units, rank):
     bias = tf.zeros([units])
     estimator_u = tf.constant(rng.standard_normal((input_dim, rank), np.float32))
     estimator_v = tf.constant(rng.standard_normal((rank, units), np.float32) / float(np.sqrt(input_dim)))
+    factors, rank_now = pack_factors(estimator_u, estimator_v), tf.constant(rank)
+
+    def layer_op(x, z, margin):
+        return ops.gated_layer(x, factors, kernel, bias, margin, z, rank_now, rank, 0, "crossover")[0]
+
     crossovers = {}
     for batch in MEASURED_BATCHES:
         x = tf.constant(rng.standard_normal((batch, input_dim), np.float32))
         z_hat = estimate(x, estimator_u, estimator_v, bias).numpy()
-        # Both paths compute the estimate, as in the layer.
-        paths = {
-            "dense": lambda x: ops.gemm_then_mask_with_density(
-                x, kernel, bias, low_rank_product(x, estimator_u, estimator_v), 0.0
-            )[0]
-        }
+        # Both paths run the layer's op as `lrc_keras.dispatch.infer` does: the "gemm" path after
+        # TF's GEMM of every row, the gated one without it.
+        paths = {"dense": lambda x: layer_op(x, ops.kernel_product(x, kernel), 0.0)}
         for density in MEASURED_DENSITIES:
             margin = margin_for_density(z_hat, density)
-            paths[density] = (
-                lambda margin: lambda x: ops.gated_dense(
-                    x, kernel, bias, low_rank_product(x, estimator_u, estimator_v), margin
-                )
-            )(margin)
+            paths[density] = (lambda margin: lambda x: layer_op(x, tf.zeros([0, units]), margin))(margin)
         times = median_times(paths, x)
         crossovers[str(batch)] = crossover(
             MEASURED_DENSITIES, [times[d] for d in MEASURED_DENSITIES], times["dense"]

@@ -5,8 +5,8 @@ pick.
 `choose_path` picks one of the implementations of `lrc_keras.ops` (`infer` runs it for a layer):
     "reference"  plain TensorFlow, when the compiled ops are not loaded or the dtype is not
                  float32 (warned once per reason, naming the faster choice)
-    "gated"      the compiled LrcGatedDense
-    "gemm"       TF's dense GEMM, then the compiled LrcMaskedRelu
+    "gated"      the compiled LrcGatedLayer: estimate, mask and only the selected dot products
+    "gemm"       TF's dense GEMM, then the compiled LrcGatedLayer (estimate and mask) on its z
     "auto"       gated or gemm inside the graph, by the density the layer last recorded against the
                  crossover density measured for this shape and batch (below)
 
@@ -29,11 +29,10 @@ from lrc_keras.estimators import low_rank_product
 
 INFERENCE_PATHS = ("auto", "gated", "gemm")
 TRAINING_PATHS = ("auto", "dense", "gated")
-# The CUDA kernels each compiled path runs.
-INFERENCE_KERNELS = {
-    "gated": ("LrcGatedDense",), "gemm": ("LrcMaskedRelu",), "auto": ("LrcGatedDense", "LrcMaskedRelu"),
-}
-GATED_TRAINING_KERNELS = ("LrcGatedDense", "LrcGatedDenseGrad")
+# The CUDA kernels the compiled paths run: every path the layer's op, the gated training path
+# also the gated backward.
+LAYER_KERNELS = ("LrcGatedLayer",)
+GATED_TRAINING_KERNELS = ("LrcGatedLayer", "LrcGatedDenseGrad")
 _warned = set()
 
 
@@ -66,7 +65,7 @@ def choose_path(requested, dtype, input_dim, units, rank, batch, device=None):
         )
         return "reference", None, reason
     device = device or kernel_check.op_device()
-    if not kernel_check.kernels_pass(INFERENCE_KERNELS[requested], device, input_dim, units):
+    if not kernel_check.kernels_pass(LAYER_KERNELS, device, input_dim, units):
         return "reference", None, f"a CUDA kernel of inference_path={requested!r} failed its self-check on {device}"
     if requested != "auto":
         return requested, None, f"inference_path={requested!r}"
@@ -114,41 +113,75 @@ def choose_training_path(requested, dtype, input_dim, units, device=None):
 
 def infer(layer, x):
     """`(y, active_fraction)` of a built LowRankGatedDense's inference on 2-D x, by the
-    implementation `choose_path` picks for it: the estimate is computed once, here, and every
-    implementation takes it."""
+    implementation `choose_path` picks for it: the compiled LrcGatedLayer (which checks the
+    traced rank itself) given no dense rows ("gated") or TF's GEMM of every row ("gemm"), or
+    plain TensorFlow ("reference")."""
     batch = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
     path, crossover_density, _ = choose_path(layer.inference_path, x.dtype, layer.kernel.shape[1], layer.units,
                                              layer.rank, batch)
-    product = low_rank_product(x, *layer.current_factors())
-    args = (x, layer.kernel, layer.bias, product, tf.cast(layer.gate_margin, x.dtype))
     if path == "reference":
-        return ops.reference_with_density(*args)
+        layer.check_traced_rank()
+        product = low_rank_product(x, *layer.current_factors())
+        return ops.reference_with_density(x, layer.kernel, layer.bias, product, tf.cast(layer.gate_margin, x.dtype))
+
+    run_layer_op = _layer_op_of(layer, sample_rows=0)
+
+    def layer_op(z):
+        y, _, _, active_fraction = run_layer_op(x, layer.kernel, layer.bias, z)
+        return y, active_fraction
+
+    def gated():
+        return layer_op(tf.zeros([0, layer.units], x.dtype))
+
+    def gemm():
+        return layer_op(ops.kernel_product(x, layer.kernel))
+
     if path == "gated":
-        return ops.gated_dense_with_density(*args)
+        return gated()
     if path == "gemm":
-        return ops.gemm_then_mask_with_density(*args)
-    return tf.cond(
-        layer.observed_density <= crossover_density,
-        lambda: ops.gated_dense_with_density(*args),
-        lambda: ops.gemm_then_mask_with_density(*args),
-    )
+        return gemm()
+    return tf.cond(layer.observed_density <= crossover_density, gated, gemm)
 
 
 def train(layer, x, sample_rows):
-    """`(y, skipped, product)` of a built LowRankGatedDense's training call on 2-D x, by the path
-    `choose_training_path` picks ("auto": gated while the density the layer last recorded is at
-    most GATED_TRAINING_MAX_DENSITY, decided in the graph at every step, inside the training
-    function's custom gradient: `lrc_keras.gated_training.train_with_sample`, which also says what
-    `skipped` is). The estimate's product (x·U)·V is computed once, here, and returned with the
-    gradient a trained estimator's loss needs; x reaches it without gradient."""
+    """`(y, skipped, gate_counts, active_fraction)` of a built LowRankGatedDense's training call
+    on 2-D x, by the path `choose_training_path` picks ("auto": gated while the density the layer
+    last recorded is at most GATED_TRAINING_MAX_DENSITY, decided in the graph at every step,
+    inside the training function's custom gradient: `lrc_keras.gated_training.train_layer`, which
+    also says what `skipped` is), or in plain TensorFlow where the compiled op cannot run (the
+    dtype, the library, a GPU kernel's self-check). gate_counts (tp, fp, fn, tn, float64) are
+    over the first `sample_rows` rows."""
     path = choose_training_path(layer.training_path, x.dtype, layer.kernel.shape[1], layer.units)
+    bias = ops.bias_or_zeros(layer.bias, layer.kernel, x.dtype)
+    if not _layer_op_runs(x.dtype, layer.kernel.shape[1], layer.units):
+        layer.check_traced_rank()
+        product = low_rank_product(tf.stop_gradient(x), *layer.current_factors())
+        return gated_training.train_reference(x, layer.kernel, bias, tf.stop_gradient(product),
+                                              tf.cast(layer.gate_margin, x.dtype), sample_rows)
     gated = path == "gated" if path != "auto" else layer.observed_density <= GATED_TRAINING_MAX_DENSITY
-    product = low_rank_product(tf.stop_gradient(x), *layer.current_factors())
-    y, skipped = gated_training.train_with_sample(
-        x, layer.kernel, ops.bias_or_zeros(layer.bias, layer.kernel, x.dtype), tf.stop_gradient(product),
-        tf.cast(layer.gate_margin, x.dtype), sample_rows, gated,
-    )
-    return y, skipped, product
+    y, skipped, counts, active_fraction = gated_training.train_layer(
+        x, layer.kernel, bias, _layer_op_of(layer, sample_rows), sample_rows, gated)
+    return y, skipped, tf.cast(counts, tf.float64), active_fraction
+
+
+def _layer_op_runs(dtype, input_dim, units, device=None):
+    """Whether the compiled LrcGatedLayer can run a layer's call: the library loaded, float32, and
+    on a GPU a passed self-check."""
+    return (ops.is_compiled() and dtype == tf.float32
+            and kernel_check.kernels_pass(LAYER_KERNELS, device or kernel_check.op_device(), input_dim, units))
+
+
+def _layer_op_of(layer, sample_rows):
+    """`run(x, kernel, bias, z)`: LrcGatedLayer with the layer's estimator, margin and rank, read
+    here, outside the training path's custom gradient (which takes no variables)."""
+    factors = tf.convert_to_tensor(layer.estimator_factors)
+    margin = tf.convert_to_tensor(layer.gate_margin)
+    rank_now = tf.convert_to_tensor(layer.estimator_rank)
+
+    def run(x, kernel, bias, z):
+        return ops.gated_layer(x, factors, kernel, bias, margin, z, rank_now, layer.rank, sample_rows, layer.name)
+
+    return run
 
 
 def _warn_once(key, message):

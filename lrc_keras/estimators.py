@@ -390,11 +390,11 @@ class EstimatorMethods:
         self.estimator_rank.assign(self.rank)
         self.refit(sample_inputs)
 
-    def _check_traced_rank(self):
+    def check_traced_rank(self):
         """Functions traced before a `set_rank` hold the old factors: make them fail clearly.
 
-        Three ops (read, compare, Assert), the least a compiled function can check at run time.
-        """
+        For the TensorFlow paths; the compiled LrcGatedLayer checks the same inside the op, at no
+        cost of its own (three ops here: read, compare, Assert)."""
         tf.debugging.Assert(
             tf.equal(self.estimator_rank, self.rank),
             [f"{self.name}: set_rank changed the rank of the estimator after this function was traced; compile "

@@ -1,5 +1,6 @@
 """The training paths' forward and backward: gated (both skip the units the estimate skips) or
-dense (a GEMM, then the mask), chosen per call by `train_with_sample`.
+dense (a GEMM, then the mask), chosen per call by `train_layer` (the compiled LrcGatedLayer
+forward); `train_reference` is the same in plain TensorFlow, for any dtype.
 
 `gated_dense_train(x, kernel, bias, product, margin)` takes exactly the inputs of the compiled
 LrcGatedDense (x [batch, d], kernel [n, d], bias [n], product = (x·U)·V [batch, n] without the
@@ -33,6 +34,7 @@ import tensorflow as tf
 
 from lrc_keras import gating
 from lrc_keras import ops
+from lrc_keras.metrics import confusion_counts
 
 
 def gated_dense_train(x, kernel, bias, product, margin):
@@ -52,31 +54,49 @@ def gated_dense_train_with_density(x, kernel, bias, product, margin):
     Returns:
       y [batch, units] and the fraction of computed pairs (a float32 scalar, no gradient).
     """
-    y, active_fraction, _ = _train(*_checked(x, kernel, bias, product, margin), sample_rows=0, gated=True)
+    x, kernel, bias, product, margin = _checked(x, kernel, bias, product, margin)
+
+    def forward(x, kernel, bias):
+        y, active_fraction = ops.compiled_library().lrc_gated_dense(x, kernel, bias, product, margin)
+        return y, tf.zeros([0, tf.shape(y)[1]], y.dtype), active_fraction
+
+    y, _, active_fraction = _differentiated(forward, x, kernel, bias, gated=True)
     return y, active_fraction
 
 
-def train_with_sample(x, kernel, bias, product, margin, sample_rows, gated):
-    """`(y, skipped)`: the training path's y, and for the first `sample_rows` rows of x the
-    active units the gate skipped, skipped = relu(z) where ẑ ≤ -margin, else 0, from z computed
-    densely for those rows (what the skipped-unit penalty and the gate metrics need).
+def train_layer(x, kernel, bias, run_layer_op, sample_rows, gated):
+    """`(y, skipped, gate_counts, active_fraction)` of a training call of the compiled
+    LrcGatedLayer, with the backward over y's computed positive pairs and skipped's positive
+    pairs (they never overlap), dL/dy on the first and dL/dskipped on the second.
 
-    `gated` chooses how: True runs the compiled gated forward and backward (float32 only);
-    False a GEMM for z, then the mask, and the backward by GEMMs (any float dtype); a scalar
-    bool tensor decides in the graph at every call. Both choices live inside one custom
-    gradient, so a second-order gradient differentiates the chosen backward (TensorFlow
-    cannot differentiate twice a custom gradient inside tf.cond).
-
-    The backward runs over the union of y's computed positive pairs and skipped's positive
-    pairs, which never overlap, with dL/dy on the first and dL/dskipped on the second: one
-    LrcGatedDenseGrad (or one set of GEMMs) for both. A separate backward for the sampled rows
-    would cost two dense products of the whole kernel's size and their sum.
-    Inputs as `gated_dense_train_with_density`'s.
+    `run_layer_op(x, kernel, bias, z)` calls the op with the layer's other inputs
+    (`lrc_keras.ops.gated_layer`); skipped holds, for the first `sample_rows` rows, the active
+    units the gate skipped (relu(z) where ẑ ≤ -margin, else 0), which the skipped-unit penalty
+    and the gate's counts need. `gated` chooses how, a Python bool or a scalar bool tensor that
+    decides in the graph at every call: True gives the op z for the sampled rows alone (TF's GEMM)
+    and runs the gated backward (LrcGatedDenseGrad); False gives it z for every row and runs the
+    backward by GEMMs. Both choices live inside one custom gradient, so a second-order gradient
+    differentiates the chosen backward (TensorFlow cannot differentiate twice a custom gradient
+    inside tf.cond). float32 only.
     """
-    if gated is not False:
-        x, kernel, bias, product, margin = _checked(x, kernel, bias, product, margin)
-    y, _, skipped = _train(x, kernel, bias, product, margin, sample_rows, gated)
-    return y, skipped
+
+    def forward(x, kernel, bias):
+        return _either(gated,
+                       lambda: run_layer_op(x, kernel, bias, ops.kernel_product(x[:sample_rows], kernel)),
+                       lambda: run_layer_op(x, kernel, bias, ops.kernel_product(x, kernel)))
+
+    return _differentiated(forward, x, kernel, bias, gated)
+
+
+def train_reference(x, kernel, bias, product, margin, sample_rows):
+    """`(y, skipped, gate_counts, active_fraction)` as `train_layer`'s, in plain TensorFlow (any
+    float dtype, no compiled op): z densely, then the mask, differentiated by TensorFlow."""
+    z = ops.dense_preactivation(x, kernel, bias)
+    mask = gating.gate_mask(product + bias, margin)
+    rows = slice(None, sample_rows)
+    skipped = gating.masked_relu(z[rows], tf.logical_not(mask[rows]))
+    counts = confusion_counts(mask[rows], tf.stop_gradient(z[rows]) > 0)
+    return gating.masked_relu(z, mask), skipped, counts, tf.reduce_mean(tf.cast(mask, tf.float32))
 
 
 def _checked(x, kernel, bias, product, margin):
@@ -88,29 +108,18 @@ def _checked(x, kernel, bias, product, margin):
     return (*inputs.values(), tf.convert_to_tensor(margin, tf.float32))
 
 
-def _train(x, kernel, bias, product, margin, sample_rows, gated):
-    """`(y, active_fraction, skipped)` with the backward over y's and skipped's pairs."""
+def _differentiated(forward, x, kernel, bias, gated):
+    """forward(x, kernel, bias) = (y, skipped, *statistics), with the backward over y's and
+    skipped's positive pairs: LrcGatedDenseGrad where `gated`, else GEMMs."""
     # Tensors, not variables: the gradient below is the variables' gradient through their reads.
     x, kernel, bias = tf.convert_to_tensor(x), tf.convert_to_tensor(kernel), tf.convert_to_tensor(bias)
-    rows = slice(None, sample_rows)
 
     @tf.custom_gradient
-    def forward(x, kernel, bias):
-        def gated_forward():
-            y, active_fraction = ops.compiled_library().lrc_gated_dense(x, kernel, bias, product, margin)
-            sample_mask = gating.gate_mask(product[rows] + bias, margin)
-            z = ops.dense_preactivation(x[rows], kernel, bias)
-            return y, active_fraction, gating.masked_relu(z, tf.logical_not(sample_mask))
+    def differentiated(x, kernel, bias):
+        outputs = forward(x, kernel, bias)
+        y, skipped = outputs[:2]
 
-        def dense_forward():
-            z = ops.dense_preactivation(x, kernel, bias)
-            mask = gating.gate_mask(product + bias, margin)
-            skipped = gating.masked_relu(z[rows], tf.logical_not(mask[rows]))
-            return gating.masked_relu(z, mask), tf.reduce_mean(tf.cast(mask, tf.float32)), skipped
-
-        y, active_fraction, skipped = _either(gated, gated_forward, dense_forward)
-
-        def gradient(grad_y, grad_active_fraction, grad_skipped):
+        def gradient(grad_y, grad_skipped, *_):
             if grad_skipped is None:
                 grad_skipped = tf.zeros_like(skipped)
 
@@ -125,9 +134,9 @@ def _train(x, kernel, bias, product, margin, sample_rows, gated):
 
             return _either(gated, gated_backward, dense_backward)
 
-        return (y, active_fraction, skipped), gradient
+        return outputs, gradient
 
-    return forward(x, kernel, bias)
+    return differentiated(x, kernel, bias)
 
 
 def _either(gated, if_gated, if_dense):

@@ -13,8 +13,8 @@ from lrc_keras import estimators
 from lrc_keras import gating
 from lrc_keras import ops
 from lrc_keras import saved_layouts
+from lrc_keras import twins
 from lrc_keras.inputs import check_positive_int
-from lrc_keras.inputs import checked_sample_inputs
 from lrc_keras.metrics import GateStatistics
 from lrc_keras.metrics import LatestValue
 from lrc_keras.metrics import confusion_counts
@@ -30,27 +30,19 @@ class LowRankGatedDense(estimators.EstimatorMethods, keras.layers.Layer):
     `d·n`, ρ the fraction of units predicted positive.
 
     Training (`training=True`) applies the estimator's mask too, so the network learns to live
-    with the estimator's mistakes: `training_path="dense"` computes z by a GEMM and masks it;
-    `"gated"` computes, forward and backward, only the units the gate selects
-    (`lrc_keras.gated_training`). Either way a few sampled rows of each batch are computed
-    densely for the gate metrics, the skipped-unit penalty and a trained estimator's loss.
-    BENCHMARKS.md gives the cost of a training step of each against its Dense twin, measured
-    with `python benchmarks/benchmark.py --training`. The task's gradients reach W and b only
-    through computed units; the activity penalty also reaches the active units the gate skipped
-    (`regularize_skipped_units`) and pushes them below zero.
-    Inference runs the compiled op (`lrc_keras.dispatch` chooses the implementation), which
-    never computes a skipped unit. NaN estimates count as "compute", so NaN inputs give NaN
-    outputs rather than being hidden as zeros.
+    with the estimator's mistakes; the task's gradients reach W and b only through computed
+    units, and the activity penalty also reaches the active units the gate skipped
+    (`regularize_skipped_units`). A few sampled rows of each batch are computed densely for the
+    gate metrics, that penalty and a trained estimator's loss. Inference and training each run
+    one compiled op, LrcGatedLayer (`lrc_keras.dispatch` chooses the path; BENCHMARKS.md gives
+    their cost against Dense). NaN estimates count as "compute": NaN inputs give NaN outputs.
 
-    Stored layout (the compiled ops read the kernel as is): `kernel` is `(units, input_dim)` (W
-    transposed, each unit's weights contiguous); `estimator_factors` holds U `(input_dim, rank)`
-    then V `(rank, units)` in one variable, so that a refit replaces both at once;
-    `ẑ = (x·U)·V + bias`. `current_factors()` returns (U, V) from one read; `estimator_u` and
-    `estimator_v` read one each. The layer's own variables are `kernel`, `bias`, `gate_margin`,
-    `observed_density`, a density target's `density_penalty` and `estimator_rank`; the
-    estimator's (`estimator_factors`, then its rule's state) live in the nested layer
-    `estimator_state`, which `set_rank` remakes. The estimator's methods (`refit`, `set_rank`,
-    `assign_estimator`, the factors) are inherited from `lrc_keras.estimators.EstimatorMethods`.
+    Stored layout: `kernel` is `(units, input_dim)` (W transposed, each unit's weights
+    contiguous, as the compiled ops read it); `estimator_factors` holds U `(input_dim, rank)`
+    then V `(rank, units)` in one variable, so that a refit replaces both at once. The
+    estimator's variables live in the nested layer `estimator_state`, which `set_rank` remakes;
+    its methods (`refit`, `set_rank`, `current_factors`, ...) come from
+    `lrc_keras.estimators.EstimatorMethods`.
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -78,21 +70,15 @@ class LowRankGatedDense(estimators.EstimatorMethods, keras.layers.Layer):
             layout, so that Dense's constraints (e.g. `MaxNorm(axis=0)`, per unit) mean the same.
         bias_constraint: Constraint for the bias vector.
         regularize_skipped_units: Boolean. In training, also charge the activity regularizer
-            on the truly active units the gate skipped (relu(z) where the mask is off), so that
-            it sees the layer's true activity relu(x·W + b), as on a Dense layer (for Keras'
-            L1, L2 and L1L2 the two charges add up to exactly that). Otherwise a unit the
-            estimator misses outputs 0, escapes the penalty and stays active, and the layer
-            grows denser than its estimate predicts. False is the paper's recipe: the penalty
-            sees the gated output only.
-        inference_path: `"auto"` (the measured timing model chooses per batch), `"gated"` (the compiled
-            gated op) or `"gemm"` (TF's GEMM, then the compiled mask); see `lrc_keras.dispatch`.
-        training_path: `"dense"` (z by a GEMM, then the mask), `"gated"` (the compiled forward
-            and backward over the selected units only) or `"auto"` (gated while the density
-            last observed is at most `lrc_keras.dispatch.GATED_TRAINING_MAX_DENSITY`, dense
-            above, decided at every step; on a GPU, dense until the gated step is measured
-            there). The gated kernels are float32 only: other dtypes train by "dense", with a
-            warning. On a GPU, a CUDA kernel that fails its first-use self-check
-            (`lrc_keras.kernel_check`) is replaced by the TensorFlow path, with a warning.
+            on the active units the gate skipped (relu(z) where the mask is off), so that it
+            sees the true activity relu(x·W + b), as on Dense; otherwise a missed unit escapes
+            the penalty and stays active. False is the paper's recipe.
+        inference_path: `"auto"` (the measured timing model chooses per batch), `"gated"`
+            (only the selected dot products) or `"gemm"` (TF's GEMM, then the mask); see
+            `lrc_keras.dispatch`, which also says what runs on a GPU.
+        training_path: `"dense"` (z by a GEMM, then the mask), `"gated"` (forward and backward
+            over the selected units only) or `"auto"` (gated while the density last observed is
+            at most `lrc_keras.dispatch.GATED_TRAINING_MAX_DENSITY`, decided at every step).
         target_density: None, a number in (0, 1] or a `lrc_keras.density_target.DensityTarget`:
             the predicted density to train to. An L1 activity penalty whose strength (the
             non-trainable `density_penalty`) adapts at every training step until the gate
@@ -159,7 +145,7 @@ class LowRankGatedDense(estimators.EstimatorMethods, keras.layers.Layer):
         self.units = int(units)
         self.rank = int(rank)
         self.estimator = estimators.get(estimator)
-        self._margin = float(margin)
+        self._margin_before_build = float(margin)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -202,7 +188,7 @@ class LowRankGatedDense(estimators.EstimatorMethods, keras.layers.Layer):
             )
         # Read by compiled functions at every call, so that a margin change reaches them.
         self.gate_margin = self.add_weight(
-            name="gate_margin", shape=(), initializer=keras.initializers.Constant(self._margin),
+            name="gate_margin", shape=(), initializer=keras.initializers.Constant(self._margin_before_build),
             dtype="float32", trainable=False, aggregation="only_first_replica", autocast=False,
         )
         # The predicted density last recorded (in training, by measure_gates or calibrate), which
@@ -222,7 +208,6 @@ class LowRankGatedDense(estimators.EstimatorMethods, keras.layers.Layer):
         x = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]]) if inputs.shape.rank != 2 else inputs
         if self.captured_inputs is not None:
             self.captured_inputs.append(x)
-        self._check_traced_rank()
         if training:
             self.estimator.observe(self, x)
             y = self._training_forward(x, batch_size=tf.shape(inputs)[0])
@@ -254,15 +239,21 @@ class LowRankGatedDense(estimators.EstimatorMethods, keras.layers.Layer):
 
     @property
     def margin(self):
-        """A unit is computed when ẑ > -margin; assigning it updates compiled functions too."""
-        return self._margin
+        """A unit is computed when ẑ > -margin; assigning it updates compiled functions too. Its
+        one home is the `gate_margin` variable once the layer is built (loaded with the weights);
+        before, the constructor's value, which build gives the variable."""
+        if not self.built:
+            return self._margin_before_build
+        # The shortest decimal that is this float32: margin=0.1 reads back as 0.1.
+        return float(str(np.float32(self.gate_margin.numpy())))
 
     @margin.setter
     def margin(self, margin):
         _check_margin(margin, self.name)
-        self._margin = float(margin)
         if self.built:
-            self.gate_margin.assign(self._margin)
+            self.gate_margin.assign(float(margin))
+        else:
+            self._margin_before_build = float(margin)
 
     def get_config(self):
         base_config = super().get_config()
@@ -295,72 +286,14 @@ class LowRankGatedDense(estimators.EstimatorMethods, keras.layers.Layer):
 
     @classmethod
     def from_dense(cls, dense_layer, rank, sample_inputs=None, **kwargs):
-        """A gated copy of a built `keras.layers.Dense` with ReLU activation.
-
-        The kernel and bias are copied (the kernel transposed into the stored layout) and the
-        estimator fitted by its rule, from `sample_inputs` (inputs of `dense_layer`, 2-D) where
-        the rule uses inputs. Regularizers, constraints, the name and the dtype policy carry over unless
-        given in `kwargs`.
-        """
-        if not isinstance(dense_layer, keras.layers.Dense):
-            raise ValueError(
-                f"from_dense needs a keras.layers.Dense, got {type(dense_layer).__name__} "
-                f"{getattr(dense_layer, 'name', '')!r}"
-            )
-        if dense_layer.activation is not keras.activations.relu:
-            raise ValueError(
-                f"from_dense needs a Dense layer with ReLU activation; {dense_layer.name!r} has "
-                f"activation {getattr(dense_layer.activation, '__name__', dense_layer.activation)!r}"
-            )
-        if not dense_layer.built:
-            raise ValueError(
-                f"from_dense needs a built Dense layer (its kernel holds the weights to copy); "
-                f"{dense_layer.name!r} is not built yet"
-            )
-        input_dim = dense_layer.kernel.shape[0]
-        sample_inputs = checked_sample_inputs(sample_inputs, input_dim, dense_layer.name)
-        settings = {
-            "name": dense_layer.name,
-            "use_bias": dense_layer.use_bias,
-            "kernel_regularizer": dense_layer.kernel_regularizer,
-            "bias_regularizer": dense_layer.bias_regularizer,
-            "activity_regularizer": dense_layer.activity_regularizer,
-            "kernel_constraint": dense_layer.kernel_constraint,
-            "bias_constraint": dense_layer.bias_constraint,
-            "dtype": dense_layer.dtype_policy,
-            **kwargs,
-        }
-        layer = cls(dense_layer.units, rank, **settings)
-        layer.build((None, input_dim))
-        layer.kernel.assign(tf.transpose(dense_layer.kernel))
-        if dense_layer.use_bias:
-            layer.bias.assign(dense_layer.bias)
-        layer.refit(sample_inputs)
-        return layer
+        """A gated copy of a built `keras.layers.Dense` with ReLU activation, its estimator fitted
+        (`lrc_keras.twins.gated_from_dense`, which says what carries over)."""
+        return twins.gated_from_dense(cls, dense_layer, rank, sample_inputs, **kwargs)
 
     def to_dense(self):
-        """The `keras.layers.Dense(units, activation="relu")` twin with this layer's weights.
-
-        It computes every unit, so its outputs equal this layer's wherever the estimator
-        selects every active unit; regularizers, constraints, the name and the dtype policy carry over.
-        """
-        dense = keras.layers.Dense(
-            self.units,
-            activation="relu",
-            use_bias=self.use_bias,
-            kernel_regularizer=self.kernel_regularizer,
-            bias_regularizer=self.bias_regularizer,
-            activity_regularizer=self.activity_regularizer,
-            kernel_constraint=self.kernel_constraint,
-            bias_constraint=self.bias_constraint,
-            name=self.name,
-            dtype=self.dtype_policy,
-        )
-        dense.build((None, self.kernel.shape[1]))
-        dense.kernel.assign(tf.transpose(self.kernel))
-        if self.use_bias:
-            dense.bias.assign(self.bias)
-        return dense
+        """The `keras.layers.Dense(units, activation="relu")` twin with this layer's weights
+        (`lrc_keras.twins.dense_twin`)."""
+        return twins.dense_twin(self)
 
     def gate(self, x):
         """`(ẑ, mask)` for 2-D inputs x: the estimate (x·U)·V + b and the units the gate computes
@@ -380,15 +313,14 @@ class LowRankGatedDense(estimators.EstimatorMethods, keras.layers.Layer):
         """Training: y by the training path, then the gate metrics, a trained estimator's loss
         and the activity penalty on skipped active units, from the first GATE_SAMPLE_ROWS rows
         (fit shuffles them: an unbiased sample), whose z the training path computes densely."""
-        y, skipped, product = dispatch.train(self, x, GATE_SAMPLE_ROWS)
-        rows = slice(None, GATE_SAMPLE_ROWS)
-        bias = ops.bias_or_zeros(self.bias, self.kernel, x.dtype)
-        z_hat = product[rows] + tf.stop_gradient(bias)  # a trained estimator's loss reaches U, V here
-        mask = tf.stop_gradient(gating.gate_mask(z_hat, tf.cast(self.gate_margin, x.dtype)))
-        # y and skipped never overlap, so their sum is relu(z) on the sampled rows.
-        positive = tf.stop_gradient(y[rows] + skipped) > 0
-        counts = self._record_gate(mask, positive)
-        if self.estimator.trainable:
+        y, skipped, counts, active_fraction = dispatch.train(self, x, GATE_SAMPLE_ROWS)
+        self.gate_metric.add_counts(counts)
+        self.observed_density.assign(active_fraction)
+        if self.estimator.trainable:  # its loss reaches U and V through the sampled rows' estimate
+            z_hat = estimators.estimate(tf.stop_gradient(x[:GATE_SAMPLE_ROWS]), *self.current_factors(),
+                                        tf.stop_gradient(ops.bias_or_zeros(self.bias, self.kernel, x.dtype)))
+            # y and skipped never overlap, so their sum is relu(z) on the sampled rows.
+            positive = tf.stop_gradient(y[:GATE_SAMPLE_ROWS] + skipped) > 0
             self.add_loss(self.estimator.loss(self, z_hat, positive))
         # Keras charges the output and divides by the batch size; the skipped units are charged
         # on the sampled rows scaled to the whole batch: the same penalty and gradient in
@@ -406,18 +338,14 @@ class LowRankGatedDense(estimators.EstimatorMethods, keras.layers.Layer):
 
     def _audited_inference(self, x):
         """Inference that also computes z densely to measure the gate (`lrc_keras.set_audit`)."""
+        self.check_traced_rank()
         _, mask = self.gate(x)
         z = ops.dense_preactivation(x, self.kernel, self.bias)
-        self._record_gate(mask, z > 0)
-        return gating.masked_relu(z, mask)
-
-    def _record_gate(self, mask, positive):
-        """Counts (tp, fp, fn, tn) into the gate metrics and the observed density; returns them."""
-        counts = confusion_counts(mask, positive)
+        counts = confusion_counts(mask, z > 0)
         self.gate_metric.add_counts(counts)
         # tp + fp over all entries: the density, without another pass over the mask.
         self.observed_density.assign(tf.cast((counts[0] + counts[1]) / tf.reduce_sum(counts), tf.float32))
-        return counts
+        return gating.masked_relu(z, mask)
 
 
 # Rows of each training batch whose z the gate metrics, the skipped-unit penalty and a trained

@@ -10,8 +10,12 @@ the same numbers up to float rounding:
     gated_dense_with_density      the compiled LrcGatedDense: never computes a skipped unit
     gemm_then_mask_with_density   TF's dense GEMM, then the compiled LrcMaskedRelu in one pass
     reference_with_density        plain TensorFlow: z densely, then the mask (any float dtype)
-The first two need the compiled library (custom_ops/, built by setup.py) and float32; which one
-runs is decided in one place, `lrc_keras.dispatch`.
+The first two need the compiled library (custom_ops/, built by setup.py) and float32.
+
+A layer runs `gated_layer`, the compiled LrcGatedLayer (`custom_ops/gated_layer.h`): the estimate
+and the mask in the same call, the rows TF's GEMM computed (z, an input) masked as by
+LrcMaskedRelu and the others computed as by LrcGatedDense, and for training the sampled rows'
+skipped units and gate counts. Which path runs is decided in one place, `lrc_keras.dispatch`.
 """
 
 import importlib.metadata
@@ -159,6 +163,19 @@ def gemm_then_mask_with_density(x, kernel, bias, product, margin):
     return y, active_fraction
 
 
+def gated_layer(x, factors, kernel, bias, margin, z, rank_now, rank, sample_rows, layer_name):
+    """`(y, skipped, gate_counts, active_fraction)` of the compiled LrcGatedLayer
+    (`custom_ops/gated_layer.h`): a gated layer's estimate, mask, y and, for the first
+    `sample_rows` rows of z, the skipped active units and the gate's counts (tp, fp, fn, tn), in
+    one call. `factors` is the layer's packed `estimator_factors` for `rank`; `rank_now` its
+    `estimator_rank`, which the op checks against `rank` (a function traced before a `set_rank`
+    fails naming `layer_name`); z = x·Wᵀ for the rows TensorFlow's GEMM computed densely."""
+    return compiled_library().lrc_gated_layer(
+        x, factors, kernel, bias_or_zeros(bias, kernel, x.dtype), _margin(margin, x.dtype), z, rank_now,
+        rank=rank, sample_rows=sample_rows, layer=layer_name,
+    )
+
+
 def compiled_library():
     if _library is None:
         raise RuntimeError(
@@ -198,6 +215,24 @@ if _library is not None:
     def _masked_relu_grad(op, grad, _):
         grad_z = _through_computed_units(op, grad)
         return grad_z, tf.reduce_sum(grad_z, axis=0), None, None
+
+    @tf.RegisterGradient("LrcGatedLayer")
+    def _gated_layer_grad(op, grad_y, grad_skipped, _, __):
+        """Gradients through y's computed positive units and the sampled rows' skipped positive
+        ones: to z for the rows it gave (TF's GEMM passes them on), to x and the kernel for the
+        rows the op computed itself, to the bias for all; the estimate, mask and margin get none.
+        By dense products: the training paths differentiate the op through their own custom
+        gradient (`lrc_keras.gated_training`); this one serves gradients of inference calls."""
+        x, kernel, z = op.inputs[0], op.inputs[2], op.inputs[5]
+        y, skipped = op.outputs[0], op.outputs[1]
+        grad_pre = _through_computed_units(op, grad_y)
+        below = [[0, tf.shape(y)[0] - tf.shape(skipped)[0]], [0, 0]]
+        grad_pre += tf.pad(tf.where(skipped > 0, grad_skipped, tf.zeros_like(grad_skipped)), below)
+        dense_rows = tf.shape(z)[0]
+        gated_rows = grad_pre[dense_rows:]
+        grad_x = tf.concat([tf.zeros_like(x[:dense_rows]), tf.matmul(gated_rows, kernel)], axis=0)
+        grad_kernel = tf.matmul(gated_rows, x[dense_rows:], transpose_a=True)
+        return (grad_x, None, grad_kernel, tf.reduce_sum(grad_pre, axis=0), None, grad_pre[:dense_rows], None)
 
     @tf.RegisterGradient("LrcGatedDenseGrad")
     def _gated_dense_grad_grad(op, grad_grad_x, grad_grad_kernel, grad_grad_bias):

@@ -1,4 +1,5 @@
 import os
+import re
 import tempfile
 import threading
 
@@ -33,15 +34,20 @@ def op_inputs(x, kernel, bias, estimator_u, estimator_v):
     return x, kernel, bias, product
 
 
+# The compiled ops, a longer name before its prefix, and TensorFlow's GEMM as an einsum (the
+# layer's x·Wᵀ: `lrc_keras.ops.kernel_product`), which tells the "gemm" path from the "gated" one.
+TRACED_OPS = re.compile(rb"LrcGatedLayer|LrcGatedDenseGrad|LrcGatedDense|LrcMaskedRelu|Einsum")
+
+
 def compiled_ops_that_ran(function, x, trace_dir):
-    """The compiled ops whose kernels ran in one call, from the profiler's host trace (an untaken
-    tf.cond branch runs none)."""
+    """The compiled ops whose kernels ran in one call, and "Einsum" where TensorFlow's GEMM of the
+    layer ran, from the profiler's host trace (an untaken tf.cond branch runs none)."""
     tf.profiler.experimental.start(str(trace_dir))
     function(x)
     tf.profiler.experimental.stop()
     trace = b"".join(open(os.path.join(root, name), "rb").read()
                      for root, _, names in os.walk(trace_dir) for name in names if name.endswith(".xplane.pb"))
-    return {op for op in ("LrcGatedDense", "LrcMaskedRelu") if op.encode() in trace}
+    return {name.decode() for name in TRACED_OPS.findall(trace)}
 
 
 def away_from_boundary(z_hat, margin, tolerance=1e-3):

@@ -64,7 +64,8 @@ def test_measure_times_each_shape_once_and_saves_it(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not ops.is_compiled(), reason="the compiled paths need the compiled ops")
 @pytest.mark.parametrize("path, ops_that_may_run", [
-    ("auto", ({"LrcGatedDense"}, {"LrcMaskedRelu"})), ("gated", ({"LrcGatedDense"},)), ("gemm", ({"LrcMaskedRelu"},)),
+    ("auto", ({"LrcGatedLayer"}, {"LrcGatedLayer", "Einsum"})), ("gated", ({"LrcGatedLayer"},)),
+    ("gemm", ({"LrcGatedLayer", "Einsum"},)),
 ])
 def test_every_inference_path_gives_the_same_numbers(rng, tmp_path, path, ops_that_may_run):
     layer = LowRankGatedDense(40, rank=5)
@@ -83,12 +84,13 @@ def test_every_inference_path_gives_the_same_numbers(rng, tmp_path, path, ops_th
 
 
 @pytest.mark.parametrize("path, observed_density, expected_ops", [
-    ("gated", 0.9, {"LrcGatedDense"}), ("gemm", 0.0, {"LrcMaskedRelu"}),
-    ("auto", 0.0, {"LrcGatedDense"}), ("auto", 1.0, {"LrcMaskedRelu"}),
+    ("gated", 0.9, {"LrcGatedLayer"}), ("gemm", 0.0, {"LrcGatedLayer", "Einsum"}),
+    ("auto", 0.0, {"LrcGatedLayer"}), ("auto", 1.0, {"LrcGatedLayer", "Einsum"}),
 ])
 def test_the_chosen_path_runs_its_op(rng, monkeypatch, tmp_path, path, observed_density, expected_ops):
-    """Which compiled op runs, read from the executed graph's step stats: "auto" runs the gated op
-    below the crossover (monkeypatched to 0.5) and the GEMM path above it."""
+    """Which ops run, read from the profiler's trace: LrcGatedLayer alone on the gated path, after
+    TF's GEMM on the "gemm" path; "auto" runs the first below the crossover (monkeypatched to 0.5)
+    and the second above it."""
     monkeypatch.setattr(crossover, "crossover_densities", lambda *shape: {1: 0.5, 16: 0.5, 256: 0.5})
     layer = LowRankGatedDense(40, rank=5, inference_path=path)
     layer.build((None, 30))

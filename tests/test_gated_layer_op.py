@@ -139,3 +139,27 @@ def test_negative_sample_rows_is_refused():
     x, _, _, factors, kernel, bias, z = case(rng, 4, 10, 12, 3, 0)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="sample_rows"):
         run(x, factors, kernel, bias, z, 3, -1)
+
+
+@pytest.mark.parametrize("batch, dense_rows, sample_rows", [(9, 0, 0), (9, 4, 3), (9, 9, 9), (1, 0, 0), (0, 0, 0)])
+def test_registered_gradient_matches_numpy(rng, batch, dense_rows, sample_rows):
+    """The op's own gradient (inference calls differentiate it): dL/dx, dL/dW and dL/db through
+    y's computed positive units and skipped's positive ones, where z came from TF's GEMM for the
+    first rows and the op computed the rest, against float64 numpy."""
+    x, estimator_u, estimator_v, factors, kernel, bias, _ = case(rng, batch, 12, 10, 3, dense_rows)
+    y_cotangent = rng.standard_normal((batch, 10))
+    skipped_cotangent = rng.standard_normal((min(sample_rows, dense_rows), 10))
+    xt, kernel_t, bias_t = (tf.constant(a) for a in (x, kernel, bias))
+    with tf.GradientTape() as tape:
+        tape.watch([xt, kernel_t, bias_t])
+        z = ops.kernel_product(xt[:dense_rows], kernel_t)
+        y, skipped, _, _ = run(xt, factors, kernel_t, bias_t, z, 3, sample_rows)
+        loss = tf.reduce_sum(y * y_cotangent) + tf.reduce_sum(skipped * skipped_cotangent)
+    grads = [g.numpy() for g in tape.gradient(loss, [xt, kernel_t, bias_t])]
+    y64, skipped64, _, _, clear = expected(x, estimator_u, estimator_v, kernel, bias, sample_rows, dense_rows)
+    g = np.where(y64 > 0, y_cotangent, 0.0)
+    g[:len(skipped64)] += np.where(skipped64 > 0, skipped_cotangent, 0.0)
+    assert clear.all(), "a pair near a boundary: pick another seed"
+    np.testing.assert_allclose(grads[0], g @ kernel.astype(np.float64), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[1], g.T @ x.astype(np.float64), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[2], g.sum(axis=0), rtol=1e-5, atol=1e-5)

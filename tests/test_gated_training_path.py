@@ -99,16 +99,24 @@ def test_gradients_with_the_skipped_unit_penalty_match_numpy(rng, batch):
     (dispatch.GATED_TRAINING_MAX_DENSITY, True), (dispatch.GATED_TRAINING_MAX_DENSITY + 0.01, False),
 ])
 def test_auto_trains_gated_up_to_the_crossover_density(rng, tmp_path, observed_density, runs_gated):
-    """The two paths give the same y; the profiler's trace shows which ran (the dense path runs
-    no LrcGatedDense)."""
+    """The two paths give the same y; the profiler's trace shows which ran (the dense path's
+    backward runs no LrcGatedDenseGrad)."""
     layer = gated_layer(rng, 24, 32, 4, training_path="auto")
     x = tf.constant(inputs_away_from_boundaries(rng, layer_weights(layer), 40))
-    step = tf.function(lambda x: layer(x, training=True))
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y)
+        return y, tape.gradient(loss, layer.kernel)
+
     step(x)  # the first call traces: keep it out of the profile
     layer.observed_density.assign(observed_density)  # which that call overwrote with its own
-    assert compiled_ops_that_ran(step, x, tmp_path) == ({"LrcGatedDense"} if runs_gated else set())
+    ran = {"LrcGatedLayer", "Einsum"} | ({"LrcGatedDenseGrad"} if runs_gated else set())
+    assert compiled_ops_that_ran(step, x, tmp_path) == ran
     layer.observed_density.assign(observed_density)
-    y = step(x).numpy()
+    y = step(x)[0].numpy()
     expected, _, _, _ = numpy_gated_dense(x.numpy(), *layer_weights(layer), 0.0)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 

@@ -89,10 +89,9 @@ def self_check_warnings(caught):
 
 
 @pytest.mark.parametrize("op_name, kernel, inference_path", [
-    ("lrc_gated_dense", "LrcGatedDense", "gated"),
-    ("lrc_masked_relu", "LrcMaskedRelu", "gemm"),
-    ("lrc_gated_dense", "LrcGatedDense", "auto"),
-    ("lrc_masked_relu", "LrcMaskedRelu", "auto"),
+    ("lrc_gated_layer", "LrcGatedLayer", "gated"),
+    ("lrc_gated_layer", "LrcGatedLayer", "gemm"),
+    ("lrc_gated_layer", "LrcGatedLayer", "auto"),
 ])
 def test_a_wrong_kernel_falls_back_to_the_reference_with_one_warning(rng, monkeypatch, op_name, kernel, inference_path):
     """The first trace on the GPU checks the kernel, finds it wrong, warns once and takes the
@@ -133,7 +132,7 @@ def test_a_wrong_backward_kernel_falls_back_to_the_dense_path_with_one_warning(r
         gradients = [train(x), train(x)]
     (message,) = self_check_warnings(caught)
     assert "CUDA kernel LrcGatedDenseGrad failed" in message and "largest error" in message and "dL/dx" in message
-    assert kernel_check.checked_kernels() == {("/GPU:0", "LrcGatedDense"): True, ("/GPU:0", "LrcGatedDenseGrad"): False}
+    assert kernel_check.checked_kernels() == {("/GPU:0", "LrcGatedLayer"): True, ("/GPU:0", "LrcGatedDenseGrad"): False}
     _, mask, z = reference(layer, x.numpy())
     g = np.where(mask & (z > 0), cotangent, 0.0)
     for grad_x, grad_kernel in gradients:
@@ -142,9 +141,9 @@ def test_a_wrong_backward_kernel_falls_back_to_the_dense_path_with_one_warning(r
 
 
 @pytest.mark.parametrize("settings, training, checked, ran", [
-    (dict(inference_path="gated"), False, {"LrcGatedDense"}, {"LrcGatedDense"}),
-    (dict(inference_path="gemm"), False, {"LrcMaskedRelu"}, {"LrcMaskedRelu"}),
-    (dict(training_path="gated"), True, {"LrcGatedDense", "LrcGatedDenseGrad"}, {"LrcGatedDense"}),
+    (dict(inference_path="gated"), False, {"LrcGatedLayer"}, {"LrcGatedLayer"}),
+    (dict(inference_path="gemm"), False, {"LrcGatedLayer"}, {"LrcGatedLayer", "Einsum"}),
+    (dict(training_path="gated"), True, {"LrcGatedLayer", "LrcGatedDenseGrad"}, {"LrcGatedLayer", "Einsum"}),
 ])
 def test_kernels_that_pass_serve_the_layer(rng, tmp_path, settings, training, checked, ran):
     """Correct kernels pass their check on the GPU without a warning, and then run."""
@@ -215,7 +214,7 @@ def test_no_check_with_the_setting_off_or_on_the_cpu(rng, monkeypatch, setting, 
     the wrong one: its numbers come out)."""
     if setting is not None:
         monkeypatch.setenv(kernel_check.SETTING, setting)
-    inject(monkeypatch, "lrc_gated_dense")
+    inject(monkeypatch, "lrc_gated_layer")
     layer = new_layer(rng, inference_path="gated")
     x = rng.standard_normal((6, 24)).astype("float32")
     with warnings.catch_warnings(record=True) as caught:
@@ -232,18 +231,28 @@ def test_a_bad_setting_is_refused(rng, monkeypatch):
         traced_on("/GPU:0", lambda x: layer(x, training=False))(np.ones((2, 24), "float32"))
 
 
-@pytest.mark.parametrize("device, ran", [(None, {"LrcGatedDense"}), ("/GPU:0", set())])
-def test_auto_training_on_a_gpu_takes_the_dense_path(rng, tmp_path, device, ran):
+@pytest.mark.parametrize("device, backward, checked", [
+    (None, {"LrcGatedDenseGrad"}, {}), ("/GPU:0", set(), {("/GPU:0", "LrcGatedLayer"): True}),
+])
+def test_auto_training_on_a_gpu_takes_the_dense_path(rng, tmp_path, device, backward, checked):
     """At an observed density of 0, "auto" trains by the gated kernels on the CPU, and on a GPU,
-    where the gated step has not been measured, by the dense path."""
+    where the gated step has not been measured, by the dense path: the layer's op (self-checked
+    there), then GEMMs backward."""
     layer = new_layer(rng, training_path="auto")
     x = rng.standard_normal((6, 24)).astype("float32")
-    step = traced_on(device, lambda x: layer(x, training=True))
+
+    def call_and_gradient(x):
+        with tf.GradientTape() as tape:
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y)
+        return y, tape.gradient(loss, layer.kernel)
+
+    step = traced_on(device, call_and_gradient)
     step(x)  # the first call traces: keep it out of the profile
     layer.observed_density.assign(0.0)
-    assert compiled_ops_that_ran(step, x, tmp_path) == ran
-    assert kernel_check.checked_kernels() == {}
-    np.testing.assert_allclose(step(x).numpy(), reference(layer, x)[0], rtol=1e-5, atol=1e-5)
+    assert compiled_ops_that_ran(step, x, tmp_path) == {"LrcGatedLayer", "Einsum"} | backward
+    assert kernel_check.checked_kernels() == checked
+    np.testing.assert_allclose(step(x)[0].numpy(), reference(layer, x)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_op_device_is_where_the_ops_run():

@@ -735,6 +735,16 @@ def test_a_non_finite_margin_is_refused_when_assigned(rng, margin):
     assert layer.margin == 0.2 and float(layer.gate_margin.numpy()) == pytest.approx(0.2)
 
 
+def test_the_margin_has_one_home_once_built(rng):
+    """The gate_margin variable is the margin once built: assigned (or loaded) there, the layer and
+    its config read it, as the decimal the user would have written."""
+    layer = built_layer(rng, margin=0.2)
+    layer.gate_margin.assign(0.7)
+    assert layer.margin == 0.7 and layer.get_config()["margin"] == 0.7
+    layer.margin = -0.1
+    assert float(layer.gate_margin.numpy()) == np.float32(-0.1) and layer.get_config()["margin"] == -0.1
+
+
 @pytest.mark.parametrize("call", ["predict", "evaluate", "fit"])
 def test_functions_traced_before_set_rank_fail_with_a_message(rng, call):
     model, x, y = small_classifier(rng)

@@ -85,7 +85,7 @@ def test_layer_inference_uses_op_for_3d_inputs(rng):
     assert_matches_numpy(y.reshape(6, 30), x.reshape(6, 20), weights, 0.0)
     # The pure-TF path gives the same numbers: only the graph tells that the compiled op ran.
     traced = tf.function(lambda x: layer(x)).get_concrete_function(tf.TensorSpec(x.shape, tf.float32))
-    assert "LrcGatedDense" in {op.type for op in traced.graph.get_operations()}
+    assert "LrcGatedLayer" in {op.type for op in traced.graph.get_operations()}
     assert_matches_numpy(traced(tf.constant(x)).numpy().reshape(6, 30), x.reshape(6, 20), weights, 0.0)
 
 

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(lrc_keras.__file__)))
 TIMEOUT_S = 120
-GATED_OP, MASK_OP = "LrcGatedDense", "LrcMaskedRelu"
+# The layer's op, and TF's GEMM of its x·Wᵀ (an einsum), which only the "gemm" path runs.
+LAYER_OP, GEMM_OP = "LrcGatedLayer", "Einsum"
 
 # argv: how to make the ops known ("lrc_keras", "op_library" or "nothing"), the export, the
 # inputs .npy, the outputs .npy, a .json for what ran; with "op_library", the library's path.
@@ -34,7 +35,7 @@ import json, os, sys
 import numpy as np
 how, export_dir, x_file, y_file, report_file = sys.argv[1:6]
 if how == "lrc_keras":
-    import lrc_keras.ops  # registers LrcGatedDense and LrcMaskedRelu
+    import lrc_keras.ops  # registers the ops
 import tensorflow as tf
 if how == "op_library":
     tf.load_op_library(sys.argv[6])  # what a server without lrc_keras does
@@ -51,7 +52,7 @@ trace = b"".join(
     open(os.path.join(root, name), "rb").read()
     for root, _, names in os.walk(trace_dir) for name in names if name.endswith(".xplane.pb")
 )
-report = {op: trace.count(op.encode()) for op in ("LrcGatedDense", "LrcMaskedRelu")}
+report = {op: trace.count(op.encode()) for op in ("LrcGatedLayer", "Einsum")}
 if how == "lrc_keras":
     from lrc_keras import crossover
     report["cost_models_read"] = sorted(crossover._measured)  # what this process looked up
@@ -135,18 +136,18 @@ def serve_in_new_process(tmp_path, export_dir, x, how="lrc_keras", env=None):
     return 0, np.load(y_file), json.loads(report_file.read_text()), result.stderr
 
 
-@pytest.mark.parametrize("path, present, absent", [("gated", GATED_OP, MASK_OP), ("gemm", MASK_OP, GATED_OP)])
-def test_exported_model_serves_the_keras_numbers(trained, tmp_path, path, present, absent):
+@pytest.mark.parametrize("path, gemm", [("gated", False), ("gemm", True)])
+def test_exported_model_serves_the_keras_numbers(trained, tmp_path, path, gemm):
     model, x = trained
     set_paths(model, path)
     expected = keras_outputs(model, x)
     model.export(str(tmp_path / "export"), verbose=False)
     types = op_types(tmp_path / "export")
-    assert present in types and absent not in types, sorted(types)
+    assert LAYER_OP in types and (GEMM_OP in types) == gemm, sorted(types)
     returncode, y, report, stderr = serve_in_new_process(tmp_path, tmp_path / "export", x)
     assert returncode == 0, stderr[-3000:]
     np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
-    assert report[present] > 0 and report[absent] == 0, report
+    assert report[LAYER_OP] > 0 and (report[GEMM_OP] > 0) == gemm, report
 
 
 def test_loading_without_lrc_keras_names_the_missing_op(trained, tmp_path):
@@ -155,7 +156,7 @@ def test_loading_without_lrc_keras_names_the_missing_op(trained, tmp_path):
     expected = keras_outputs(model, x)
     model.export(str(tmp_path / "export"), verbose=False)
     returncode, _, _, stderr = serve_in_new_process(tmp_path, tmp_path / "export", x, how="nothing")
-    assert returncode != 0 and f"Op type not registered '{GATED_OP}'" in stderr, stderr[-3000:]
+    assert returncode != 0 and f"Op type not registered '{LAYER_OP}'" in stderr, stderr[-3000:]
     # The op library alone is enough: what a server without the Python package loads.
     returncode, y, _, stderr = serve_in_new_process(tmp_path, tmp_path / "export", x, how="op_library")
     assert returncode == 0, stderr[-3000:]
@@ -174,10 +175,9 @@ def write_cost_model(directory, model, density):
 
 
 # A crossover ≥ 1 means "gated at every density", 0 "gemm at every density" (lrc_keras.crossover.crossover).
-@pytest.mark.parametrize("exporter, server, runs, not_run", [(1.5, 0.0, GATED_OP, MASK_OP), (0.0, 1.5, MASK_OP, GATED_OP)])
-def test_exported_auto_path_keeps_the_exporting_machines_cost_model(
-    trained, tmp_path, monkeypatch, exporter, server, runs, not_run
-):
+@pytest.mark.parametrize("exporter, server, gemm", [(1.5, 0.0, False), (0.0, 1.5, True)])
+def test_exported_auto_path_keeps_the_exporting_machines_cost_model(trained, tmp_path, monkeypatch, exporter, server,
+                                                                    gemm):
     model, x = trained
     monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path / "exporter_cache"))
     monkeypatch.setattr(crossover, "_measured", {})  # forget what this process already read
@@ -185,8 +185,8 @@ def test_exported_auto_path_keeps_the_exporting_machines_cost_model(
     set_paths(model, "auto")
     expected = keras_outputs(model, x)
     model.export(str(tmp_path / "export"), verbose=False)
-    # The batch is unknown at export, so the graph holds a tf.cond with both ops.
-    assert {GATED_OP, MASK_OP, "If"} <= op_types(tmp_path / "export")
+    # The batch is unknown at export, so the graph holds a tf.cond with both paths.
+    assert {LAYER_OP, GEMM_OP, "If"} <= op_types(tmp_path / "export")
     server_file = write_cost_model(tmp_path / "server_cache", model, server)
     returncode, y, report, stderr = serve_in_new_process(
         tmp_path, tmp_path / "export", x, env={"LRC_CACHE_DIR": str(tmp_path / "server_cache")}
@@ -194,7 +194,7 @@ def test_exported_auto_path_keeps_the_exporting_machines_cost_model(
     assert returncode == 0, stderr[-3000:]
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     # The exporting machine's crossover decides; the server neither reads nor re-measures its own.
-    assert report[runs] > 0 and report[not_run] == 0, report
+    assert report[LAYER_OP] > 0 and (report[GEMM_OP] > 0) == gemm, report
     assert report["cost_models_read"] == [], report
     assert (tmp_path / "server_cache" / "cost_model.json").read_text() == server_file
 
@@ -210,7 +210,7 @@ def test_dense_twin_exports_without_custom_ops(trained, tmp_path):
         h = np.maximum(h, 0.0) if layer.activation is keras.activations.relu else h
     np.testing.assert_allclose(expected, h, rtol=1e-4, atol=1e-5)
     twin.export(str(tmp_path / "export"), verbose=False)
-    assert not {GATED_OP, MASK_OP} & op_types(tmp_path / "export")
+    assert not {LAYER_OP, "LrcGatedDense", "LrcMaskedRelu"} & op_types(tmp_path / "export")
     returncode, y, _, stderr = serve_in_new_process(tmp_path, tmp_path / "export", x, how="nothing")
     assert returncode == 0, stderr[-3000:]
     np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
