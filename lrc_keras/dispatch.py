@@ -77,10 +77,10 @@ def choose_path(requested, dtype, input_dim, units, rank, batch, device=None):
 
 
 # Predicted density above which a layer's training step on the compiled gated kernels costs
-# about as much as on the GEMMs: where the two break even for the 784→1000 and 1000→1000 layers
-# measured by `python benchmarks/gated_layer_step.py` (BENCHMARKS.md); wider layers
-# break even later.
-GATED_TRAINING_MAX_DENSITY = 0.5
+# about as much as on the GEMMs: where the two broke even for a 784-1000-1000-10 network's step
+# (BENCHMARKS.md: both hidden layers set to ρ .2, .3 and .5 by their margins, random inputs;
+# .5 was the limit before, when the gated step there cost 1.64x Dense's against the dense path's 1.23x).
+GATED_TRAINING_MAX_DENSITY = 0.3
 
 
 def choose_training_path(requested, dtype, input_dim, units, device=None):
