@@ -415,48 +415,57 @@ def compare_gradients(name, gradients, grad_y, y, x, kernel):
     return problems
 
 
+def random_layers(grid, rng):
+    """(input_dim, units, x, kernel, bias) for each layer shape of the grid: max(batches) standard
+    normal rows of x, row 2 with one NaN input (NaN wherever that row computes), Dense's scale of
+    kernel and a small bias."""
+    max_batch = max(grid["batches"])
+    for input_dim in grid["input_dims"]:
+        for units in grid["units"]:
+            x = rng.standard_normal((max_batch, input_dim)).astype(np.float32)
+            x[min(2, max_batch - 1), input_dim // 2] = np.nan
+            kernel = (rng.standard_normal((units, input_dim)) / np.sqrt(input_dim)).astype(np.float32)
+            bias = (0.1 * rng.standard_normal(units)).astype(np.float32)
+            yield input_dim, units, x, kernel, bias
+
+
 def check_kernels(device, library, grid, seed=0):
     """Runs the forward and backward kernels over the grid; returns the list of mismatches."""
     rng = np.random.default_rng(seed)
     max_batch = max(grid["batches"])
     problems = []
-    for input_dim in grid["input_dims"]:
-        for units in grid["units"]:
-            started = time.perf_counter()
-            x_all = rng.standard_normal((max_batch, input_dim)).astype(np.float32)
-            x_all[min(2, max_batch - 1), input_dim // 2] = np.nan  # row 2: NaN wherever computed
-            kernel = (rng.standard_normal((units, input_dim)) / np.sqrt(input_dim)).astype(np.float32)
-            bias = (0.1 * rng.standard_normal(units)).astype(np.float32)
-            product_all = rng.standard_normal((max_batch, units)).astype(np.float32)
-            product_all[-1, 1::3] = np.nan  # NaN estimates select their unit
-            grad_y_all = rng.standard_normal((max_batch, units)).astype(np.float32)
-            z_all = x_all.astype(np.float64) @ kernel.T.astype(np.float64)
-            kernel_on_device, bias_on_device = device.upload(kernel), device.upload(bias)
-            runs = 0
-            for batch in grid["batches"]:
-                # The last row of each batch holds the NaN estimates, rows 0 and 1 stay finite.
-                rows = np.r_[0:batch - 1, max_batch - 1] if batch else np.arange(0)
-                x, product, z = x_all[rows], product_all[rows], z_all[rows]
-                x_on_device = device.upload(x)
-                for density in grid["densities"]:
-                    margin = margin_for_density(product.astype(np.float64) + bias, density) if batch else 0.0
-                    shape = f"batch={batch} input_dim={input_dim} units={units} density={density}"
-                    for alias in (False, True):
-                        y, fraction = run_gated_dense(device, library, x_on_device, kernel_on_device,
-                                                      bias_on_device, product, margin, alias)
-                        name = f"gated_dense {shape}" + (" y=product" if alias else "")
-                        problems += compare(name, y, z, bias, product, margin, fraction)
-                    z32 = z.astype(np.float32)
-                    for output in ("own", "z", "product"):
-                        y, fraction = run_masked_relu(device, library, z32, bias_on_device, product, margin, output)
-                        name = f"masked_relu {shape}" + ("" if output == "own" else f" y={output}")
-                        problems += compare(name, y, z32.astype(np.float64), bias, product, margin, fraction)
-                    grad_y, y = backward_inputs(grad_y_all[rows], z, bias, product, margin)
-                    gradients = run_gated_dense_grad(device, library, grad_y, y, x_on_device, kernel_on_device)
-                    problems += compare_gradients(f"gated_dense_grad {shape}", gradients, grad_y, y, x, kernel)
-                    runs += 6
-            log(f"checked input_dim={input_dim:5d} units={units:5d}: {runs} runs, "
-                f"{len(problems)} mismatches so far ({time.perf_counter() - started:.1f} s)")
+    for input_dim, units, x_all, kernel, bias in random_layers(grid, rng):
+        started = time.perf_counter()
+        product_all = rng.standard_normal((max_batch, units)).astype(np.float32)
+        product_all[-1, 1::3] = np.nan  # NaN estimates select their unit
+        grad_y_all = rng.standard_normal((max_batch, units)).astype(np.float32)
+        z_all = x_all.astype(np.float64) @ kernel.T.astype(np.float64)
+        kernel_on_device, bias_on_device = device.upload(kernel), device.upload(bias)
+        runs = 0
+        for batch in grid["batches"]:
+            # The last row of each batch holds the NaN estimates, rows 0 and 1 stay finite.
+            rows = np.r_[0:batch - 1, max_batch - 1] if batch else np.arange(0)
+            x, product, z = x_all[rows], product_all[rows], z_all[rows]
+            x_on_device = device.upload(x)
+            for density in grid["densities"]:
+                margin = margin_for_density(product.astype(np.float64) + bias, density) if batch else 0.0
+                shape = f"batch={batch} input_dim={input_dim} units={units} density={density}"
+                for alias in (False, True):
+                    y, fraction = run_gated_dense(device, library, x_on_device, kernel_on_device,
+                                                  bias_on_device, product, margin, alias)
+                    name = f"gated_dense {shape}" + (" y=product" if alias else "")
+                    problems += compare(name, y, z, bias, product, margin, fraction)
+                z32 = z.astype(np.float32)
+                for output in ("own", "z", "product"):
+                    y, fraction = run_masked_relu(device, library, z32, bias_on_device, product, margin, output)
+                    name = f"masked_relu {shape}" + ("" if output == "own" else f" y={output}")
+                    problems += compare(name, y, z32.astype(np.float64), bias, product, margin, fraction)
+                grad_y, y = backward_inputs(grad_y_all[rows], z, bias, product, margin)
+                gradients = run_gated_dense_grad(device, library, grad_y, y, x_on_device, kernel_on_device)
+                problems += compare_gradients(f"gated_dense_grad {shape}", gradients, grad_y, y, x, kernel)
+                runs += 6
+        log(f"checked input_dim={input_dim:5d} units={units:5d}: {runs} runs, "
+            f"{len(problems)} mismatches so far ({time.perf_counter() - started:.1f} s)")
     return problems
 
 
@@ -514,41 +523,36 @@ def check_gated_layer(device, library, grid, seed=0):
     rng = np.random.default_rng(seed)
     max_batch = max(grid["batches"])
     problems = []
-    for input_dim in grid["input_dims"]:
-        for units in grid["units"]:
-            started = time.perf_counter()
-            x_all = rng.standard_normal((max_batch, input_dim)).astype(np.float32)
-            x_all[min(2, max_batch - 1), input_dim // 2] = np.nan  # row 2: every unit computed, NaN
-            kernel = (rng.standard_normal((units, input_dim)) / np.sqrt(input_dim)).astype(np.float32)
-            bias = (0.1 * rng.standard_normal(units)).astype(np.float32)
-            z_all = x_all.astype(np.float64) @ kernel.T.astype(np.float64)
-            kernel_on_device, bias_on_device = device.upload(kernel), device.upload(bias)
-            runs = 0
-            for rank in sorted({rank for rank, _, _ in layer_configurations(1, input_dim)}):
-                # Estimates of about unit variance, whatever the rank: float32 rounding ~1e-6.
-                estimator_u = (rng.standard_normal((input_dim, rank)) / np.sqrt(input_dim)).astype(np.float32)
-                estimator_v = (rng.standard_normal((rank, units)) / np.sqrt(rank)).astype(np.float32)
-                factors = device.upload(np.concatenate([estimator_u.ravel(), estimator_v.ravel()]))
-                product_all = x_all.astype(np.float64) @ estimator_u.astype(np.float64) @ estimator_v.astype(np.float64)
-                for batch in grid["batches"]:
-                    rows = np.r_[0:batch - 1, max_batch - 1] if batch else np.arange(0)
-                    x, product, z = x_all[rows], product_all[rows], z_all[rows]
-                    x_on_device = device.upload(x)
-                    for density in grid["densities"]:
-                        margin = margin_for_density(product + bias, density) if batch else 0.0
-                        for config_rank, dense_rows, sample_rows in layer_configurations(batch, input_dim):
-                            if config_rank != rank:
-                                continue
-                            z32 = z[:dense_rows].astype(np.float32)
-                            outputs = run_gated_layer(device, library, x_on_device, factors, kernel_on_device,
-                                                      bias_on_device, margin, z32, rank, sample_rows)
-                            name = (f"gated_layer batch={batch} input_dim={input_dim} units={units} rank={rank} "
-                                    f"dense_rows={dense_rows} sample_rows={sample_rows} density={density}")
-                            problems += compare_gated_layer(name, outputs, z, z32, bias, product, margin,
-                                                            min(sample_rows, dense_rows))
-                            runs += 1
-            log(f"checked gated_layer input_dim={input_dim:5d} units={units:5d}: {runs} runs, "
-                f"{len(problems)} mismatches so far ({time.perf_counter() - started:.1f} s)")
+    for input_dim, units, x_all, kernel, bias in random_layers(grid, rng):
+        started = time.perf_counter()
+        z_all = x_all.astype(np.float64) @ kernel.T.astype(np.float64)
+        kernel_on_device, bias_on_device = device.upload(kernel), device.upload(bias)
+        runs = 0
+        for rank in sorted({rank for rank, _, _ in layer_configurations(1, input_dim)}):
+            # Estimates of about unit variance, whatever the rank: float32 rounding ~1e-6.
+            estimator_u = (rng.standard_normal((input_dim, rank)) / np.sqrt(input_dim)).astype(np.float32)
+            estimator_v = (rng.standard_normal((rank, units)) / np.sqrt(rank)).astype(np.float32)
+            factors = device.upload(np.concatenate([estimator_u.ravel(), estimator_v.ravel()]))
+            product_all = x_all.astype(np.float64) @ estimator_u.astype(np.float64) @ estimator_v.astype(np.float64)
+            for batch in grid["batches"]:
+                rows = np.r_[0:batch - 1, max_batch - 1] if batch else np.arange(0)
+                x, product, z = x_all[rows], product_all[rows], z_all[rows]
+                x_on_device = device.upload(x)
+                for density in grid["densities"]:
+                    margin = margin_for_density(product + bias, density) if batch else 0.0
+                    for config_rank, dense_rows, sample_rows in layer_configurations(batch, input_dim):
+                        if config_rank != rank:
+                            continue
+                        z32 = z[:dense_rows].astype(np.float32)
+                        outputs = run_gated_layer(device, library, x_on_device, factors, kernel_on_device,
+                                                  bias_on_device, margin, z32, rank, sample_rows)
+                        name = (f"gated_layer batch={batch} input_dim={input_dim} units={units} rank={rank} "
+                                f"dense_rows={dense_rows} sample_rows={sample_rows} density={density}")
+                        problems += compare_gated_layer(name, outputs, z, z32, bias, product, margin,
+                                                        min(sample_rows, dense_rows))
+                        runs += 1
+        log(f"checked gated_layer input_dim={input_dim:5d} units={units:5d}: {runs} runs, "
+            f"{len(problems)} mismatches so far ({time.perf_counter() - started:.1f} s)")
     return problems
 
 
