@@ -11,13 +11,12 @@ from lrc_keras import density_target
 from lrc_keras import dispatch
 from lrc_keras import estimators
 from lrc_keras import gating
-from lrc_keras import ops
 from lrc_keras import saved_layouts
 from lrc_keras import twins
+from lrc_keras import upkeep
 from lrc_keras.inputs import check_positive_int
 from lrc_keras.metrics import GateStatistics
 from lrc_keras.metrics import LatestValue
-from lrc_keras.metrics import confusion_counts
 
 
 @keras.saving.register_keras_serializable(package="lrc_keras")
@@ -210,9 +209,10 @@ class LowRankGatedDense(estimators.EstimatorMethods, keras.layers.Layer):
             self.captured_inputs.append(x)
         if training:
             self.estimator.observe(self, x)
-            y = self._training_forward(x, batch_size=tf.shape(inputs)[0])
+            y, skipped, counts, active_fraction = dispatch.train(self, x, upkeep.GATE_SAMPLE_ROWS)
+            upkeep.record_training_step(self, x, y, skipped, counts, active_fraction, tf.shape(inputs)[0])
         elif self.audit:
-            y = self._audited_inference(x)
+            y = upkeep.audited_inference(self, x)
         else:
             y, _ = dispatch.infer(self, x)  # pure: writes no variable
         if inputs.shape.rank != 2:
@@ -309,49 +309,6 @@ class LowRankGatedDense(estimators.EstimatorMethods, keras.layers.Layer):
         else:
             super().load_own_variables(store)
 
-    def _training_forward(self, x, batch_size):
-        """Training: y by the training path, then the gate metrics, a trained estimator's loss
-        and the activity penalty on skipped active units, from the first GATE_SAMPLE_ROWS rows
-        (fit shuffles them: an unbiased sample), whose z the training path computes densely."""
-        y, skipped, counts, active_fraction = dispatch.train(self, x, GATE_SAMPLE_ROWS)
-        self.gate_metric.add_counts(counts)
-        self.observed_density.assign(active_fraction)
-        if self.estimator.trainable:  # its loss reaches U and V through the sampled rows' estimate
-            z_hat = estimators.estimate(tf.stop_gradient(x[:GATE_SAMPLE_ROWS]), *self.current_factors(),
-                                        tf.stop_gradient(ops.bias_or_zeros(self.bias, self.kernel, x.dtype)))
-            # y and skipped never overlap, so their sum is relu(z) on the sampled rows.
-            positive = tf.stop_gradient(y[:GATE_SAMPLE_ROWS] + skipped) > 0
-            self.add_loss(self.estimator.loss(self, z_hat, positive))
-        # Keras charges the output and divides by the batch size; the skipped units are charged
-        # on the sampled rows scaled to the whole batch: the same penalty and gradient in
-        # expectation (for additive regularizers such as L1 and L2) for a fraction of the work.
-        skipped = tf.cast(skipped, tf.float32)
-        scale = tf.cast(tf.shape(x)[0], tf.float32) / tf.cast(tf.shape(skipped)[0] * batch_size, tf.float32)
-        if self.regularize_skipped_units and self.activity_regularizer is not None:
-            self.add_loss(self.activity_regularizer(skipped) * scale)
-        if self.target_density is not None:
-            activity = tf.reduce_sum(tf.cast(y, tf.float32)) / tf.cast(batch_size, tf.float32)
-            if self.regularize_skipped_units:
-                activity += tf.reduce_sum(skipped) * scale
-            self.add_loss(self.target_density.penalty(self, counts, activity))
-        return y
-
-    def _audited_inference(self, x):
-        """Inference that also computes z densely to measure the gate (`lrc_keras.set_audit`)."""
-        self.check_traced_rank()
-        _, mask = self.gate(x)
-        z = ops.dense_preactivation(x, self.kernel, self.bias)
-        counts = confusion_counts(mask, z > 0)
-        self.gate_metric.add_counts(counts)
-        # tp + fp over all entries: the density, without another pass over the mask.
-        self.observed_density.assign(tf.cast((counts[0] + counts[1]) / tf.reduce_sum(counts), tf.float32))
-        return gating.masked_relu(z, mask)
-
-
-# Rows of each training batch whose z the gate metrics, the skipped-unit penalty and a trained
-# estimator's loss use (see _training_forward). The dense path has their z anyway; the gated path
-# computes it for them alone, which costs a step no more at 32 rows than at 8 (BENCHMARKS.md).
-GATE_SAMPLE_ROWS = 32
 
 def _check_margin(margin, name=None):
     """A finite Python or numpy number (a non-finite margin would make the model unloadable)."""

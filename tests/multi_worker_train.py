@@ -25,7 +25,7 @@ from lrc_keras import LowRankGatedDense
 from lrc_keras.density_target import DensityTarget
 from lrc_keras.estimators import InputSVDEstimator, SVDEstimator
 
-# At most the rows a layer samples in training (lrc_keras.layers.GATE_SAMPLE_ROWS, 32) and
+# At most the rows a layer samples in training (lrc_keras.upkeep.GATE_SAMPLE_ROWS, 32) and
 # InputSVDEstimator.rows_per_step (32): then every row of every replica enters the sampled
 # penalty and the input rows, in the cluster as in the reference, and the results can agree.
 GLOBAL_BATCH = 16
