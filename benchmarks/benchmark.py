@@ -1,8 +1,8 @@
 """python benchmarks/benchmark.py: gated inference (or, with --training, a training step) against Dense.
 
 For each layer shape, batch size and predicted density ρ (set exactly through the margin), it
-times Dense and LowRankGatedDense inference inside tf.function (many calls per graph, the two
-interleaved, median of repeats), and prints and saves the ratio next to the cost model's limit
+times Dense and LowRankGatedDense inference inside tf.function (enough calls per graph that the
+Python call is ~1% of it, the two interleaved, median of repeats), and prints and saves the ratio next to the cost model's limit
 d·n / (r·(d + n) + ρ·d·n). With --npz (MNIST digits), it also trains a 784-1000-1000-10 gated
 network with an L1 activity penalty and benchmarks its two hidden layers on their real inputs.
 Where TensorFlow sees a GPU, the synthetic rows are measured there too, labelled "GPU".
@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from lrc_keras import LowRankGatedDense, crossover, ops
 from lrc_keras.gating import margin_for_density
-from lrc_keras.timing import median_times
+from lrc_keras.timing import MIN_GRAPH_SECONDS, median_times
 from lrc_keras.cost import cost_model_speedup
 
 SHAPES = ((784, 1000, 20), (1000, 1000, 20), (3072, 4000, 50))
@@ -263,7 +263,8 @@ def main(argv=None):
                                       "gated layers against Dense, per shape, batch size and density")
     group.add_argument("--repeats", type=int, default=None,
                        help=f"timed graphs per row; the median is reported (default: {inference['repeats']})")
-    group.add_argument("--calls", type=int, default=None, help=f"calls per timed graph (default: {inference['calls']})")
+    group.add_argument("--calls", type=int, default=None, help=f"fewest calls per timed graph, more where the graph would run under "
+                       f"{MIN_GRAPH_SECONDS * 1e3:g} ms (default: {inference['calls']})")
     group = parser.add_argument_group("training (--training)", "a training step of 784-1000-1000-10 at rank 20 and "
                                       "3072-4000-2000-1000-10 at ranks 50/40/30, against their Dense twins")
     group.add_argument("--training", action="store_true", help="time training steps instead of inference")

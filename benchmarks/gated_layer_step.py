@@ -139,7 +139,7 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--batch", type=int, default=128, help="rows per training step")
     parser.add_argument("--repeats", type=int, default=7, help="timed graphs per row; the median is reported")
-    parser.add_argument("--calls", type=int, default=10, help="calls per timed graph")
+    parser.add_argument("--calls", type=int, default=10, help="fewest calls per timed graph (more where it would run under 20 ms)")
     parser.add_argument("--out", default="gated_layer_step.json", help="where to save the rows as JSON")
     args = parser.parse_args(argv)
     if not ops.is_compiled():

@@ -1,7 +1,10 @@
+import time
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from lrc_keras import timing
 from lrc_keras.timing import repeated
 
 
@@ -14,7 +17,7 @@ def test_repeated_runs_the_function_once_per_call():
         return tf.matmul(x, x)
 
     x = tf.constant(2 * np.eye(4, dtype=np.float32))
-    total = repeated(counted, calls=7)(x)
+    total = repeated(counted)(x, 7)
     assert float(counter.numpy()) == 7.0
     assert float(total) == 7 * 4.0  # the sum of every call's first output element
 
@@ -25,7 +28,7 @@ def test_repeated_keeps_a_pure_function_alive():
     An out-of-range gather is pure and fails only when it executes: pruned, it would pass.
     """
     with pytest.raises(tf.errors.InvalidArgumentError, match="99"):
-        repeated(lambda x: tf.gather(x, [99]), calls=3)(tf.ones((2, 2)))
+        repeated(lambda x: tf.gather(x, [99]))(tf.ones((2, 2)), 3)
 
 
 def test_measuring_the_timing_model_logs_no_retracing_warning(monkeypatch, tmp_path):
@@ -47,3 +50,28 @@ def test_measuring_the_timing_model_logs_no_retracing_warning(monkeypatch, tmp_p
     finally:
         tf.get_logger().removeHandler(handler)
     assert not [r.getMessage() for r in records if "retracing" in r.getMessage()]
+
+
+def _sleeping(seconds):
+    """A function that takes at least `seconds` a call, whatever the machine."""
+    def function(x):
+        return tf.py_function(lambda v: (time.sleep(seconds), v)[1], [x], tf.float32)
+    return function
+
+
+def test_timed_graphs_run_long_enough_to_hide_the_python_call():
+    """A function sleeping 1 ms (1-2 ms a call with the sleep's overshoot), asked for 2 calls and 30 ms
+    a graph, gets 15-45 calls: 2 would time the ~250 µs Python call as an eighth of each call."""
+    looped = repeated(_sleeping(1e-3))
+    x = tf.ones([1])
+    looped(x, 1)
+    assert 15 <= timing._calls_lasting(looped, x, 2, 0.03) <= 45
+
+
+def test_timed_graphs_never_run_more_than_max_calls(monkeypatch):
+    monkeypatch.setattr(timing, "MAX_CALLS", 50)
+    looped = repeated(lambda x: x * 2.0)
+    x = tf.ones([1])
+    looped(x, 1)
+    assert timing._calls_lasting(looped, x, 2, 10.0) == 50
+    assert timing._calls_lasting(looped, x, 80, 10.0) == 80  # never fewer than asked for
