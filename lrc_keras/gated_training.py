@@ -120,16 +120,21 @@ def _differentiated(forward, x, kernel, bias, gated):
         y, skipped = outputs[:2]
 
         def gradient(grad_y, grad_skipped, *_):
-            if grad_skipped is None:
-                grad_skipped = tf.zeros_like(skipped)
+            # None where nothing in the loss reads skipped (no skipped-unit penalty).
+            skipped_gradient = grad_skipped
 
             def gated_backward():
+                grad_skipped = tf.zeros_like(skipped) if skipped_gradient is None else skipped_gradient
                 return tuple(ops.compiled_library().lrc_gated_dense_grad(grad_y, y, grad_skipped, skipped, x, kernel))
 
             def dense_backward():
-                # The sample's rows, padded to the batch: zeros add no pair and no gradient.
-                below = [[0, tf.shape(y)[0] - tf.shape(skipped)[0]], [0, 0]]
-                grad_z = tf.where(y > 0, grad_y, tf.where(tf.pad(skipped, below) > 0, tf.pad(grad_skipped, below), tf.zeros_like(grad_y)))
+                # ReluGrad(g, a) is g where a > 0, else 0: one pass, where a tf.where and its
+                # comparison take two (~50 µs each at 128 x 1000 here). y and skipped never
+                # overlap; the sampled rows' part is padded to the batch with zeros.
+                grad_z = tf.raw_ops.ReluGrad(gradients=grad_y, features=y)
+                if skipped_gradient is not None:
+                    below = [[0, tf.shape(y)[0] - tf.shape(skipped)[0]], [0, 0]]
+                    grad_z += tf.pad(tf.raw_ops.ReluGrad(gradients=skipped_gradient, features=skipped), below)
                 return tf.matmul(grad_z, kernel), tf.matmul(grad_z, x, transpose_a=True), tf.reduce_sum(grad_z, axis=0)
 
             return _either(gated, gated_backward, dense_backward)
