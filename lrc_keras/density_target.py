@@ -92,12 +92,7 @@ class DensityTarget:
             totals = context.all_reduce(tf.distribute.ReduceOp.SUM, totals)
         predicted_error, active_error = self.errors(totals)
         strength = _clipped(base * tf.exp(self.gain * active_error))
-        # The base rises only while the active share is above the target too: the gate follows the
-        # active units only at the estimator's refits, and a base that kept rising until then
-        # would push the density below the target once the refit comes.
-        base_error = tf.where(predicted_error > 0, tf.minimum(predicted_error, tf.maximum(active_error, 0.0)),
-                              predicted_error)
-        layer.density_penalty.assign(_clipped(base * tf.exp(self.rate * base_error)))
+        layer.density_penalty.assign(_clipped(base * tf.exp(self.rate * predicted_error)))
         layer.density_penalty_metric.update_state(strength)
         return strength * activity
 
