@@ -5,7 +5,6 @@ import re
 from typing import Callable
 
 import numpy as np
-import tensorflow as tf
 
 
 class DataError(Exception):
@@ -111,18 +110,3 @@ def held_out_quarter(x, y, seed):
     order = np.random.default_rng(seed).permutation(len(x))
     test, train = order[: len(x) // 4], order[len(x) // 4 :]
     return (x[train], y[train]), (x[test], y[test])
-
-
-def batches(x, y, batch_size, shuffle_seed=None):
-    """(x, y) as a tf.data pipeline of batches, reshuffled every epoch when `shuffle_seed` is given.
-
-    What `fit` would make of the arrays itself, without tf.data's autotuning: with it, each epoch's
-    new iterator waited 2-5 s here for the last epoch's to shut down (2-core machine, SVHN's network;
-    BENCHMARKS.md), for Dense too, which the epoch times then carried.
-    """
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return dataset.batch(batch_size).with_options(options)

@@ -10,7 +10,6 @@ from lrc_keras.audit import gated_layers
 from lrc_keras import estimators
 from lrc_keras.callbacks import GateSummaries
 
-from data import batches
 import measure
 import models
 import progress
@@ -118,9 +117,8 @@ def train_and_measure(args, dataset, data, seed, ranks=None, estimator=None, nam
     # Last, so that each epoch's time includes the other callbacks' work at its end.
     epoch_line = progress.EpochLine(args.epochs)
     callbacks.append(epoch_line)
-    history = model.fit(batches(x_train, y_train, args.batch_size, shuffle_seed=seed), epochs=args.epochs,
-                        validation_data=batches(x_test, y_test, args.batch_size), callbacks=callbacks,
-                        shuffle=False, verbose=0)  # shuffled by the pipeline
+    history = model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
+                        validation_data=(x_test, y_test), callbacks=callbacks, verbose=0)
     with progress.Phase(f"evaluating it on the {len(x_test)} test rows"):
         accuracy = model.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"]
     run = {"run": name, "network": network, "estimator": estimator, "seed": seed,

@@ -343,27 +343,6 @@ def test_target_density_trains_each_layer_to_its_target_and_reports_times(tmp_pa
     assert (tmp_path / "density_targets.png").stat().st_size > 1000
 
 
-def test_batches_visit_every_row_once_an_epoch_reshuffled_without_autotuning():
-    """The examples' training pipeline: each epoch is a new permutation of the rows in batches of the
-    asked size, the same for the same seed; tf.data's autotuning is off (with it, every epoch's start
-    waited seconds here for the last epoch's iterator to shut down)."""
-    x = np.arange(10, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
-    y = np.arange(10)
-    dataset = data.batches(x, y, 4, shuffle_seed=3)
-    epochs = [[(bx.numpy(), by.numpy()) for bx, by in dataset] for _ in range(2)]
-    for epoch in epochs:
-        assert [len(by) for _, by in epoch] == [4, 4, 2]
-        rows = np.concatenate([by for _, by in epoch])
-        assert sorted(rows) == list(range(10))
-        np.testing.assert_array_equal(np.concatenate([bx for bx, _ in epoch]), x[rows])  # x travels with y
-    assert not np.array_equal(*(np.concatenate([by for _, by in epoch]) for epoch in epochs))
-    again = np.concatenate([by.numpy() for _, by in data.batches(x, y, 4, shuffle_seed=3)])
-    np.testing.assert_array_equal(again, np.concatenate([by for _, by in epochs[0]]))
-    assert dataset.options().autotune.enabled is False
-    unshuffled = np.concatenate([by.numpy() for _, by in data.batches(x, y, 4)])
-    np.testing.assert_array_equal(unshuffled, y)
-
-
 def test_npz_split_holds_out_a_seeded_quarter(tmp_path):
     x = np.arange(40, dtype=np.uint8)[:, None, None] * np.ones((1, 28, 28), np.uint8)  # image i is all i
     np.savez(tmp_path / "digits.npz", x=x, y=np.arange(40) % 10)
