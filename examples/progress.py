@@ -49,6 +49,11 @@ class EpochLine(keras.callbacks.Callback):
     includes the others' work at its end (validation, TensorBoard, GateSummaries). The first
     training step, which traces the train function, gets a line of its own.
 
+    `training_seconds` (the reports' "s/epoch") runs from the epoch's first training step to its
+    validation: before that step, fit makes the epoch's iterator of the arrays, which on the
+    project's machine waited 2-5 s in about half the epochs for the last one's to shut down, for
+    Dense too (BENCHMARKS.md), whatever the network. The line's wall time keeps it.
+
     density: the share of all hidden units of the gated layers that the gates computed; recall:
     the share of the active ones (z > 0) among them. Both weigh each layer by its units, from
     the layers' `<layer>_predicted_density`, `_true_density` and `_recall` logs; "validation"
@@ -64,6 +69,10 @@ class EpochLine(keras.callbacks.Callback):
         self.units = {layer.name: layer.units for layer in gated_layers(self.model)}
         self.tracing = Phase("tracing the training step and taking it once (epoch 1's time includes this)")
 
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.first_step is None:
+            self.first_step = time.perf_counter()
+
     def on_train_batch_end(self, batch, logs=None):
         if self.tracing:
             self.tracing.done()
@@ -71,6 +80,7 @@ class EpochLine(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
+        self.first_step = None
         self.trained = None
 
     def on_test_begin(self, logs=None):
@@ -79,7 +89,7 @@ class EpochLine(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self.started
-        self.training_seconds.append((self.trained or time.perf_counter()) - self.started)
+        self.training_seconds.append((self.trained or time.perf_counter()) - (self.first_step or self.started))
         parts = [f"epoch {epoch + 1:>{len(str(self.epochs))}}/{self.epochs}", f"{seconds:5.1f} s",
                  "train:", *self.figures(logs, "")]
         validation = self.figures(logs, "val_")

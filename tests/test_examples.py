@@ -254,6 +254,27 @@ def test_epoch_lines_give_wall_time_with_slow_summaries(tmp_path, capsys, monkey
     assert re.fullmatch(r"  batch 1: [0-9.]+x, [0-9.]+x, [0-9.]+x", lines[timing + 1])
 
 
+def test_training_seconds_leave_out_the_wait_before_an_epochs_first_step():
+    """A pause between an epoch's start and its first step (fit making the epoch's iterator, which
+    here waited seconds) stays in the epoch line's wall time and out of the training time."""
+    pause = 0.5
+
+    class Pause(keras.callbacks.Callback):  # after EpochLine: its clock has started
+        def on_epoch_begin(self, epoch, logs=None):
+            time.sleep(pause)
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    line = experiment.progress.EpochLine(2)
+    started = time.perf_counter()
+    model.fit(np.ones((8, 3), np.float32), np.ones((8, 2), np.float32), epochs=2, batch_size=4, verbose=0,
+              callbacks=[line, Pause()])
+    wall = time.perf_counter() - started
+    assert len(line.training_seconds) == 2
+    assert sum(line.training_seconds) < wall - 2 * pause, (line.training_seconds, wall)
+    assert line.training_seconds[1] < pause  # the second epoch: two SGD steps of a 3x2 layer
+
+
 def test_mnist_on_npz_with_rank_sweep(tmp_path):
     npz = tiny_npz(tmp_path / "digits.npz")
     rows = mnist.main(TINY + ["--npz", npz, "--baseline", "--sweep-ranks", "2,4", "--logdir", str(tmp_path),
