@@ -2,8 +2,8 @@
 
 For each layer shape, batch size and predicted density ρ (set exactly through the margin), it
 times Dense and LowRankGatedDense inference inside tf.function (enough calls per graph that the
-Python call is ~1% of it, the two interleaved, median of repeats), and prints and saves the ratio next to the cost model's limit
-d·n / (r·(d + n) + ρ·d·n). With --npz (MNIST digits), it also trains a 784-1000-1000-10 gated
+Python call is ~1% of it, the two interleaved, median of repeats), and prints and saves the ratio
+next to the cost model's limit d·n / (r·(d + n) + ρ·d·n). With --npz (MNIST digits), it also trains a 784-1000-1000-10 gated
 network with an L1 activity penalty and benchmarks its two hidden layers on their real inputs.
 Where TensorFlow sees a GPU, the synthetic rows are measured there too, labelled "GPU".
 
@@ -263,7 +263,8 @@ def main(argv=None):
                                       "gated layers against Dense, per shape, batch size and density")
     group.add_argument("--repeats", type=int, default=None,
                        help=f"timed graphs per row; the median is reported (default: {inference['repeats']})")
-    group.add_argument("--calls", type=int, default=None, help=f"fewest calls per timed graph, more where the graph would run under "
+    group.add_argument("--calls", type=int, default=None,
+                       help=f"fewest calls per timed graph, more where the graph would run under "
                        f"{MIN_GRAPH_SECONDS * 1e3:g} ms (default: {inference['calls']})")
     group = parser.add_argument_group("training (--training)", "a training step of 784-1000-1000-10 at rank 20 and "
                                       "3072-4000-2000-1000-10 at ranks 50/40/30, against their Dense twins")

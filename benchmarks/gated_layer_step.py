@@ -31,7 +31,7 @@ from lrc_keras.estimators import low_rank_product
 from lrc_keras.estimators import truncated_svd_factors
 from lrc_keras.gated_training import gated_dense_train_with_density
 from lrc_keras.gating import margin_for_density
-from lrc_keras.timing import median_times
+from lrc_keras.timing import MIN_GRAPH_SECONDS, median_times
 
 # (input_dim, units, rank, densities): the synthetic layer and MNIST's first layer.
 LAYERS = ((3072, 4000, 50, (0.1,)), (784, 1000, 20, (0.035, 0.07, 0.15, 0.25)))
@@ -139,7 +139,8 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--batch", type=int, default=128, help="rows per training step")
     parser.add_argument("--repeats", type=int, default=7, help="timed graphs per row; the median is reported")
-    parser.add_argument("--calls", type=int, default=10, help="fewest calls per timed graph (more where it would run under 20 ms)")
+    parser.add_argument("--calls", type=int, default=10,
+                        help=f"fewest calls per timed graph (more where it would run under {MIN_GRAPH_SECONDS * 1e3:g} ms)")
     parser.add_argument("--out", default="gated_layer_step.json", help="where to save the rows as JSON")
     args = parser.parse_args(argv)
     if not ops.is_compiled():

@@ -119,9 +119,8 @@ def _differentiated(forward, x, kernel, bias, gated):
         outputs = forward(x, kernel, bias)
         y, skipped = outputs[:2]
 
-        def gradient(grad_y, grad_skipped, *_):
-            # None where nothing in the loss reads skipped (no skipped-unit penalty).
-            skipped_gradient = grad_skipped
+        def gradient(grad_y, skipped_gradient, *_):
+            # skipped_gradient is None where nothing in the loss reads skipped (no skipped-unit penalty).
 
             def gated_backward():
                 grad_skipped = tf.zeros_like(skipped) if skipped_gradient is None else skipped_gradient
