@@ -251,7 +251,11 @@ def test_a_new_estimator_with_a_setting_is_one_registered_class(rng, tmp_path):
             return self.scale * u, v
 
     try:
-        model = keras.Sequential([keras.Input((5,)), LowRankGatedDense(6, rank=2, estimator=ScaledSVD(scale=3.0))])
+        # A seeded kernel: an unseeded one is new in each process, and in about 1 in 1000 (3 of 3000
+        # tried) the 2nd and 3rd singular values come so close that float32's truncated SVD misses 1e-5.
+        gated = LowRankGatedDense(6, rank=2, estimator=ScaledSVD(scale=3.0),
+                                  kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+        model = keras.Sequential([keras.Input((5,)), gated])
         layer = model.layers[0]
         u, s, vt = np.linalg.svd(layer.kernel.numpy().T.astype(np.float64), full_matrices=False)
         np.testing.assert_allclose(
