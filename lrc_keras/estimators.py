@@ -151,6 +151,17 @@ def reduced_rank_factors(kernel, rows, rank, seed, warm_start=None, power_iterat
     return balanced_factors(w, right)
 
 
+def buffered_factors(kernel, buffer, filled, rank, seed, warm_start, power_iterations):
+    """`reduced_rank_factors` of the first `filled` rows of the buffer, or, while it holds none, the
+    truncated SVD of the kernel."""
+    return tf.cond(
+        filled > 0,
+        lambda: reduced_rank_factors(kernel, buffer[:filled], rank, seed, warm_start=warm_start,
+                                     power_iterations=power_iterations),
+        lambda: truncated_svd_factors(kernel, rank),
+    )
+
+
 def subspace_svd_factors(kernel, rank, seed, warm_start, power_iterations=1, oversampling=10):
     """The truncated SVD factors of W = kernelᵀ by `top_right_singular_vectors` from a warm
     start: what the svd estimator refits with in training, where an exact SVD of a wide kernel
@@ -514,6 +525,10 @@ class InputSVDEstimator(Estimator):
         self.buffer_rows = int(buffer_rows)
         self.rows_per_step = int(rows_per_step)
         self.refit_budget = float(refit_budget)
+        # The refit's graph (QR factorisations, SVDs) traced once per layer shape and called by every
+        # trace of a train step: Keras traces a train step twice, and each trace of this graph took
+        # ~0.1 s, the most of a gated layer's tracing. (Not a trackable attribute: nothing saves it.)
+        self._traced_buffered_factors = tf.function(buffered_factors, autograph=False)
 
     def get_config(self):
         return {"refit_every": self.refit_every, "buffer_rows": self.buffer_rows,
@@ -536,12 +551,9 @@ class InputSVDEstimator(Estimator):
             return reduced_rank_factors(layer.kernel, sample_inputs, rank, seed=[0, 0])
         filled = tf.minimum(tf.convert_to_tensor(state.input_rows_seen), self.buffer_rows)
         seed = tf.stack([tf.cast(state.training_steps, tf.int32), 0])
-        return tf.cond(
-            filled > 0,
-            lambda: reduced_rank_factors(layer.kernel, state.input_rows[:filled], rank, seed,
-                                         warm_start=_warm_start(layer) if rank == layer.rank else None,
-                                         power_iterations=self.power_iterations),
-            lambda: truncated_svd_factors(layer.kernel, rank),
+        return self._traced_buffered_factors(
+            tf.convert_to_tensor(layer.kernel), tf.convert_to_tensor(state.input_rows), filled, rank, seed,
+            _warm_start(layer) if rank == layer.rank else None, self.power_iterations,
         )
 
     def observe(self, layer, x):
