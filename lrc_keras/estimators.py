@@ -475,6 +475,8 @@ class SVDEstimator(Estimator):
 
     def __init__(self, refit_every=200):
         self.refit_every = _check_refit_every(refit_every, allow_auto=False)
+        # Traced once per layer shape, whatever the number of train step traces (as input_svd's).
+        self._traced_refit_factors = tf.function(subspace_svd_factors, autograph=False)
 
     def get_config(self):
         return {"refit_every": self.refit_every}
@@ -486,8 +488,9 @@ class SVDEstimator(Estimator):
         if self.refit_every is None:
             return
         steps = layer.estimator_state.training_steps.assign_add(1)
-        refit_when(layer, tf.equal(steps % self.refit_every, 0), lambda: subspace_svd_factors(
-            layer.kernel, layer.rank, tf.stack([tf.cast(steps, tf.int32), 0]), warm_start=_warm_start(layer)))
+        refit_when(layer, tf.equal(steps % self.refit_every, 0), lambda: self._traced_refit_factors(
+            tf.convert_to_tensor(layer.kernel), layer.rank, tf.stack([tf.cast(steps, tf.int32), 0]),
+            warm_start=_warm_start(layer)))
 
 
 @register

@@ -166,11 +166,15 @@ def test_refit_in_training_fits_the_buffered_rows(rng):
     np.testing.assert_allclose(actual, expected, atol=1e-3 * np.abs(expected).max())
 
 
-def test_the_refit_graph_is_traced_once_however_often_the_train_step_is(rng):
+@pytest.mark.parametrize("estimator, traced", [(InputSVDEstimator(refit_every=2), "_traced_buffered_factors"),
+                                               (SVDEstimator(refit_every=2), "_traced_refit_factors")])
+def test_the_refit_graph_is_traced_once_however_often_the_train_step_is(rng, estimator, traced):
     # Keras traces a train step twice (its first trace creates variables); building the refit's
     # graph in each was most of a gated layer's tracing.
-    model = gathering_model(input_dim=8, refit_every=2)
-    refit = model.layers[0].estimator._traced_buffered_factors
+    model = keras.Sequential([keras.Input((8,)), LowRankGatedDense(5, rank=2, estimator=estimator),
+                              keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    refit = getattr(estimator, traced)
     model.fit(rng.standard_normal((64, 8)).astype(np.float32), np.zeros(64), batch_size=16, epochs=2, verbose=0)
     assert refit.experimental_get_tracing_count() == 1
 
