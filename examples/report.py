@@ -21,7 +21,8 @@ SPEED_HEADINGS = {"in_graph": "in-graph", "call": "tf.function call", "predict":
 
 def run_metrics(run):
     """The run's numbers by column name: what the per-run CSV holds and what is averaged over seeds."""
-    metrics = {"test_error": run["test_error"], "training_seconds": float(np.sum(run["epoch_seconds"]))}
+    metrics = {"test_error": run["test_error"], "training_seconds": float(np.sum(run["epoch_seconds"])),
+               "first_epoch_seconds": float(run["epoch_seconds"][0])}
     for report in run["layers"]:
         metrics.update({f"{report['layer']}_{key}": report[key] for key in LAYER_METRICS})
         penalty = run["history"].get(f"{report['layer']}_density_penalty")
@@ -85,7 +86,9 @@ def paired_against_dense(runs):
 
 def training_time_lines(runs, summary):
     """Each network's training time (the sum of its epochs', validation left out) per epoch, and
-    against Dense's where Dense was trained; the gated networks' error minus Dense's, paired by seed."""
+    against Dense's where Dense was trained, then apart: the first epoch, which traces the train
+    step (seconds on the project's small data sets, as long as several later epochs), and the later
+    ones; the gated networks' error minus Dense's, paired by seed."""
     groups = {(group["network"], group["estimator"]): group["statistics"] for group in summary}
     dense = next((statistics for (_, estimator), statistics in groups.items() if estimator is None), None)
     paired = paired_against_dense(runs)
@@ -93,10 +96,19 @@ def training_time_lines(runs, summary):
     lines = []
     for (network, estimator), statistics in groups.items():
         name = network + (f", estimator {estimator}" if estimator else "")
-        seconds = statistics["training_seconds"][0]
+        seconds, first = statistics["training_seconds"][0], statistics["first_epoch_seconds"][0]
+        against_dense = dense is not None and statistics is not dense
         line = f"{name}: training {seconds / epochs:.2f} s/epoch"
-        if dense is not None and statistics is not dense:
+        if against_dense:
             line += f" ({seconds / dense['training_seconds'][0]:.2f}x Dense's)"
+        if epochs > 1:
+            line += f"; epoch 1 (tracing included) {first:.2f} s"
+            if against_dense:
+                line += f" ({first / dense['first_epoch_seconds'][0]:.2f}x)"
+            later = seconds - first
+            line += f", later {later / (epochs - 1):.2f} s/epoch"
+            if against_dense:
+                line += f" ({later / (dense['training_seconds'][0] - dense['first_epoch_seconds'][0]):.2f}x)"
         if (network, estimator) in paired:
             mean, error, count = paired[(network, estimator)]
             line += f"; test error minus Dense's, paired over {count} seeds: {100 * mean:+.2f} ± {100 * error:.2f} pt (s.e.)"
