@@ -529,8 +529,8 @@ class InputSVDEstimator(Estimator):
         self.rows_per_step = int(rows_per_step)
         self.refit_budget = float(refit_budget)
         # The refit's graph (QR factorisations, SVDs) traced once per layer shape and called by every
-        # trace of a train step: Keras traces a train step twice, and each trace of this graph took
-        # ~0.1 s, the most of a gated layer's tracing. (Not a trackable attribute: nothing saves it.)
+        # trace of a train step: Keras traces a train step twice, and tracing this graph was most of a
+        # gated layer's tracing. (An estimator is a plain object, not trackable: nothing saves it.)
         self._traced_buffered_factors = tf.function(buffered_factors, autograph=False)
 
     def get_config(self):
