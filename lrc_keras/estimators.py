@@ -425,15 +425,16 @@ def _current_factors(layer):
 
 
 def _warm_start(layer):
-    """The current Vᵀ, whose columns span the last fit's top right singular vectors."""
-    return tf.transpose(_current_factors(layer)[1])
+    """The current Vᵀ, whose columns span the last fit's top right singular vectors (unwatched, as
+    every argument of a traced refit)."""
+    return _unwatched(tf.transpose(_current_factors(layer)[1]))
 
 
-def _unwatched(*values):
-    """The values as tensors no gradient tape watches. A traced function called on a watched tensor
+def _unwatched(value):
+    """The value as a tensor no gradient tape watches. A traced function called on a watched tensor
     gets its gradient function built at the call under nested tapes (second-order gradients), and
     a refit's SVD has none for these shapes; a refit is never differentiated."""
-    return tuple(tf.stop_gradient(tf.convert_to_tensor(value)) for value in values)
+    return tf.stop_gradient(tf.convert_to_tensor(value))
 
 
 def refit_when(layer, condition, factors):
@@ -496,8 +497,8 @@ class SVDEstimator(Estimator):
             return
         steps = layer.estimator_state.training_steps.assign_add(1)
         refit_when(layer, tf.equal(steps % self.refit_every, 0), lambda: self._traced_refit_factors(
-            *_unwatched(layer.kernel), layer.rank, tf.stack([tf.cast(steps, tf.int32), 0]),
-            warm_start=_unwatched(_warm_start(layer))[0]))
+            _unwatched(layer.kernel), layer.rank, tf.stack([tf.cast(steps, tf.int32), 0]),
+            warm_start=_warm_start(layer)))
 
 
 @register
@@ -562,8 +563,8 @@ class InputSVDEstimator(Estimator):
         filled = tf.minimum(tf.convert_to_tensor(state.input_rows_seen), self.buffer_rows)
         seed = tf.stack([tf.cast(state.training_steps, tf.int32), 0])
         return self._traced_buffered_factors(
-            *_unwatched(layer.kernel, state.input_rows), filled, rank, seed,
-            _unwatched(_warm_start(layer))[0] if rank == layer.rank else None, self.power_iterations,
+            _unwatched(layer.kernel), _unwatched(state.input_rows), filled, rank, seed,
+            _warm_start(layer) if rank == layer.rank else None, self.power_iterations,
         )
 
     def observe(self, layer, x):
