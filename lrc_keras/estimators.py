@@ -420,14 +420,10 @@ class EstimatorMethods:
             )
 
 
-def _current_factors(layer):
-    return tuple(tf.cast(factor, tf.float32) for factor in layer.current_factors())
-
-
 def _warm_start(layer):
     """The current Vᵀ, whose columns span the last fit's top right singular vectors (unwatched, as
     every argument of a traced refit)."""
-    return _unwatched(tf.transpose(_current_factors(layer)[1]))
+    return _unwatched(tf.transpose(tf.cast(layer.current_factors()[1], tf.float32)))
 
 
 def _unwatched(value):
@@ -438,23 +434,39 @@ def _unwatched(value):
 
 
 def refit_when(layer, condition, factors):
-    """U, V ← factors() where `condition` and the result is finite, else unchanged, in a graph.
+    """U, V ← factors() where `condition` and every entry is finite, else unchanged, in a graph.
 
     Non-finite factors (a kernel that diverged) never replace the last good ones. Under a
     distribution strategy the assignment stays outside tf.cond, as it synchronises the replicas
     (merge_call), which control flow cannot contain; without one, steps that do not refit skip
     it (and its reads) altogether.
     """
+    variable = layer.estimator_factors
 
-    def finite_factors():
-        new = factors()
-        finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(new[0])), tf.reduce_all(tf.math.is_finite(new[1])))
-        return tf.cond(finite, lambda: new, lambda: _current_factors(layer))
+    def new_if_finite():
+        stored, new = tf.convert_to_tensor(variable), pack_factors(*factors())
+        # One select, not a tf.cond: each cond adds a function to every trace of the train step.
+        return tf.where(tf.reduce_all(tf.math.is_finite(new)), tf.cast(new, variable.dtype), stored)
+
+    def assign_new_if_finite():
+        variable.assign(new_if_finite())
 
     if tf.distribute.has_strategy():
-        layer.assign_estimator(*tf.cond(condition, finite_factors, lambda: _current_factors(layer)))
+        variable.assign(tf.cond(condition, new_if_finite, lambda: tf.convert_to_tensor(variable)))
     else:
-        tf.cond(condition, lambda: layer.assign_estimator(*finite_factors()), lambda: None)
+        tf.cond(condition, assign_new_if_finite, lambda: None)
+
+
+def traced_refit(function):
+    """`function` (a refit in training) as a tf.function traced once per layer shape and left out
+    of the train step's graph until a refit runs.
+
+    Keras traces a train step twice, and building a refit's graph (QR factorisations, SVDs) in
+    each trace was most of a gated layer's tracing; TensorFlow also inlines a called function
+    into the graph it optimises before the first step, where the refit's nodes doubled a gated
+    network's graph (`_noinline`: it is optimised when a refit first runs instead).
+    """
+    return tf.function(function, autograph=False, experimental_attributes={"_noinline": True})
 
 
 def _check_refit_every(refit_every, allow_auto):
@@ -483,8 +495,7 @@ class SVDEstimator(Estimator):
 
     def __init__(self, refit_every=200):
         self.refit_every = _check_refit_every(refit_every, allow_auto=False)
-        # Traced once per layer shape, whatever the number of train step traces (as input_svd's).
-        self._traced_refit_factors = tf.function(subspace_svd_factors, autograph=False)
+        self._traced_refit_factors = traced_refit(subspace_svd_factors)
 
     def get_config(self):
         return {"refit_every": self.refit_every}
@@ -536,10 +547,8 @@ class InputSVDEstimator(Estimator):
         self.buffer_rows = int(buffer_rows)
         self.rows_per_step = int(rows_per_step)
         self.refit_budget = float(refit_budget)
-        # The refit's graph (QR factorisations, SVDs) traced once per layer shape and called by every
-        # trace of a train step: Keras traces a train step twice, and tracing this graph was most of a
-        # gated layer's tracing. (An estimator is a plain object, not trackable: nothing saves it.)
-        self._traced_buffered_factors = tf.function(buffered_factors, autograph=False)
+        # An estimator is a plain object, not trackable: nothing saves its traced refit.
+        self._traced_buffered_factors = traced_refit(buffered_factors)
 
     def get_config(self):
         return {"refit_every": self.refit_every, "buffer_rows": self.buffer_rows,

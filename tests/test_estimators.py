@@ -5,6 +5,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from lrc_keras import LowRankGatedDense, estimators
 from lrc_keras.estimators import InputSVDEstimator, JointEstimator, SVDEstimator, reduced_rank_factors
@@ -177,6 +178,27 @@ def test_the_refit_graph_is_traced_once_however_often_the_train_step_is(rng, est
     refit = getattr(estimator, traced)
     model.fit(rng.standard_normal((64, 8)).astype(np.float32), np.zeros(64), batch_size=16, epochs=2, verbose=0)
     assert refit.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("estimator", [InputSVDEstimator(refit_every=2), SVDEstimator(refit_every=2)])
+def test_the_train_step_calls_the_refit_without_inlining_it(rng, estimator):
+    # TensorFlow inlines a called function into the graph it optimises before the first step: the
+    # refit's nodes (QR factorisations, SVDs) doubled a gated network's graph, and that step's time.
+    layer = LowRankGatedDense(5, rank=2, estimator=estimator)
+    x = rng.standard_normal((16, 8)).astype(np.float32)
+    layer(x)
+    graph = tf.function(lambda x: layer(x, training=True)).get_concrete_function(x).graph.as_graph_def()
+    functions = {function.signature.name: function for function in graph.library.function}
+
+    def called(function):  # the functions a function's calls and conds reach
+        names = {attr.func.name for node in function.node_def for attr in node.attr.values() if attr.func.name}
+        return names | {reached for name in names for reached in called(functions[name])}
+
+    not_inlined = {node.attr["f"].func.name for function in functions.values() for node in function.node_def
+                   if node.op.endswith("PartitionedCall") and functions[node.attr["f"].func.name].attr["_noinline"].b}
+    refit_graph = not_inlined | {name for name in not_inlined for name in called(functions[name])}
+    factorisations = {name for name, function in functions.items() for node in function.node_def if node.op == "Qr"}
+    assert factorisations and factorisations <= refit_graph
 
 
 @pytest.mark.parametrize("shape, rows", [((784, 1000, 20), 6840), ((3072, 4000, 50), 8337)])
