@@ -81,11 +81,20 @@ def train_layer(x, kernel, bias, run_layer_op, sample_rows, gated):
     """
 
     def forward(x, kernel, bias):
-        return _either(gated,
-                       lambda: run_layer_op(x, kernel, bias, ops.kernel_product(x[:sample_rows], kernel)),
-                       lambda: run_layer_op(x, kernel, bias, ops.kernel_product(x, kernel)))
+        return run_layer_op(x, kernel, bias, ops.kernel_product(_densely_computed_rows(x, sample_rows, gated), kernel))
 
     return _differentiated(forward, x, kernel, bias, gated)
+
+
+def _densely_computed_rows(x, sample_rows, gated):
+    """The rows whose z TensorFlow's GEMM computes for the op: the sampled rows on the gated path,
+    every row on the dense path. A slice's bound, not a tf.cond: each cond adds two functions to
+    every trace of the train step, and graph time grows with them."""
+    if gated is True:
+        return x[:sample_rows]
+    if gated is False:
+        return x
+    return x[:tf.where(gated, sample_rows, tf.shape(x)[0])]
 
 
 def train_reference(x, kernel, bias, product, margin, sample_rows):
