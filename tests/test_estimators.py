@@ -196,7 +196,7 @@ def test_the_train_step_calls_the_refit_without_inlining_it(rng, estimator):
 
     not_inlined = {node.attr["f"].func.name for function in functions.values() for node in function.node_def
                    if node.op.endswith("PartitionedCall") and functions[node.attr["f"].func.name].attr["_noinline"].b}
-    refit_graph = not_inlined | {name for name in not_inlined for name in called(functions[name])}
+    refit_graph = not_inlined | {reached for name in not_inlined for reached in called(functions[name])}
     factorisations = {name for name, function in functions.items() for node in function.node_def if node.op == "Qr"}
     assert factorisations and factorisations <= refit_graph
 
