@@ -72,8 +72,7 @@ def main(argv=None):
     results["calibrated"] = accuracy(converted, x_test, y_test)
     calibrated_speed = measure.speedups(dense, converted, x_test, BATCHES)
     # A tenth of the training rate: the conditional network starts close to its optimum.
-    converted.compile(keras.optimizers.Adam(args.learning_rate / 10),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    models.compile_for_classification(converted, args.learning_rate / 10)
     print(f"\nfine-tuning {progress.describe(converted)}", flush=True)
     converted.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.fine_tune_epochs, verbose=0,
                   callbacks=[progress.EpochLine(args.fine_tune_epochs)])

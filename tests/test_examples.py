@@ -1,4 +1,5 @@
 import csv
+import functools
 import inspect
 import os
 import re
@@ -23,6 +24,7 @@ import cli  # noqa: E402
 import data  # noqa: E402
 import experiment  # noqa: E402
 import mnist  # noqa: E402
+import models  # noqa: E402
 import svhn  # noqa: E402
 
 TINY = ["--hidden", "24,16", "--ranks", "4", "--epochs", "1", "--batch-size", "32"]
@@ -273,6 +275,24 @@ def test_training_seconds_leave_out_the_wait_before_an_epochs_first_step():
     assert len(line.training_seconds) == 2
     assert sum(line.training_seconds) < wall - 2 * pause, (line.training_seconds, wall)
     assert line.training_seconds[1] < pause  # the second epoch: two SGD steps of a 3x2 layer
+
+
+def test_the_examples_network_traces_its_first_train_step_once(monkeypatch):
+    """Keras creates an unbuilt optimizer's variables, and those of a metric given by name, while
+    tracing the first train step, and TensorFlow traces a function that creates variables twice:
+    each trace runs the layers' call, which for a gated layer is most of the first step."""
+    traces = []
+    call = LowRankGatedDense.call
+
+    @functools.wraps(call)
+    def counted_call(self, *args, **kwargs):
+        traces.append(kwargs.get("training"))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(LowRankGatedDense, "call", counted_call)
+    model = models.build_network(6, 3, (5,), ranks=(2,))
+    model.train_on_batch(np.ones((4, 6), np.float32), np.zeros(4, np.int64))
+    assert traces == [True]
 
 
 def test_mnist_on_npz_with_rank_sweep(tmp_path):
