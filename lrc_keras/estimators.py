@@ -39,8 +39,12 @@ ESTIMATORS = {}
 # the fit defined for dead or constant inputs and ties it to W in directions no input spans.
 RIDGE = 1e-3
 # A refit's thin products, QR factorisations and small SVD run several times slower per
-# multiply-add than a layer's training GEMMs (measured on 2 cores: 6x for 784→1000 at rank 20,
-# 2.4x for 3072→4000 at rank 50); the "auto" refit schedule weighs refits by this factor.
+# multiply-add than a layer's training GEMMs; the "auto" refit schedule weighs refits by this
+# factor. Measured on 2 cores for the in-training refit (one subspace iteration, 1024 rows): 4.5x
+# for 3072→4000 at rank 50, 6x for 4000→2000 at 40, 8x for 2000→1000 at 30, 9–12x for 1000→1000
+# and 784→1000 at rank 20, where a refit's few ms of per-op cost outweigh its multiply-adds: there
+# refits take 11–15% of the layer's GEMM time, not `refit_budget`'s 5% (BENCHMARKS.md). Kept at
+# 4: the refit frequency the documented accuracies were measured with.
 REFIT_SLOWDOWN = 4.0
 
 
@@ -524,8 +528,9 @@ class InputSVDEstimator(Estimator):
     Args:
         refit_every: `"auto"` (default): refit once the layer's training multiply-adds since the
             last refit reach 1/`refit_budget` of the refit's own (`refit_multiply_adds`, weighed
-            by `REFIT_SLOWDOWN`), so refits cost about `refit_budget` of the layer's training
-            whatever its width (784→1000 at rank 20: every ~6800 rows, 53 steps of 128); a
+            by `REFIT_SLOWDOWN`), so refits cost about `refit_budget` of a wide layer's
+            training (3072→4000 at rank 50) and more of a narrow one's (784→1000 at rank 20:
+            every ~6800 rows, 53 steps of 128, ~15% of its GEMM time on 2 cores); a
             positive int: every that many training steps; None: never inside training.
         buffer_rows: Positive int, how many recent input rows the refit fits.
         rows_per_step: Positive int, rows of each replica's batch added to the buffer per step.
