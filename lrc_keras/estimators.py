@@ -465,8 +465,9 @@ def traced_refit(function):
     """`function` (a refit in training) as a tf.function traced once per layer shape and left out
     of the train step's graph until a refit runs.
 
-    Keras traces a train step twice, and building a refit's graph (QR factorisations, SVDs) in
-    each trace was most of a gated layer's tracing; TensorFlow also inlines a called function
+    Keras traces a train step twice when the step creates variables (an optimizer not yet built,
+    a metric given by name), and building a refit's graph (QR factorisations, SVDs) in each trace
+    was most of a gated layer's tracing; TensorFlow also inlines a called function
     into the graph it optimises before the first step, where the refit's nodes doubled a gated
     network's graph (`_noinline`: it is optimised when a refit first runs instead).
     """
